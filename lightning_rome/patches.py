@@ -1,0 +1,465 @@
+"""``WeightPatch``: what every editor returns, and the only way edits touch a model's weights.
+
+A patch maps parameter names to deltas in the canonical ``[out, in]`` orientation (see
+:mod:`lightning_rome.models.weights`): low-rank factors ``left @ right`` (ROME, MEMIT, MEND) or a
+dense tensor (FT). Applying and reverting are transactional and exact:
+
+* ``apply`` checks every name, shape and the checksum of the weights the patch was computed
+  against *before* it writes anything, so a bad patch leaves the model untouched.
+* The first patch applied to a parameter keeps a copy of that one parameter's original bits.
+  Every weight is then ``cast(original + sum of active deltas)``, computed in float32 (or
+  float64), so reverting patches in any order restores the original bits exactly.
+* A weight changed by something else since (an optimiser step, say) is detected; ``revert``
+  then refuses, unless ``force=True``, in which case it subtracts the delta.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lightning_rome.models.weights import is_transposed
+from lightning_rome.requests import EditRequest
+from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum
+
+__all__ = ["LowRankDelta", "PatchMismatchError", "WeightPatch"]
+
+FORMAT = "lightning_rome.weight_patch"
+FORMAT_VERSION = 1
+
+
+class PatchMismatchError(RuntimeError):
+    """The model's weights are not those the patch was computed against (or were changed since
+    the patch was applied)."""
+
+
+@dataclass
+class LowRankDelta:
+    """``Δ = left @ right``: ``left`` is ``(out, r)``, ``right`` is ``(r, in)``."""
+
+    left: Tensor
+    right: Tensor
+
+    def __post_init__(self) -> None:
+        if self.left.ndim != 2 or self.right.ndim != 2 or self.left.shape[1] != self.right.shape[0]:
+            raise ValueError(f"low-rank factors must be (out, r) and (r, in), got "
+                             f"{tuple(self.left.shape)} and {tuple(self.right.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[0], self.right.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.left.to(dtype) @ self.right.to(dtype)  # (out, in)
+
+    def norm(self) -> float:
+        """Frobenius norm without forming the product: ‖LR‖² = Σ (LᵀL ⊙ RRᵀ)."""
+        L, R = self.left.double(), self.right.double()
+        return float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
+
+    def to(self, *args: Any, **kwargs: Any) -> LowRankDelta:
+        return LowRankDelta(self.left.to(*args, **kwargs), self.right.to(*args, **kwargs))
+
+
+Delta = Tensor | LowRankDelta
+
+
+def _dense(d: Delta, dtype: torch.dtype) -> Tensor:
+    return d.dense(dtype) if isinstance(d, LowRankDelta) else d.to(dtype)
+
+
+def _shape(d: Delta) -> tuple[int, ...]:
+    return tuple(d.shape)
+
+
+@dataclass
+class _ParamState:
+    """A parameter under patches: its original bits and the patches active on it."""
+
+    original: Tensor
+    active: list[WeightPatch] = field(default_factory=list)
+    version: int = -1
+    checksum: str = ""
+
+
+_STATE: weakref.WeakKeyDictionary[nn.Module, dict[str, _ParamState]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _canonical_view(model: nn.Module, name: str) -> Tensor:
+    """The parameter ``name`` in canonical orientation (transposed for Conv1D weights)."""
+    try:
+        param = model.get_parameter(name)
+    except AttributeError as e:
+        raise PatchMismatchError(f"the model has no parameter {name!r}") from e
+    module_name, _, leaf = name.rpartition(".")
+    if leaf == "weight" and param.ndim == 2:
+        module = model.get_submodule(module_name)
+        try:
+            if is_transposed(module):
+                return param.T
+        except TypeError:
+            pass
+    return param
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class WeightPatch:
+    """A set of weight deltas with provenance.
+
+    Args:
+        deltas: parameter name → canonical-orientation delta (``Tensor`` or ``LowRankDelta``).
+        method: the editor that made it (``"rome"``, ``"memit"``, ...).
+        hparams: the editor's hyperparameters (JSON-serialisable).
+        requests: the edit requests it implements.
+        model_name: the model it was computed on.
+        checksums: parameter name → :func:`tensor_checksum` of the weight it was computed
+            against. ``apply`` verifies them.
+
+    Example:
+        >>> patch = rome.edit(model, tok, request)      # a WeightPatch
+        >>> patch.apply(model); ...; patch.revert(model)  # bit-exact
+        >>> patch.save("edit.safetensors"); WeightPatch.load("edit.safetensors")
+    """
+
+    def __init__(
+        self,
+        deltas: Mapping[str, Delta],
+        *,
+        method: str = "",
+        hparams: Mapping[str, Any] | None = None,
+        requests: Iterable[EditRequest] = (),
+        model_name: str | None = None,
+        checksums: Mapping[str, str] | None = None,
+    ) -> None:
+        self.deltas: dict[str, Delta] = dict(deltas)
+        for name, d in self.deltas.items():
+            if not isinstance(d, Tensor | LowRankDelta):
+                raise TypeError(f"delta for {name!r} must be a Tensor or LowRankDelta")
+        self.method = method
+        self.hparams = dict(hparams or {})
+        self.requests = list(requests)
+        self.model_name = model_name
+        self.checksums = dict(checksums or {})
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_model(cls, model: nn.Module, deltas: Mapping[str, Delta], **kwargs: Any,
+                   ) -> WeightPatch:
+        """A patch whose checksums are taken from ``model``'s current weights."""
+        checksums = {n: tensor_checksum(model.get_parameter(n)) for n in deltas}
+        name = kwargs.pop("model_name", None) or getattr(
+            getattr(model, "config", None), "_name_or_path", None)
+        return cls(deltas, checksums=checksums, model_name=name, **kwargs)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.deltas)
+
+    def dense(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The delta of ``name`` as a dense canonical ``[out, in]`` tensor."""
+        return _dense(self.deltas[name], dtype)
+
+    def norms(self) -> dict[str, float]:
+        """Frobenius norm of each delta."""
+        return {n: d.norm() if isinstance(d, LowRankDelta) else float(d.double().norm())
+                for n, d in self.deltas.items()}
+
+    def to(self, *args: Any, **kwargs: Any) -> WeightPatch:
+        return WeightPatch({n: d.to(*args, **kwargs) for n, d in self.deltas.items()},
+                           method=self.method, hparams=self.hparams, requests=self.requests,
+                           model_name=self.model_name, checksums=self.checksums)
+
+    def compose(self, other: WeightPatch) -> WeightPatch:
+        """One patch equal to applying ``self`` then ``other``. Low-rank deltas of the same
+        parameter concatenate their factors; a dense delta makes the sum dense."""
+        deltas: dict[str, Delta] = dict(self.deltas)
+        for n, d in other.deltas.items():
+            if n not in deltas:
+                deltas[n] = d
+                continue
+            a = deltas[n]
+            if _shape(a) != _shape(d):
+                raise ValueError(f"cannot compose deltas of {n!r}: shapes {_shape(a)} and "
+                                 f"{_shape(d)}")
+            if isinstance(a, LowRankDelta) and isinstance(d, LowRankDelta):
+                dt = torch.promote_types(a.left.dtype, d.left.dtype)
+                deltas[n] = LowRankDelta(torch.cat([a.left.to(dt), d.left.to(dt)], 1),
+                                         torch.cat([a.right.to(dt), d.right.to(dt)], 0))
+            else:
+                deltas[n] = _dense(a, torch.float32) + _dense(d, torch.float32)
+        checksums = {**{n: c for n, c in other.checksums.items() if n not in self.checksums},
+                     **self.checksums}
+        method = self.method if self.method == other.method else f"{self.method}+{other.method}"
+        return WeightPatch(deltas, method=method, hparams=self.hparams,
+                           requests=[*self.requests, *other.requests],
+                           model_name=self.model_name or other.model_name, checksums=checksums)
+
+    # ------------------------------------------------------------------ apply / revert
+    def is_applied(self, model: nn.Module) -> bool:
+        states = _STATE.get(model, {})
+        return any(self in s.active for s in states.values())
+
+    def _check_unchanged(self, model: nn.Module, name: str, state: _ParamState) -> bool:
+        param = model.get_parameter(name)
+        if param._version == state.version:
+            return True
+        return tensor_checksum(param) == state.checksum
+
+    def _rebuild(self, model: nn.Module, name: str, state: _ParamState) -> Tensor:
+        """``cast(original + Σ active deltas)`` for one parameter, canonical orientation."""
+        orig = state.original.T if _is_conv_t(model, name) else state.original  # (out, in)
+        ct = _compute_dtype(orig.dtype)
+        acc = orig.to(ct)
+        for p in state.active:
+            acc = acc + _dense(p.deltas[name], ct).to(acc.device)
+        return acc.to(orig.dtype)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, *, force: bool = False) -> WeightPatch:
+        """Add the deltas to ``model``'s weights in place (all or nothing).
+
+        Args:
+            force: apply even if the weights' checksums differ from those recorded.
+
+        Raises:
+            PatchMismatchError: a parameter is missing, a shape differs, the weights are not those
+                the patch was computed against, or the patch is already applied. Nothing is
+                written then.
+        """
+        states = _STATE.setdefault(model, {})
+        if self.is_applied(model):
+            raise PatchMismatchError("this patch is already applied to the model")
+        # 1. Validate everything before writing anything.
+        for name, d in self.deltas.items():
+            view = _canonical_view(model, name)
+            if tuple(view.shape) != _shape(d):
+                raise PatchMismatchError(
+                    f"delta for {name!r} has shape {_shape(d)}, the model's weight is "
+                    f"{tuple(view.shape)} (canonical [out, in])")
+            if not bool(torch.isfinite(_dense(d, torch.float32)).all()):
+                raise PatchMismatchError(f"delta for {name!r} contains NaN or inf")
+            if (not force and name in self.checksums
+                    and tensor_checksum(model.get_parameter(name)) != self.checksums[name]):
+                raise PatchMismatchError(
+                    f"weight {name!r} does not match the checksum the patch was computed "
+                    f"against (model {self.model_name!r}); pass force=True to apply anyway")
+            if (not force and name in states
+                    and not self._check_unchanged(model, name, states[name])):
+                raise PatchMismatchError(
+                    f"weight {name!r} was changed outside its patches since they were "
+                    "applied; pass force=True to apply anyway")
+        # 2. Compute every new weight, then write them all.
+        new: dict[str, Tensor] = {}
+        for name in self.deltas:
+            param = model.get_parameter(name)
+            state = states.get(name)
+            if state is None or not self._check_unchanged(model, name, state):
+                state = _ParamState(original=param.detach().clone())  # forced: new baseline
+            state.active = [*state.active, self]
+            new[name] = self._rebuild(model, name, state)
+            states[name] = state
+        for name, value in new.items():
+            _write(model, name, value, states[name])
+        return self
+
+    @torch.no_grad()
+    def revert(self, model: nn.Module, *, force: bool = False) -> None:
+        """Remove this patch's deltas from ``model``.
+
+        If the patch was applied to this model in this process, the weights become
+        ``cast(original + other active deltas)``, and the original bits exactly when no other
+        patch is active. A patch loaded from disk onto an already-edited model is reverted by
+        subtraction; a warning says so when that does not reproduce the recorded original bits.
+
+        Raises:
+            PatchMismatchError: the weights were changed since the patch was applied (by training,
+                say), unless ``force=True``, in which case the delta is subtracted.
+        """
+        states = _STATE.get(model, {})
+        if not self.is_applied(model):
+            self._revert_by_subtraction(model)
+            return
+        for name in self.deltas:
+            if not self._check_unchanged(model, name, states[name]) and not force:
+                raise PatchMismatchError(
+                    f"weight {name!r} changed since the patch was applied; refusing to revert "
+                    "(pass force=True to subtract the delta from the current weights)")
+        for name in self.deltas:
+            state = states[name]
+            state.active = [p for p in state.active if p is not self]
+            if not self._check_unchanged(model, name, state):
+                # Forced: subtract from the current weights, which become the new baseline.
+                param = model.get_parameter(name)
+                view = _canonical_view(model, name)
+                ct = _compute_dtype(param.dtype)
+                view.copy_((view.to(ct) - _dense(self.deltas[name], ct).to(view.device)
+                            ).to(param.dtype))
+                base = view.to(ct)
+                for p in state.active:
+                    base = base - _dense(p.deltas[name], ct).to(base.device)
+                base = base.to(param.dtype)
+                state.original = (base.T if _is_conv_t(model, name) else base).clone()
+                state.version, state.checksum = param._version, tensor_checksum(param)
+            elif not state.active:
+                model.get_parameter(name).copy_(state.original)
+            else:
+                _write(model, name, self._rebuild(model, name, state), state)
+            if not state.active:
+                del states[name]
+
+    def _revert_by_subtraction(self, model: nn.Module) -> None:
+        for name in self.deltas:
+            _canonical_view(model, name)  # raises on a missing parameter before any write
+        for name in self.deltas:
+            param = model.get_parameter(name)
+            view = _canonical_view(model, name)
+            ct = _compute_dtype(param.dtype)
+            view.copy_((view.to(ct) - _dense(self.deltas[name], ct).to(view.device)
+                        ).to(param.dtype))
+            if name in self.checksums and tensor_checksum(param) != self.checksums[name]:
+                warnings.warn(
+                    f"patch reverted on {name!r} by subtracting its delta (it was not applied in "
+                    "this process); the weights are not bit-identical to the original",
+                    stacklevel=3)
+
+    # ------------------------------------------------------------------ serialisation
+    def header(self) -> dict[str, Any]:
+        entries = {}
+        for n, d in self.deltas.items():
+            entries[n] = {"kind": "low_rank" if isinstance(d, LowRankDelta) else "dense",
+                          "shape": list(_shape(d))}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "hparams": self.hparams,
+            "requests": [r.to_dict() for r in self.requests],
+            "model_name": self.model_name,
+            "checksums": self.checksums,
+            "entries": entries,
+        }
+
+    def _tensors(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for n, d in self.deltas.items():
+            if isinstance(d, LowRankDelta):
+                out[f"{n}::left"] = d.left.detach().contiguous().cpu()
+                out[f"{n}::right"] = d.right.detach().contiguous().cpu()
+            else:
+                out[f"{n}::dense"] = d.detach().contiguous().cpu()
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the patch as safetensors with a JSON header, atomically."""
+        tensors = self._tensors()
+        header = self.header()
+        header["tensor_checksums"] = {k: tensor_checksum(t) for k, t in tensors.items()}
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"lightning_rome": json.dumps(
+                header, default=_json_default)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
+             ) -> WeightPatch:
+        """Read and validate a patch file. Nothing is unpickled.
+
+        Raises:
+            CorruptFileError: the file is truncated, not a patch, of an unknown format version,
+                or its tensors do not match the header.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"patch file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except Exception as e:
+            raise CorruptFileError(f"{path} is not a readable safetensors patch file: {e}") from e
+        try:
+            header = json.loads(meta["lightning_rome"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CorruptFileError(f"{path} has no valid lightning_rome header") from e
+        if header.get("format") != FORMAT:
+            raise CorruptFileError(f"{path} is not a lightning_rome weight patch")
+        if header.get("format_version") != FORMAT_VERSION:
+            raise CorruptFileError(f"{path} has patch format version "
+                                   f"{header.get('format_version')!r}; this version reads "
+                                   f"{FORMAT_VERSION}")
+        expected = header.get("tensor_checksums", {})
+        if set(expected) != set(tensors):
+            raise CorruptFileError(f"{path}: tensors {sorted(tensors)} do not match the header's "
+                                   f"{sorted(expected)}")
+        for k, t in tensors.items():
+            if tensor_checksum(t) != expected[k]:
+                raise CorruptFileError(f"{path}: tensor {k!r} fails its checksum")
+        deltas: dict[str, Delta] = {}
+        for n, entry in header["entries"].items():
+            if entry["kind"] == "low_rank":
+                d: Delta = LowRankDelta(tensors[f"{n}::left"], tensors[f"{n}::right"])
+            elif entry["kind"] == "dense":
+                d = tensors[f"{n}::dense"]
+            else:
+                raise CorruptFileError(f"{path}: unknown delta kind {entry['kind']!r}")
+            if list(_shape(d)) != list(entry["shape"]):
+                raise CorruptFileError(f"{path}: delta {n!r} has shape {_shape(d)}, header says "
+                                       f"{entry['shape']}")
+            deltas[n] = d
+        return cls(deltas, method=header.get("method", ""), hparams=header.get("hparams"),
+                   requests=[EditRequest.from_dict(r) for r in header.get("requests", [])],
+                   model_name=header.get("model_name"), checksums=header.get("checksums"))
+
+    def __repr__(self) -> str:
+        parts = ", ".join(
+            f"{n}: {'rank ' + str(d.rank) if isinstance(d, LowRankDelta) else 'dense'}"
+            for n, d in self.deltas.items())
+        return f"WeightPatch(method={self.method!r}, {len(self.requests)} request(s), {parts})"
+
+
+def _is_conv_t(model: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    if leaf != "weight":
+        return False
+    try:
+        return is_transposed(model.get_submodule(module_name))
+    except TypeError:
+        return False
+
+
+def _write(model: nn.Module, name: str, canonical: Tensor, state: _ParamState) -> None:
+    param = model.get_parameter(name)
+    _canonical_view(model, name).copy_(canonical)
+    state.version = param._version
+    state.checksum = tensor_checksum(param)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple | set):
+        return list(o)
+    raise TypeError(f"cannot serialise {type(o).__name__} in a patch header")

@@ -1,0 +1,126 @@
+"""The request to rewrite one fact: the object every editor, dataset and metric shares."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["EditRequest", "as_requests"]
+
+
+def _check_str(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"EditRequest.{name} must be a str, got {type(value).__name__}: {value!r}")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """A requested rewrite ``(s, r, o*)`` of a fact ``(s, r, o)``.
+
+    Args:
+        prompt: the relation rendered as text, with ``{}`` exactly once where the subject goes,
+            e.g. ``"{} is located in the city of"``.
+        subject: the subject ``s``, e.g. ``"Eiffel Tower"``.
+        target_new: the new object ``o*``, e.g. ``"Rome"``. A leading space is added when it is
+            tokenized as a continuation (see :func:`lightning_rome.tokens.continuation_ids`).
+        target_true: the true object ``o^c``, when known (needed for the COUNTERFACT metrics).
+        case_id: an identifier carried through to results files.
+
+    Raises:
+        TypeError: a field has the wrong type.
+        ValueError: the prompt does not contain ``{}`` exactly once, the subject or a target is
+            empty or whitespace. The message names the field.
+
+    Example:
+        >>> r = EditRequest("{} is located in the city of", "Eiffel Tower", "Rome")
+        >>> r.text
+        'Eiffel Tower is located in the city of'
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    case_id: int | str | None = None
+
+    def __post_init__(self) -> None:
+        _check_str("prompt", self.prompt)
+        _check_str("subject", self.subject)
+        _check_str("target_new", self.target_new)
+        _check_str("target_true", self.target_true, allow_none=True)
+        if self.case_id is not None and not isinstance(self.case_id, int | str):
+            raise TypeError(f"EditRequest.case_id must be an int or str, got {self.case_id!r}")
+        n = self.prompt.count("{}")
+        if n != 1:
+            raise ValueError(
+                f"EditRequest.prompt must contain '{{}}' exactly once (where the subject goes), "
+                f"found {n} in {self.prompt!r}"
+            )
+        rest = self.prompt.replace("{}", "")
+        if "{" in rest or "}" in rest:
+            raise ValueError(
+                f"EditRequest.prompt may contain no brace other than the one '{{}}': {self.prompt!r}"
+            )
+        if not self.subject.strip():
+            raise ValueError(f"EditRequest.subject is empty or whitespace: {self.subject!r}")
+        if self.subject != self.subject.strip():
+            raise ValueError(
+                f"EditRequest.subject has leading or trailing whitespace: {self.subject!r}; "
+                "put spaces in the prompt instead"
+            )
+        if not self.target_new.strip():
+            raise ValueError(f"EditRequest.target_new is empty or whitespace: {self.target_new!r}")
+        if self.target_true is not None and not self.target_true.strip():
+            raise ValueError(f"EditRequest.target_true is empty or whitespace: {self.target_true!r}")
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EditRequest:
+        """Build a request from a flat dict, or from ROME's ``requested_rewrite`` schema
+        (``{"prompt", "subject", "target_new": {"str": ...}, "target_true": {"str": ...}}``)."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"an edit request must be a mapping, got {type(d).__name__}")
+        if "requested_rewrite" in d:
+            case_id = d.get("case_id")
+            d = dict(d["requested_rewrite"], case_id=case_id)
+        unknown = set(d) - {"prompt", "subject", "target_new", "target_true", "case_id",
+                            "relation_id"}
+        if unknown:
+            raise ValueError(f"unknown EditRequest field(s): {sorted(unknown)}")
+        for field in ("prompt", "subject", "target_new"):
+            if field not in d:
+                raise ValueError(f"EditRequest field {field!r} is missing in {dict(d)!r}")
+
+        def _str(v: Any) -> Any:
+            return v["str"] if isinstance(v, Mapping) and "str" in v else v
+
+        return cls(
+            prompt=d["prompt"],
+            subject=d["subject"],
+            target_new=_str(d["target_new"]),
+            target_true=_str(d.get("target_true")),
+            case_id=d.get("case_id"),
+        )
+
+
+def as_requests(requests: Any) -> list[EditRequest]:
+    """Normalise one request, a dict, or a list of either into a list of :class:`EditRequest`."""
+    if isinstance(requests, EditRequest | Mapping):
+        requests = [requests]
+    out: list[EditRequest] = []
+    for r in requests:
+        out.append(r if isinstance(r, EditRequest) else EditRequest.from_dict(r))
+    if not out:
+        raise ValueError("no edit requests given")
+    return out
