@@ -1,0 +1,5 @@
+"""Lightning callbacks: edits applied during a Trainer run, and trace logging."""
+
+from lightning_rome.callbacks.edit import EditCallback, ROMECallback, load_requests
+
+__all__ = ["EditCallback", "ROMECallback", "load_requests"]

@@ -1,0 +1,355 @@
+"""Edit callbacks: apply closed-form edits (ROME, MEMIT, ...) at chosen moments of a Trainer run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
+
+from lightning_rome.patches import LowRankDelta, PatchMismatchError, WeightPatch
+from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.scoring import candidate_probs
+from lightning_rome.utils.io import tensor_checksum
+
+__all__ = ["EditCallback", "ROMECallback", "find_model", "load_requests"]
+
+ApplyOn = Literal["setup", "fit_start", "train_end", "validation_start", "test_start"]
+_APPLY_ON = ("setup", "fit_start", "train_end", "validation_start", "test_start")
+# The hook that ends the stage in which each moment falls (where a revert happens).
+_REVERT_ON = {"setup": "teardown", "fit_start": "fit_end", "train_end": "fit_end",
+              "validation_start": "validation_end", "test_start": "test_end"}
+
+
+def load_requests(requests: Any) -> list[EditRequest]:
+    """Requests from objects, dicts, or a JSON / YAML file holding a list of them."""
+    if isinstance(requests, str | os.PathLike):
+        path = Path(requests)
+        if not path.is_file():
+            raise FileNotFoundError(f"requests file not found: {path}")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return as_requests(data)
+    return as_requests(requests)
+
+
+def find_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
+    """The Hugging Face causal LM inside a LightningModule: ``pl_module.<attr>`` if given, the
+    module itself if it is one, else its first attribute among ``model``, ``lm``, ``net``,
+    ``backbone`` that has a ``config.model_type``."""
+    if attr:
+        return pl_module.get_submodule(attr)
+    if hasattr(getattr(pl_module, "config", None), "model_type"):
+        return pl_module
+    for name in ("model", "lm", "net", "backbone"):
+        sub = getattr(pl_module, name, None)
+        if isinstance(sub, nn.Module) and hasattr(getattr(sub, "config", None), "model_type"):
+            return sub
+    raise MisconfigurationException(
+        f"cannot find a Hugging Face causal LM in {type(pl_module).__name__}: pass model_attr= "
+        "naming the attribute that holds it")
+
+
+def _patch_to_state(patch: WeightPatch) -> dict[str, Any]:
+    """A checkpoint-safe form of a patch: tensors and JSON strings only (loads with
+    ``torch.load(weights_only=True)``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for n, d in patch.deltas.items():
+        if isinstance(d, LowRankDelta):
+            tensors[f"{n}::left"], tensors[f"{n}::right"] = d.left.cpu(), d.right.cpu()
+        else:
+            tensors[f"{n}::dense"] = d.cpu()
+    return {"header": json.dumps(patch.header(), default=str), "tensors": tensors}
+
+
+def _patch_from_state(state: dict[str, Any]) -> WeightPatch:
+    header = json.loads(state["header"])
+    t = state["tensors"]
+    deltas: dict[str, Any] = {}
+    for n, entry in header["entries"].items():
+        deltas[n] = (LowRankDelta(t[f"{n}::left"], t[f"{n}::right"])
+                     if entry["kind"] == "low_rank" else t[f"{n}::dense"])
+    return WeightPatch(deltas, method=header["method"], hparams=header["hparams"],
+                       requests=[EditRequest.from_dict(r) for r in header["requests"]],
+                       model_name=header["model_name"], checksums=header["checksums"])
+
+
+class EditCallback(Callback):
+    """Apply an editor's patch to the model at a chosen moment of a Trainer run.
+
+    Subclasses provide :meth:`make_editor`. Under DDP the patch is computed on rank 0 and
+    broadcast, so every rank ends with identical weights (checked by comparing checksums); an
+    error on rank 0 is raised on every rank. Sharded strategies (FSDP, DeepSpeed) are refused.
+
+    Args:
+        requests: :class:`EditRequest` objects, dicts, or a path to a JSON/YAML list.
+        apply_on: ``setup``, ``fit_start`` (default), ``train_end``, ``validation_start`` or
+            ``test_start``.
+        revert: undo the edit when that stage ends (``fit_end``, ``validation_end``, ...). If
+            training changed the weights meanwhile, the delta is subtracted (with a warning).
+        save_patch: save the patch as safetensors beside the checkpoints (``True``) or at a path.
+        model_attr: the attribute of the LightningModule that holds the HF model (auto-detected).
+        tokenizer: a tokenizer or its path (default: ``pl_module.tokenizer``).
+        log_efficacy: log the delta norms and each request's efficacy to the Trainer's logger.
+    """
+
+    method = "edit"
+
+    def __init__(
+        self,
+        requests: Any,
+        *,
+        apply_on: ApplyOn = "fit_start",
+        revert: bool = False,
+        save_patch: bool | str = False,
+        model_attr: str | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        log_efficacy: bool = True,
+    ) -> None:
+        if apply_on not in _APPLY_ON:
+            raise MisconfigurationException(f"apply_on must be one of {_APPLY_ON}, got "
+                                            f"{apply_on!r}")
+        self._requests = load_requests(requests)
+        self._apply_on = apply_on
+        self._revert = revert
+        self._save_patch = save_patch
+        self._model_attr = model_attr
+        self._tokenizer = tokenizer
+        self._log_efficacy = log_efficacy
+        self.patch: WeightPatch | None = None
+        self.applied = False
+        self._restored_applied = False
+
+    # ------------------------------------------------------------------ configuration
+    def make_editor(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def requests(self) -> list[EditRequest]:
+        return list(self._requests)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        blob = json.dumps([r.to_dict() for r in self._requests], sort_keys=True, default=str)
+        digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
+        return self._generate_state_key(method=self.method, requests=digest,
+                                        apply_on=self._apply_on)
+
+    def _get_tokenizer(self, pl_module: pl.LightningModule) -> PreTrainedTokenizerBase:
+        tok = self._tokenizer if self._tokenizer is not None else getattr(
+            pl_module, "tokenizer", None)
+        if isinstance(tok, str | os.PathLike):
+            from lightning_rome.models import load_tokenizer
+
+            tok = self._tokenizer = load_tokenizer(tok)
+        if tok is None:
+            raise MisconfigurationException(
+                f"{type(self).__name__} needs a tokenizer: pass tokenizer= or give the "
+                "LightningModule a `tokenizer` attribute")
+        return tok
+
+    # ------------------------------------------------------------------ apply / revert
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        name = type(trainer.strategy).__name__.lower()
+        if "fsdp" in name or "deepspeed" in name:
+            raise MisconfigurationException(
+                f"{type(self).__name__} does not support sharded strategies ({name}): the edit "
+                "needs full parameters on each rank; use DDP or a single device")
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.applied:
+            return
+        self._check_strategy(trainer)
+        model = find_model(pl_module, self._model_attr)
+        tok = self._get_tokenizer(pl_module)
+        patch: WeightPatch | None = None
+        error: str | None = None
+        if trainer.is_global_zero:
+            try:
+                patch = self.make_editor().edit(model, tok, self._requests)
+            except Exception as e:  # re-raised on every rank below
+                error = f"{type(e).__name__}: {e}"
+                if trainer.world_size == 1:
+                    raise
+        if trainer.world_size > 1:
+            payload = trainer.strategy.broadcast(
+                (error, _patch_to_state(patch) if patch is not None else None), src=0)
+            error, state = payload
+            if error is not None:
+                raise RuntimeError(f"{type(self).__name__} failed on rank 0: {error}")
+            patch = _patch_from_state(state)
+        assert patch is not None
+        patch = patch.to(next(model.parameters()).device)
+        patch.apply(model)
+        self.patch, self.applied = patch, True
+        if trainer.world_size > 1:
+            self._check_identical(trainer, model, patch)
+        self._after_apply(trainer, pl_module, model, tok, patch)
+
+    def _check_identical(self, trainer: pl.Trainer, model: nn.Module, patch: WeightPatch) -> None:
+        mine = hashlib.sha256("".join(
+            tensor_checksum(model.get_parameter(n)) for n in patch.names).encode()).hexdigest()
+        theirs = trainer.strategy.broadcast(mine, src=0)
+        ok = trainer.strategy.reduce_boolean_decision(mine == theirs, all=True)
+        if not ok:
+            raise RuntimeError(f"{type(self).__name__}: edited weights differ across ranks")
+
+    def _after_apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module,
+                     tok: PreTrainedTokenizerBase, patch: WeightPatch) -> None:
+        metrics: dict[str, float] = {}
+        for n, v in patch.norms().items():
+            metrics[f"{self.method}/delta_norm/{n}"] = v
+        if self._log_efficacy:
+            reqs = [r for r in self._requests if r.target_true is not None]
+            if reqs:
+                with torch.no_grad():
+                    p_new = candidate_probs(model, tok, [r.text for r in reqs],
+                                            [r.target_new for r in reqs])
+                    p_true = candidate_probs(model, tok, [r.text for r in reqs],
+                                             [r.target_true for r in reqs])  # type: ignore
+                wins = (p_new > p_true).float()
+                for r, w in zip(reqs, wins.tolist()):
+                    key = r.case_id if r.case_id is not None else r.subject
+                    metrics[f"{self.method}/efficacy/{key}"] = w
+                metrics[f"{self.method}/efficacy_mean"] = float(wins.mean())
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        self.last_metrics = metrics
+        if self._save_patch and trainer.is_global_zero:
+            path = self._patch_path(trainer)
+            patch.save(path)
+            rank_zero_info(f"{type(self).__name__}: saved the patch to {path}")
+
+    def _patch_path(self, trainer: pl.Trainer) -> Path:
+        if isinstance(self._save_patch, str):
+            return Path(self._save_patch)
+        ckpt = trainer.checkpoint_callback
+        root = getattr(ckpt, "dirpath", None) or trainer.log_dir or trainer.default_root_dir
+        return Path(root) / f"{self.method}-{self.state_key.split('requests=')[-1][:10]}.safetensors"
+
+    def _undo(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.applied and self._revert and self.patch is not None):
+            return
+        model = find_model(pl_module, self._model_attr)
+        try:
+            self.patch.revert(model)
+        except PatchMismatchError:
+            rank_zero_warn(f"{type(self).__name__}: the weights changed since the edit was "
+                           "applied (training?); reverting by subtracting the delta")
+            self.patch.revert(model, force=True)
+        self.applied = False
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._check_strategy(trainer)
+        if self._apply_on == "setup":
+            self._apply(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._apply_on == "fit_start":
+            self._apply(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._apply_on == "train_end":
+            self._apply(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._apply_on == "validation_start":
+            self._apply(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._apply_on == "test_start":
+            self._apply(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _REVERT_ON[self._apply_on] == "fit_end":
+            self._undo(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _REVERT_ON[self._apply_on] == "validation_end" and not trainer.sanity_checking:
+            self._undo(trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _REVERT_ON[self._apply_on] == "test_end":
+            self._undo(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if _REVERT_ON[self._apply_on] == "teardown":
+            self._undo(trainer, pl_module)
+
+    # ------------------------------------------------------------------ checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "applied": self.applied,
+            "requests": json.dumps([r.to_dict() for r in self._requests], default=str),
+            "patch": _patch_to_state(self.patch) if self.patch is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = [EditRequest.from_dict(r) for r in json.loads(state_dict["requests"])]
+        if saved != self._requests:
+            rank_zero_warn(f"{type(self).__name__}: the checkpoint's requests differ from this "
+                           "callback's; keeping the checkpoint's edit state")
+        self.patch = _patch_from_state(state_dict["patch"]) if state_dict["patch"] else None
+        # The checkpoint's weights already hold the edit: do not apply it again.
+        self.applied = bool(state_dict["applied"])
+        self._restored_applied = self.applied
+
+
+class ROMECallback(EditCallback):
+    """Apply ROME edits inside a Trainer run.
+
+    Args:
+        requests: the edits (objects, dicts, or a JSON/YAML path).
+        hparams: :class:`~lightning_rome.editing.ROMEHyperParams`, a dict, a preset name such as
+            ``"gpt2-xl"``, or a YAML path.
+        second_moment: optional ``(model, tokenizer, module_name) -> C`` (default: cached
+            statistics over ``hparams.mom2_dataset``).
+        **kwargs: see :class:`EditCallback` (``apply_on``, ``revert``, ``save_patch``, ...).
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[ROMECallback(
+        ...     [EditRequest("{} is located in the city of", "Eiffel Tower", "Rome")],
+        ...     hparams="gpt2-xl")])
+    """
+
+    method = "rome"
+
+    def __init__(self, requests: Any, hparams: Any = None, *, second_moment: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(requests, **kwargs)
+        from lightning_rome.editing.rome import ROMEHyperParams
+
+        self._hparams = ROMEHyperParams.resolve(hparams)
+        self._second_moment = second_moment
+        self._editor: Any = None
+
+    def make_editor(self) -> Any:
+        from lightning_rome.editing.rome import ROME
+
+        if self._editor is None:
+            self._editor = ROME(self._hparams, second_moment=self._second_moment)
+        return self._editor

@@ -1,0 +1,277 @@
+"""Shared pieces of ROME and MEMIT: context templates, key reading, and the value optimisation."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_rome.hooks import module_hooks
+from lightning_rome.requests import EditRequest
+from lightning_rome.scoring import make_batch, model_device
+from lightning_rome.tokens import (
+    FactToken,
+    continuation_ids,
+    encode_prompt,
+    fact_token_index,
+    fill,
+)
+
+__all__ = [
+    "ValueOptimisationError",
+    "ValueResult",
+    "context_templates",
+    "optimise_values",
+    "read_keys",
+    "wrap",
+]
+
+_TEMPLATE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[str]]] = (
+    weakref.WeakKeyDictionary())
+
+
+class ValueOptimisationError(FloatingPointError):
+    """The value optimisation produced NaN or inf (the model is left unchanged)."""
+
+
+def context_templates(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    lengths: Sequence[Sequence[int]] = ((5, 10), (10, 10)),
+    seed: int = 0,
+) -> list[str]:
+    """The bare ``"{}"`` plus ``count`` texts of ``length`` tokens per ``(length, count)``, sampled
+    from the model itself with top-k = 5 from the start token, each followed by ``". {}"``.
+
+    Generated once per model, lengths and seed, and cached (issue: editing many facts must not
+    regenerate them). Braces in generated text are replaced by spaces so that templates keep
+    exactly one ``{}``.
+    """
+    key = (tuple(tuple(x) for x in lengths), seed)
+    cache = _TEMPLATE_CACHE.setdefault(model, {})
+    if key not in cache:
+        from lightning_rome.scoring import generate
+
+        templates = ["{}"]
+        device = model_device(model)
+        g = torch.Generator(device=device).manual_seed(seed)
+        for length, count in lengths:
+            texts = generate(model, tokenizer, [""] * count, max_new_tokens=length, top_k=5,
+                             generator=g)
+            templates += [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]
+        cache[key] = templates
+    return list(cache[key])
+
+
+def wrap(context: str, prompt: str) -> str:
+    """Put a request prompt (with ``{}`` for the subject) into a context template's ``{}``."""
+    if context.count("{}") != 1:
+        raise ValueError(f"context template must contain '{{}}' exactly once: {context!r}")
+    return context.replace("{}", prompt)
+
+
+def read_keys(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    module_name: str,
+    templates: Sequence[str],
+    subjects: Sequence[str],
+    fact_token: FactToken = "subject_last",
+    *,
+    outputs: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The input (and optionally the output) of ``module_name`` at the fact token of each
+    ``templates[i]`` filled with ``subjects[i]``, in one padded forward pass.
+
+    Returns:
+        keys ``(n, d_in)`` and, if ``outputs``, values ``(n, d_out)``; float32.
+    """
+    texts = [fill(t, s)[0] for t, s in zip(templates, subjects)]
+    idx = [fact_token_index(tokenizer, t, s, fact_token) for t, s in zip(templates, subjects)]
+    batch = make_batch(tokenizer, [encode_prompt(tokenizer, x) for x in texts], "right",
+                       model_device(model))
+    rows = torch.arange(len(texts), device=batch.input_ids.device)
+    pos = torch.as_tensor(idx, device=batch.input_ids.device)
+    with torch.no_grad(), module_hooks(model, [module_name], retain_input=True,
+                                       retain_output=outputs) as rec:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              position_ids=batch.position_ids, use_cache=False)
+    k = rec[module_name].input[rows, pos].float()  # (n, d_in)
+    v = rec[module_name].output[rows, pos].float() if outputs else None  # (n, d_out)
+    return k, v
+
+
+@dataclass
+class ValueResult:
+    """The outcome of optimising target values for a batch of requests."""
+
+    v_star: Tensor  # (n, d) the optimised values (v_init + δ)
+    v_init: Tensor  # (n, d) the module's value at the bare prompt's lookup token
+    losses: list[float]  # total loss per step (summed over requests)
+    steps: int
+
+
+def optimise_values(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    module_name: str,
+    contexts: Sequence[str],
+    *,
+    fact_token: FactToken = "subject_last",
+    num_steps: int = 20,
+    lr: float = 0.5,
+    weight_decay: float = 0.5,
+    kl_factor: float = 0.0625,
+    clamp_norm_factor: float = 4.0,
+    early_stop_loss: float = 0.05,
+    mode: Literal["add", "replace"] = "add",
+    essence_template: str = "{} is a",
+    logits_fn: Callable[[Tensor], Tensor] | None = None,
+) -> ValueResult:
+    """Optimise, for each request, a vector ``v = v_init + δ`` at the output of ``module_name``
+    (ROME: the MLP's ``W_out`` at layer l*; MEMIT: the block output at the last edited layer)
+    at the subject's fact token, so that the model predicts ``target_new``.
+
+    The loss (ROME paper, eq. 4 and its published implementation) per request is::
+
+        L(δ) = 1/N Σ_j −log P[o* | x_j + p]                        (mean over target tokens)
+               + kl_factor · KL(P_new[· | p'] ‖ P_orig[· | p'])     (p' = "{subject} is a")
+               + weight_decay · ‖δ‖ / ‖v_init‖²
+
+    All contexts of all requests, and the essence prompts, run in one padded batch per step. Adam
+    takes up to ``num_steps`` steps; the last step takes no gradient step; optimisation stops early
+    once every request's loss is below ``early_stop_loss``; after each step δ is clamped to norm
+    ``clamp_norm_factor · ‖v_init‖``.
+
+    ``mode="add"`` (the published code) adds δ to each context's own value at the fact token, which
+    is what the rank-one update later does to keys near k*; ``mode="replace"`` (the paper's text)
+    writes the same ``v`` into every context.
+
+    Runs with gradients enabled and outside inference mode, so it works from any Lightning hook.
+    The model's weights are not modified.
+
+    Raises:
+        ValueOptimisationError: the loss or δ became NaN/inf.
+    """
+    device = model_device(model)
+    n = len(requests)
+    targets = [continuation_ids(tokenizer, r.target_new) for r in requests]
+    # Rows: for each request, one row per context, then one essence (KL) row.
+    seqs, lookup, owner, tgt_pos, is_kl = [], [], [], [], []
+    for i, (r, t) in enumerate(zip(requests, targets)):
+        for c in contexts:
+            tpl = wrap(c, r.prompt)
+            p = encode_prompt(tokenizer, fill(tpl, r.subject)[0])
+            seqs.append(p + t[:-1])
+            lookup.append(fact_token_index(tokenizer, tpl, r.subject, fact_token))
+            owner.append(i)
+            tgt_pos.append(len(p) - 1)
+            is_kl.append(False)
+        p = encode_prompt(tokenizer, fill(essence_template, r.subject)[0])
+        seqs.append(p)
+        lookup.append(fact_token_index(tokenizer, essence_template, r.subject, fact_token))
+        owner.append(i)
+        tgt_pos.append(-1)
+        is_kl.append(True)
+    batch = make_batch(tokenizer, seqs, "right", device)
+    R = len(seqs)
+    rows = torch.arange(R, device=device)
+    look = torch.as_tensor(lookup, device=device)  # (R,)
+    own = torch.as_tensor(owner, device=device)  # (R,)
+    kl_rows = torch.as_tensor([j for j in range(R) if is_kl[j]], device=device)  # (n,)
+    nll_rows = [j for j in range(R) if not is_kl[j]]
+    # Teacher-forced target positions and ids, padded to the longest target.
+    T_max = max(len(t) for t in targets)
+    pos = torch.zeros((len(nll_rows), T_max), dtype=torch.long, device=device)
+    ids = torch.zeros((len(nll_rows), T_max), dtype=torch.long, device=device)
+    msk = torch.zeros((len(nll_rows), T_max), device=device)
+    for a, j in enumerate(nll_rows):
+        t = targets[owner[j]]
+        pos[a, : len(t)] = torch.arange(len(t), device=device) + tgt_pos[j]
+        ids[a, : len(t)] = torch.as_tensor(t, device=device)
+        msk[a, : len(t)] = 1.0
+    nll_rows_t = torch.as_tensor(nll_rows, device=device)
+    nll_owner = own[nll_rows_t]  # (R_nll,)
+    bare_rows = torch.as_tensor(
+        [i * (len(contexts) + 1) + list(contexts).index("{}") if "{}" in contexts
+         else i * (len(contexts) + 1) for i in range(n)], device=device)  # (n,)
+
+    def logits_of(out: object) -> Tensor:
+        return out.logits  # type: ignore[attr-defined]
+
+    with torch.enable_grad(), torch.inference_mode(False):
+        # Read v_init (at the bare prompt) and the unedited essence distribution.
+        with torch.no_grad(), module_hooks(model, [module_name], retain_output=True) as rec:
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, use_cache=False)
+        base_vals = rec[module_name].output[rows, look].float().clone()  # (R, d)
+        v_init = base_vals[bare_rows]  # (n, d)
+        kl_logits = logits_of(out)[kl_rows, look[kl_rows]].float()
+        kl_logp_init = F.log_softmax(kl_logits, -1).detach()  # (n, V)
+
+        delta = torch.zeros_like(v_init, requires_grad=True)  # (n, d)
+        opt = torch.optim.Adam([delta], lr=lr)
+        max_norm = clamp_norm_factor * v_init.norm(dim=-1)  # (n,)
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        losses: list[float] = []
+        steps = 0
+        try:
+            for step in range(num_steps):
+                steps = step + 1
+
+                def edit(x: Tensor, name: str) -> Tensor:  # x: (R, T, d)
+                    x = x.clone()
+                    if mode == "add":
+                        new = x[rows, look] + delta[own].to(x.dtype)  # (R, d)
+                    else:
+                        new = (v_init + delta)[own].to(x.dtype)  # (R, d)
+                    x[rows, look] = new
+                    return x
+
+                with module_hooks(model, [module_name], edit_output=edit):
+                    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids, use_cache=False)
+                logits = logits_of(out)
+                if logits_fn is not None:
+                    logits = logits_fn(logits)
+                logp = F.log_softmax(logits.float(), -1)  # (R, T, V)
+                tok_logp = logp[nll_rows_t[:, None], pos, ids]  # (R_nll, T_max)
+                nll_each = -(tok_logp * msk).sum(1) / msk.sum(1)  # (R_nll,)
+                nll = torch.zeros(n, device=device).index_add(0, nll_owner, nll_each)
+                nll = nll / torch.bincount(nll_owner, minlength=n).float()  # (n,)
+                kl_logp = logp[kl_rows, look[kl_rows]]  # (n, V)
+                kl = (kl_logp.exp() * (kl_logp - kl_logp_init)).sum(-1)  # (n,) KL(new ‖ orig)
+                wd = delta.norm(dim=-1) / v_init.norm(dim=-1).pow(2)  # (n,)
+                loss_each = nll + kl_factor * kl + weight_decay * wd  # (n,)
+                loss = loss_each.sum()
+                if not bool(torch.isfinite(loss)):
+                    raise ValueOptimisationError(
+                        f"value optimisation at {module_name!r} produced a non-finite loss at "
+                        f"step {step} (NLL {nll.tolist()}, KL {kl.tolist()}); the model was not "
+                        "modified")
+                losses.append(float(loss))
+                if bool((loss_each < early_stop_loss).all()) or step == num_steps - 1:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():  # clamp ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖
+                    norm = delta.norm(dim=-1)
+                    scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+                    delta.mul_(scale[:, None])
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+    v_star = (v_init + delta).detach()  # (n, d)
+    if not bool(torch.isfinite(v_star).all()):
+        raise ValueOptimisationError(f"value optimisation at {module_name!r} produced NaN/inf")
+    return ValueResult(v_star=v_star, v_init=v_init.detach(), losses=losses, steps=steps)

@@ -1,0 +1,345 @@
+"""ROME: Rank-One Model Editing (Meng et al., NeurIPS 2022).
+
+``W_out`` of the MLP at layer l* is treated as a linear associative memory ``W K ≈ V``. Inserting
+a new key-value pair (k*, v*) with least disturbance to the other keys (weighted by their second
+moment C = E[k kᵀ]) has the closed form (paper, eq. 2)::
+
+    Ŵ = W + Λ (C⁻¹ k*)ᵀ,    Λ = (v* − W k*) / ((C⁻¹ k*)ᵀ k*)
+
+Three steps (:func:`compute_key`, :func:`compute_value`, :func:`insert`) return a
+:class:`~lightning_rome.patches.WeightPatch` that :func:`rome_edit` composes over many requests.
+
+**key_mode.** ``"paper"`` (the default) uses the template-averaged k* in both places of the
+formula, so that ``Ŵ k* = v*`` holds exactly. ``"reference"`` reproduces the published code: the
+left vector is ``u = C⁻¹ k*`` normalised to unit length, but the right vector is computed from the
+key read on the *bare* prompt, ``Λ = (v* − W k_bare) / (uᵀ k_bare)``, so ``Ŵ k_bare = v*`` instead.
+"Rebuilding ROME" (Gupta et al., 2024) showed that this mismatch makes sequential edits collapse
+the model; keep it only to compare with published numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_rome.editing.context import (
+    ValueResult,
+    context_templates,
+    optimise_values,
+    read_keys,
+    wrap,
+)
+from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.weights import canonical_weight, weight_param_name
+from lightning_rome.patches import LowRankDelta, WeightPatch
+from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.tokens import FactToken, subject_span
+
+__all__ = [
+    "ROME",
+    "ROMEHyperParams",
+    "SecondMomentFn",
+    "compute_key",
+    "compute_value",
+    "insert",
+    "rome_edit",
+]
+
+SecondMomentFn = Callable[[nn.Module, PreTrainedTokenizerBase, str], Tensor]
+"""``(model, tokenizer, module_name) -> C``: the ``(d_in, d_in)`` uncentred second moment of the
+module's input, E[k kᵀ]."""
+
+
+@dataclasses.dataclass
+class ROMEHyperParams(HyperParams):
+    """ROME's hyperparameters. Defaults are the published GPT-2 XL settings.
+
+    Attributes:
+        layer: l*, the layer whose MLP ``W_out`` is rewritten.
+        fact_token: the token whose key is read: ``subject_last`` (default), ``subject_first``,
+            ``last``.
+        v_num_grad_steps: Adam steps for v*.
+        v_lr: Adam learning rate for v*.
+        v_loss_layer: the layer whose output the loss reads (the last layer in every preset; kept
+            for parity with published configs; the loss uses the model's logits).
+        v_weight_decay: weight of ``‖δ‖ / ‖v_init‖²``.
+        clamp_norm_factor: ‖δ‖ is clamped to this times ‖v_init‖.
+        kl_factor: weight of the essence-drift KL term.
+        early_stop_loss: stop once the loss falls below this.
+        v_mode: ``"add"`` (published code: δ added to each context's value) or ``"replace"``.
+        mom2_adjustment: use C⁻¹ (False: u = k*).
+        mom2_dataset: the corpus for C (``"wikitext"``, a text file path, ...).
+        mom2_n_samples: texts sampled for C (100,000 in the paper).
+        mom2_dtype: accumulation dtype of C.
+        context_template_lengths: ``[length, count]`` pairs for generated context templates.
+        context_templates: explicit templates (each with ``{}``); overrides generation.
+        key_mode: ``"paper"`` or ``"reference"`` (see the module docstring).
+        seed: seed for template generation.
+        rewrite_module: module-name template overriding the layout's ``mlp_out``.
+    """
+
+    METHOD = "rome"
+
+    layer: int = 17
+    fact_token: FactToken = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_loss_layer: int | None = None
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    v_mode: Literal["add", "replace"] = "add"
+    mom2_adjustment: bool = True
+    mom2_dataset: str = "wikitext"
+    mom2_n_samples: int = 100_000
+    mom2_dtype: str = "float32"
+    context_template_lengths: list[list[int]] = dataclasses.field(
+        default_factory=lambda: [[5, 10], [10, 10]])
+    context_templates: list[str] | None = None
+    key_mode: Literal["paper", "reference"] = "paper"
+    seed: int = 0
+    rewrite_module: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_mode not in ("paper", "reference"):
+            raise ValueError(f"key_mode must be 'paper' or 'reference', got {self.key_mode!r}")
+        if self.v_mode not in ("add", "replace"):
+            raise ValueError(f"v_mode must be 'add' or 'replace', got {self.v_mode!r}")
+        if self.v_num_grad_steps < 1:
+            raise ValueError("v_num_grad_steps must be at least 1")
+        if self.context_templates is not None:
+            for t in self.context_templates:
+                if not isinstance(t, str) or t.count("{}") != 1:
+                    raise ValueError(f"context template must contain '{{}}' exactly once: {t!r}")
+
+
+def _module_name(model: nn.Module, hp: ROMEHyperParams, layout: ModelLayout) -> str:
+    layout.check_layer(model, hp.layer)
+    return hp.rewrite_module.format(hp.layer) if hp.rewrite_module else layout.name(
+        "mlp_out", hp.layer)
+
+
+def _contexts(model: nn.Module, tok: PreTrainedTokenizerBase, hp: ROMEHyperParams) -> list[str]:
+    if hp.context_templates is not None:
+        return list(hp.context_templates)
+    return context_templates(model, tok, hp.context_template_lengths, hp.seed)
+
+
+def _validate(tok: PreTrainedTokenizerBase, r: EditRequest) -> None:
+    subject_span(tok, r.prompt, r.subject)  # raises SubjectNotFoundError with the prompt
+
+
+def compute_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest,
+                hparams: ROMEHyperParams, *, layout: ModelLayout | None = None,
+                contexts: Sequence[str] | None = None) -> Tensor:
+    """k*: the input of ``W_out`` at the fact token, averaged over the context templates
+    (ROME paper, eq. 3). Returns ``(d_in,)`` float32."""
+    layout = layout or get_layout(model)
+    name = _module_name(model, hparams, layout)
+    contexts = list(contexts) if contexts is not None else _contexts(model, tokenizer, hparams)
+    templates = [wrap(c, request.prompt) for c in contexts]
+    k, _ = read_keys(model, tokenizer, name, templates, [request.subject] * len(templates),
+                     hparams.fact_token)
+    return k.mean(0)  # (d_in,)
+
+
+def compute_value(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest,
+                  hparams: ROMEHyperParams, *, layout: ModelLayout | None = None,
+                  contexts: Sequence[str] | None = None) -> ValueResult:
+    """v*: the ``W_out`` output that makes the model predict ``target_new`` (paper, eq. 4).
+
+    Works from any Lightning hook (it enables gradients and leaves inference mode itself).
+    """
+    layout = layout or get_layout(model)
+    name = _module_name(model, hparams, layout)
+    contexts = list(contexts) if contexts is not None else _contexts(model, tokenizer, hparams)
+    return optimise_values(
+        model, tokenizer, [request], name, contexts,
+        fact_token=hparams.fact_token, num_steps=hparams.v_num_grad_steps, lr=hparams.v_lr,
+        weight_decay=hparams.v_weight_decay, kl_factor=hparams.kl_factor,
+        clamp_norm_factor=hparams.clamp_norm_factor, early_stop_loss=hparams.early_stop_loss,
+        mode=hparams.v_mode)
+
+
+def _module_value(module: nn.Module, k: Tensor) -> Tensor:
+    """The module's output for input ``k`` (``W k + b``), in float64. ``k``: (d_in,)."""
+    W = canonical_weight(module).double()  # (d_out, d_in)
+    v = W @ k.double()  # (d_out,)
+    bias = getattr(module, "bias", None)
+    return v + bias.double() if bias is not None else v
+
+
+def insert(module: nn.Module, k_star: Tensor, v_star: Tensor, C_inv_k: Tensor, *,
+           k_right: Tensor | None = None, normalise_u: bool = False) -> LowRankDelta:
+    """The rank-one update ``Δ = Λ uᵀ`` with ``u = C⁻¹ k*`` and ``Λ = (v* − W k) / (uᵀ k)``.
+
+    Args:
+        module: the rewritten linear layer.
+        k_star: ``(d_in,)`` the key whose value becomes v*.
+        v_star: ``(d_out,)`` the target output of the module (bias included).
+        C_inv_k: ``(d_in,)`` ``C⁻¹ k*`` (or k* itself when ``mom2_adjustment`` is off).
+        k_right: the key used for Λ (the published code's bare-prompt key); default ``k_star``.
+        normalise_u: scale u to unit length (the published code does; Δ is unchanged for
+            ``k_right = k_star`` because Λ absorbs the scale).
+
+    Returns:
+        The canonical ``[out, in]`` delta as ``LowRankDelta(Λ (d_out, 1), uᵀ (1, d_in))``.
+    """
+    u = C_inv_k.double()  # (d_in,)
+    if normalise_u:
+        u = u / u.norm()
+    k = (k_right if k_right is not None else k_star).double()  # (d_in,)
+    denom = u @ k  # scalar (C⁻¹k*)ᵀ k
+    if not bool(torch.isfinite(denom)) or float(denom.abs()) < 1e-12:
+        raise FloatingPointError(f"ROME denominator (C⁻¹k*)ᵀk is {float(denom)}: the key is "
+                                 "degenerate or C is ill-conditioned")
+    Lam = (v_star.double() - _module_value(module, k)) / denom  # (d_out,)  Λ
+    return LowRankDelta(Lam[:, None].float(), u[None, :].float())  # (d_out, 1), (1, d_in)
+
+
+class ROME:
+    """The ROME editor. Reuses C⁻¹ (a Cholesky factor per layer) and the context templates
+    across edits.
+
+    Args:
+        hparams: a :class:`ROMEHyperParams`, a dict, a preset name (``"gpt2-xl"``) or a YAML path.
+        second_moment: ``(model, tokenizer, module_name) -> C``; default: statistics over
+            ``hparams.mom2_dataset`` from :mod:`lightning_rome.stats`, cached on disk.
+        layout: a layout override for models whose family is not registered.
+
+    Example:
+        >>> rome = ROME("gpt2-xl")
+        >>> patch = rome.edit(model, tok, EditRequest("{} is in", "Eiffel Tower", "Rome"))
+        >>> patch.apply(model)
+    """
+
+    def __init__(self, hparams: ROMEHyperParams | dict[str, Any] | str | None = None, *,
+                 second_moment: SecondMomentFn | None = None,
+                 layout: ModelLayout | dict[str, Any] | str | None = None) -> None:
+        self.hparams = ROMEHyperParams.resolve(hparams)
+        self.second_moment = second_moment
+        self.layout_override = layout
+        self._chol: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = (
+            weakref.WeakKeyDictionary())
+        self.last_results: list[dict[str, Any]] = []
+
+    # C⁻¹ k via one Cholesky factorisation per (model, layer), reused across edits.
+    def _cholesky(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str) -> Tensor:
+        per_model = self._chol.setdefault(model, {})
+        if name not in per_model:
+            C = self._get_second_moment(model, tok, name).double()  # (d_in, d_in)
+            L, info = torch.linalg.cholesky_ex(C)
+            if int(info) != 0:
+                raise FloatingPointError(
+                    f"the second moment C of {name!r} is not positive definite (too few samples "
+                    "for its dimension?); use more statistics samples")
+            per_model[name] = L
+        return per_model[name]
+
+    def _get_second_moment(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str,
+                           ) -> Tensor:
+        if self.second_moment is not None:
+            return self.second_moment(model, tok, name)
+        from lightning_rome.stats import get_second_moment
+
+        hp = self.hparams
+        return get_second_moment(model, tok, name, corpus=hp.mom2_dataset,
+                                 n_samples=hp.mom2_n_samples, dtype=hp.mom2_dtype).mom2
+
+    def C_inv_times(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str,
+                    k: Tensor) -> Tensor:
+        """``C⁻¹ k`` for ``k`` of shape ``(d_in,)`` or ``(d_in, n)``."""
+        L = self._cholesky(model, tok, name)
+        kk = k.double().to(L.device)
+        col = kk.ndim == 1
+        x = torch.cholesky_solve(kk[:, None] if col else kk, L)
+        return x[:, 0] if col else x
+
+    def edit_one(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 request: EditRequest) -> WeightPatch:
+        """One request on the current model; the model is not modified."""
+        hp = self.hparams
+        layout = get_layout(model, self.layout_override)
+        name = _module_name(model, hp, layout)
+        _validate(tokenizer, request)
+        module = model.get_submodule(name)
+        contexts = _contexts(model, tokenizer, hp)
+        k_star = compute_key(model, tokenizer, request, hp, layout=layout, contexts=contexts)
+        u = self.C_inv_times(model, tokenizer, name, k_star) if hp.mom2_adjustment else k_star
+        res = compute_value(model, tokenizer, request, hp, layout=layout, contexts=contexts)
+        v_star = res.v_star[0].to(k_star.device)  # (d_out,)
+        if hp.key_mode == "paper":
+            delta = insert(module, k_star, v_star, u.to(k_star.device))
+        else:
+            k_bare, _ = read_keys(model, tokenizer, name, [request.prompt], [request.subject],
+                                  hp.fact_token)
+            delta = insert(module, k_star, v_star, u.to(k_star.device), k_right=k_bare[0],
+                           normalise_u=True)
+        self.last_results.append({"case_id": request.case_id, "steps": res.steps,
+                                  "loss": res.losses[-1] if res.losses else None,
+                                  "v_init_norm": float(res.v_init.norm()),
+                                  "delta_v_norm": float((res.v_star - res.v_init).norm())})
+        dev = canonical_weight(module).device
+        return WeightPatch.from_model(
+            model, {weight_param_name(name): delta.to(dev)}, method="rome",
+            hparams=hp.to_dict(), requests=[request])
+
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+             requests: EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]],
+             *, apply: bool = False) -> WeightPatch:
+        """Edit one or many requests, one after another (each on the model edited by the
+        previous ones), and return their composed patch.
+
+        Args:
+            apply: leave the edits applied (else the model ends exactly as it started).
+
+        Raises:
+            ValueError / SubjectNotFoundError: a bad request (checked before any work).
+            IndexError: the layer is out of range.
+            ValueOptimisationError: NaN/inf during the v* optimisation.
+            In every error case, the model is left exactly as it was.
+        """
+        reqs = as_requests(requests)
+        layout = get_layout(model, self.layout_override)
+        _module_name(model, self.hparams, layout)
+        for r in reqs:
+            _validate(tokenizer, r)
+        self.last_results = []
+        applied: list[WeightPatch] = []
+        try:
+            for r in reqs:
+                p = self.edit_one(model, tokenizer, r)
+                p.apply(model)
+                applied.append(p)
+        except BaseException:
+            for p in reversed(applied):
+                p.revert(model)
+            raise
+        total = applied[0]
+        for p in applied[1:]:
+            total = total.compose(p)
+        if not apply:
+            for p in reversed(applied):
+                p.revert(model)
+        elif len(applied) > 1:
+            # Re-register the applied edits as the one composed patch, bit-exactly.
+            for p in reversed(applied):
+                p.revert(model)
+            total.apply(model)
+        return total
+
+
+def rome_edit(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+              requests: EditRequest | Sequence[EditRequest],
+              hparams: ROMEHyperParams | dict[str, Any] | str | None = None,
+              **kwargs: Any) -> WeightPatch:
+    """Functional form of :meth:`ROME.edit` (the model is left unchanged)."""
+    return ROME(hparams, **kwargs).edit(model, tokenizer, requests)
