@@ -117,7 +117,14 @@ class ValueResult:
     steps: int
 
 
-def optimise_values(
+def optimise_values(model: nn.Module, *args: object, **kwargs: object) -> ValueResult:
+    """See :func:`_optimise_values`; runs it with gradients on and outside inference mode, so
+    that it works from any Lightning hook (validation and test run under inference mode)."""
+    with torch.enable_grad(), torch.inference_mode(False):
+        return _optimise_values(model, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def _optimise_values(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
@@ -206,71 +213,70 @@ def optimise_values(
     def logits_of(out: object) -> Tensor:
         return out.logits  # type: ignore[attr-defined]
 
-    with torch.enable_grad(), torch.inference_mode(False):
-        # Read v_init (at the bare prompt) and the unedited essence distribution.
-        with torch.no_grad(), module_hooks(model, [module_name], retain_output=True) as rec:
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, use_cache=False)
-        base_vals = rec[module_name].output[rows, look].float().clone()  # (R, d)
-        v_init = base_vals[bare_rows]  # (n, d)
-        kl_logits = logits_of(out)[kl_rows, look[kl_rows]].float()
-        kl_logp_init = F.log_softmax(kl_logits, -1).detach()  # (n, V)
+    # Read v_init (at the bare prompt) and the unedited essence distribution.
+    with torch.no_grad(), module_hooks(model, [module_name], retain_output=True) as rec:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False)
+    base_vals = rec[module_name].output[rows, look].float().clone()  # (R, d)
+    v_init = base_vals[bare_rows]  # (n, d)
+    kl_logits = logits_of(out)[kl_rows, look[kl_rows]].float()
+    kl_logp_init = F.log_softmax(kl_logits, -1).detach()  # (n, V)
 
-        delta = torch.zeros_like(v_init, requires_grad=True)  # (n, d)
-        opt = torch.optim.Adam([delta], lr=lr)
-        max_norm = clamp_norm_factor * v_init.norm(dim=-1)  # (n,)
-        frozen = [p for p in model.parameters() if p.requires_grad]
+    delta = torch.zeros_like(v_init, requires_grad=True)  # (n, d)
+    opt = torch.optim.Adam([delta], lr=lr)
+    max_norm = clamp_norm_factor * v_init.norm(dim=-1)  # (n,)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    losses: list[float] = []
+    steps = 0
+    try:
+        for step in range(num_steps):
+            steps = step + 1
+
+            def edit(x: Tensor, name: str) -> Tensor:  # x: (R, T, d)
+                x = x.clone()
+                if mode == "add":
+                    new = x[rows, look] + delta[own].to(x.dtype)  # (R, d)
+                else:
+                    new = (v_init + delta)[own].to(x.dtype)  # (R, d)
+                x[rows, look] = new
+                return x
+
+            with module_hooks(model, [module_name], edit_output=edit):
+                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, use_cache=False)
+            logits = logits_of(out)
+            if logits_fn is not None:
+                logits = logits_fn(logits)
+            logp = F.log_softmax(logits.float(), -1)  # (R, T, V)
+            tok_logp = logp[nll_rows_t[:, None], pos, ids]  # (R_nll, T_max)
+            nll_each = -(tok_logp * msk).sum(1) / msk.sum(1)  # (R_nll,)
+            nll = torch.zeros(n, device=device).index_add(0, nll_owner, nll_each)
+            nll = nll / torch.bincount(nll_owner, minlength=n).float()  # (n,)
+            kl_logp = logp[kl_rows, look[kl_rows]]  # (n, V)
+            kl = (kl_logp.exp() * (kl_logp - kl_logp_init)).sum(-1)  # (n,) KL(new ‖ orig)
+            wd = delta.norm(dim=-1) / v_init.norm(dim=-1).pow(2)  # (n,)
+            loss_each = nll + kl_factor * kl + weight_decay * wd  # (n,)
+            loss = loss_each.sum()
+            if not bool(torch.isfinite(loss)):
+                raise ValueOptimisationError(
+                    f"value optimisation at {module_name!r} produced a non-finite loss at "
+                    f"step {step} (NLL {nll.tolist()}, KL {kl.tolist()}); the model was not "
+                    "modified")
+            losses.append(float(loss.detach()))
+            if bool((loss_each < early_stop_loss).all()) or step == num_steps - 1:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():  # clamp ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖
+                norm = delta.norm(dim=-1)
+                scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+                delta.mul_(scale[:, None])
+    finally:
         for p in frozen:
-            p.requires_grad_(False)
-        losses: list[float] = []
-        steps = 0
-        try:
-            for step in range(num_steps):
-                steps = step + 1
-
-                def edit(x: Tensor, name: str) -> Tensor:  # x: (R, T, d)
-                    x = x.clone()
-                    if mode == "add":
-                        new = x[rows, look] + delta[own].to(x.dtype)  # (R, d)
-                    else:
-                        new = (v_init + delta)[own].to(x.dtype)  # (R, d)
-                    x[rows, look] = new
-                    return x
-
-                with module_hooks(model, [module_name], edit_output=edit):
-                    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                position_ids=batch.position_ids, use_cache=False)
-                logits = logits_of(out)
-                if logits_fn is not None:
-                    logits = logits_fn(logits)
-                logp = F.log_softmax(logits.float(), -1)  # (R, T, V)
-                tok_logp = logp[nll_rows_t[:, None], pos, ids]  # (R_nll, T_max)
-                nll_each = -(tok_logp * msk).sum(1) / msk.sum(1)  # (R_nll,)
-                nll = torch.zeros(n, device=device).index_add(0, nll_owner, nll_each)
-                nll = nll / torch.bincount(nll_owner, minlength=n).float()  # (n,)
-                kl_logp = logp[kl_rows, look[kl_rows]]  # (n, V)
-                kl = (kl_logp.exp() * (kl_logp - kl_logp_init)).sum(-1)  # (n,) KL(new ‖ orig)
-                wd = delta.norm(dim=-1) / v_init.norm(dim=-1).pow(2)  # (n,)
-                loss_each = nll + kl_factor * kl + weight_decay * wd  # (n,)
-                loss = loss_each.sum()
-                if not bool(torch.isfinite(loss)):
-                    raise ValueOptimisationError(
-                        f"value optimisation at {module_name!r} produced a non-finite loss at "
-                        f"step {step} (NLL {nll.tolist()}, KL {kl.tolist()}); the model was not "
-                        "modified")
-                losses.append(float(loss))
-                if bool((loss_each < early_stop_loss).all()) or step == num_steps - 1:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():  # clamp ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖
-                    norm = delta.norm(dim=-1)
-                    scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
-                    delta.mul_(scale[:, None])
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+            p.requires_grad_(True)
     v_star = (v_init + delta).detach()  # (n, d)
     if not bool(torch.isfinite(v_star).all()):
         raise ValueOptimisationError(f"value optimisation at {module_name!r} produced NaN/inf")

@@ -286,7 +286,8 @@ class ROME:
         self.last_results.append({"case_id": request.case_id, "steps": res.steps,
                                   "loss": res.losses[-1] if res.losses else None,
                                   "v_init_norm": float(res.v_init.norm()),
-                                  "delta_v_norm": float((res.v_star - res.v_init).norm())})
+                                  "delta_v_norm": float((res.v_star - res.v_init).norm()),
+                                  "k_star": k_star.detach().cpu(), "v_star": v_star.cpu()})
         dev = canonical_weight(module).device
         return WeightPatch.from_model(
             model, {weight_param_name(name): delta.to(dev)}, method="rome",

@@ -1,0 +1,234 @@
+"""ROME's algebra, checked against the closed form (paper, eq. 2) on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+
+from lightning_rome import EditRequest
+from lightning_rome.editing.context import ValueOptimisationError, read_keys
+from lightning_rome.editing.rome import ROME, ROMEHyperParams, compute_key, insert
+from lightning_rome.hooks import module_hooks
+from lightning_rome.models import canonical_weight
+from lightning_rome.patches import LowRankDelta
+
+D_IN, D_OUT = 128, 32
+CONTEXTS = ["{}", "Some text. {}", "Another line of words. {}"]
+
+
+def random_C(d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, 4 * d, generator=g, dtype=torch.float64)
+    return A @ A.T / (4 * d)  # (d, d) a well-conditioned second moment
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt2(n_layer=3, n_embd=D_OUT, seed=1)
+
+
+def make_rome(**overrides) -> ROME:
+    C = random_C(D_IN)
+    hp = {"layer": 1, "v_num_grad_steps": 5, "context_templates": CONTEXTS,
+          "clamp_norm_factor": 10.0, **overrides}
+    return ROME(hp, second_moment=lambda m, t, n: C)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model, before) -> None:
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed"
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_insert_maps_k_star_to_v_star(linear):
+    torch.manual_seed(0)
+    if linear:
+        module = torch.nn.Linear(D_IN, D_OUT).double()
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        module = Conv1D(D_OUT, D_IN).double()
+        torch.nn.init.normal_(module.weight, std=0.1)
+        torch.nn.init.normal_(module.bias, std=0.1)
+    C = random_C(D_IN)
+    k_star, v_star = torch.randn(D_IN, dtype=torch.float64), torch.randn(D_OUT, dtype=torch.float64)
+    u = torch.linalg.solve(C, k_star)
+    delta = insert(module, k_star, v_star, u)
+    W = canonical_weight(module).detach().clone()  # (out, in)
+    W_hat = W + delta.dense(torch.float64)
+    # Ŵ k* + b = v*, exactly up to float64 rounding.
+    torch.testing.assert_close(W_hat @ k_star + module.bias, v_star, rtol=0, atol=1e-5)
+    # Other keys move by exactly Λ (C⁻¹k*)ᵀ k.
+    Lam = (v_star - (W @ k_star + module.bias)) / (u @ k_star)
+    K = torch.linalg.cholesky(C) @ torch.randn(D_IN, 50, dtype=torch.float64)  # keys ~ N(0, C)
+    torch.testing.assert_close((W_hat - W) @ K, Lam[:, None] * (u @ K)[None, :], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_rome_update_is_the_least_squares_optimum():
+    """Among rank-one updates that write v* at k*, ROME's disturbs keys drawn from C least."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(D_IN, D_OUT, bias=False).double()
+    g = torch.Generator().manual_seed(3)
+    K = torch.randn(D_IN, 2000, generator=g, dtype=torch.float64) * torch.linspace(
+        0.1, 3, D_IN, dtype=torch.float64)[:, None]  # (d_in, n) anisotropic keys
+    C = K @ K.T / K.shape[1]
+    k_star, v_star = K[:, 0] + 0.5, torch.randn(D_OUT, dtype=torch.float64)
+    rome = insert(module, k_star, v_star, torch.linalg.solve(C, k_star)).dense(torch.float64)
+    naive = insert(module, k_star, v_star, k_star).dense(torch.float64)  # mom2_adjustment off
+    for d in (rome, naive):
+        torch.testing.assert_close(d @ k_star, v_star - module.weight @ k_star)
+    assert (rome @ K).pow(2).sum() < 0.9 * (naive @ K).pow(2).sum()
+    # Any other admissible update (ROME's plus a term vanishing at k*) disturbs more.
+    z = torch.randn(D_IN, dtype=torch.float64)
+    z = z - (z @ k_star) / (k_star @ k_star) * k_star  # zᵀk* = 0
+    other = rome + torch.randn(D_OUT, 1, dtype=torch.float64) * z[None, :] * 0.01
+    assert (rome @ K).pow(2).sum() < (other @ K).pow(2).sum()
+
+
+def test_edit_writes_v_star_at_k_star(model, gpt2_tokenizer):
+    rome = make_rome()
+    req = EditRequest("{} plays the", "Toko Yasuda", "piano")
+    before = weights(model)
+    patch = rome.edit(model, gpt2_tokenizer, req)
+    assert_unchanged(model, before)  # edit() leaves the model as it was
+    res = rome.last_results[0]
+    k_star, v_star = res["k_star"], res["v_star"]
+    # k* is the average of the keys read in each context template.
+    name = "transformer.h.1.mlp.c_proj"
+    k_each, _ = read_keys(model, gpt2_tokenizer, name, [c.replace("{}", req.prompt) for c in
+                                                        CONTEXTS], [req.subject] * 3)
+    torch.testing.assert_close(k_star, k_each.mean(0))
+    torch.testing.assert_close(compute_key(model, gpt2_tokenizer, req, rome.hparams), k_star)
+    patch.apply(model)
+    try:
+        out = model.get_submodule(name)(k_star[None].float())[0]
+        torch.testing.assert_close(out, v_star, rtol=1e-4, atol=1e-4)
+        assert isinstance(patch.deltas[f"{name}.weight"], LowRankDelta)
+        assert patch.deltas[f"{name}.weight"].rank == 1
+    finally:
+        patch.revert(model)
+    assert_unchanged(model, before)
+
+
+def test_mom2_adjustment_off_gives_u_equal_k_star(model, gpt2_tokenizer):
+    rome = make_rome(mom2_adjustment=False)
+    req = EditRequest("{} plays the", "Toko Yasuda", "piano")
+    patch = rome.edit(model, gpt2_tokenizer, req)
+    right = patch.deltas["transformer.h.1.mlp.c_proj.weight"].right[0].double()  # (d_in,)
+    k_star = rome.last_results[0]["k_star"].double()
+    torch.testing.assert_close(right, k_star, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_key_mode_writes_v_star_at_bare_key(model, gpt2_tokenizer):
+    rome = make_rome(key_mode="reference")
+    req = EditRequest("{} plays the", "Toko Yasuda", "piano")
+    patch = rome.edit(model, gpt2_tokenizer, req)
+    name = "transformer.h.1.mlp.c_proj"
+    delta = patch.deltas[f"{name}.weight"]
+    assert abs(float(delta.right.norm()) - 1.0) < 1e-5  # u normalised, as the published code
+    k_bare, _ = read_keys(model, gpt2_tokenizer, name, [req.prompt], [req.subject])
+    patch.apply(model)
+    try:
+        out = model.get_submodule(name)(k_bare)[0]
+        torch.testing.assert_close(out, rome.last_results[0]["v_star"], rtol=1e-4, atol=1e-4)
+    finally:
+        patch.revert(model)
+
+
+def test_sequential_edits_compose(model, gpt2_tokenizer):
+    rome = make_rome(v_num_grad_steps=2)
+    reqs = [EditRequest("{} plays the", "Toko Yasuda", "piano"),
+            EditRequest("{} lives in", "Varnok Telimar", "Paris"),
+            EditRequest("The job of {} is", "Ana Lu", "doctor")]
+    before = weights(model)
+    patch = rome.edit(model, gpt2_tokenizer, reqs, apply=True)
+    name = "transformer.h.1.mlp.c_proj.weight"
+    assert patch.deltas[name].rank == 3 and len(patch.requests) == 3
+    assert not torch.equal(model.get_parameter(name), before[name])
+    patch.revert(model)
+    assert_unchanged(model, before)
+
+
+def test_compute_value_works_inside_inference_mode(model, gpt2_tokenizer):
+    rome = make_rome(v_num_grad_steps=3)
+    with torch.inference_mode():
+        patch = rome.edit(model, gpt2_tokenizer, EditRequest("{} plays", "Ana Lu", "piano"))
+    assert torch.isfinite(patch.dense("transformer.h.1.mlp.c_proj.weight")).all()
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "error", "match"),
+    [
+        ({"prompt": "plays the", "subject": "Ana", "target_new": "x"}, ValueError, "exactly once"),
+        ({"prompt": "{} plays", "subject": "Ana", "target_new": "  "}, ValueError, "target_new"),
+        ({"prompt": "{} plays", "subject": "", "target_new": "x"}, ValueError, "subject"),
+    ],
+)
+def test_bad_requests_are_rejected(request_kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EditRequest(**request_kwargs)
+
+
+def test_errors_leave_model_unchanged(model, gpt2_tokenizer):
+    before = weights(model)
+    req = EditRequest("{} plays the", "Toko Yasuda", "piano")
+    with pytest.raises(IndexError, match="out of range"):
+        make_rome(layer=7).edit(model, gpt2_tokenizer, req)
+    assert_unchanged(model, before)
+
+    # A later request in a sequence fails: the earlier, applied ones are rolled back.
+    good = EditRequest("{} plays the", "Toko Yasuda", "piano")
+    rome = make_rome(v_num_grad_steps=2)
+    calls = {"n": 0}
+    original = rome.edit_one
+
+    def failing(m, t, r):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return original(m, t, r)
+
+    rome.edit_one = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="boom"):
+        rome.edit(model, gpt2_tokenizer, [good, good], apply=True)
+    assert_unchanged(model, before)
+
+    # Missing statistics corpus.
+    rome = ROME({"layer": 1, "context_templates": CONTEXTS, "mom2_dataset": "/no/such/file.txt",
+                 "mom2_n_samples": 10})
+    with pytest.raises((FileNotFoundError, ValueError)):
+        rome.edit(model, gpt2_tokenizer, req)
+    assert_unchanged(model, before)
+
+
+def test_nan_during_value_optimisation_raises(model, gpt2_tokenizer):
+    before = weights(model)
+    rome = make_rome()
+    req = EditRequest("{} plays the", "Toko Yasuda", "piano")
+
+    def poison(x, name):
+        return x * float("nan")
+
+    with module_hooks(model, ["transformer.h.2.mlp"], edit_output=poison), pytest.raises(
+            ValueOptimisationError, match="non-finite"):
+        rome.edit(model, gpt2_tokenizer, req)
+    assert_unchanged(model, before)
+
+
+def test_presets_load():
+    for name, layer in [("gpt2-medium", 8), ("gpt2-large", 12), ("gpt2-xl", 17),
+                        ("gpt-j-6b", 5), ("gpt-neox-20b", 15), ("llama-7b", 5)]:
+        hp = ROMEHyperParams.from_preset(name)
+        assert hp.layer == layer
+    assert ROMEHyperParams.from_preset("llama-7b").v_weight_decay == 1e-3
+    assert ROMEHyperParams.from_preset("gpt2-medium").clamp_norm_factor == 3.0
+    with pytest.raises(ValueError, match="unknown rome preset"):
+        ROMEHyperParams.from_preset("nope")
+    with pytest.raises(ValueError, match="unknown ROMEHyperParams field"):
+        ROMEHyperParams.from_dict({"layr": 3})
