@@ -1,0 +1,176 @@
+"""ROMECallback inside a Trainer: when it applies, reverting, checkpoint state, DDP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import GPT2_TOKENIZER, tiny_gpt2
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_rome import EditRequest, WeightPatch
+from lightning_rome.callbacks import ROMECallback
+from lightning_rome.models import load_tokenizer
+from lightning_rome.utils.io import tensor_checksum
+
+from .helpers import LMModule
+
+NAME = "transformer.h.1.mlp.c_proj.weight"
+CONTEXTS = ["{}", "Some text. {}"]
+REQ = EditRequest("{} plays the", "Toko Yasuda", "piano", target_true="guitar", case_id=2)
+
+
+def second_moment(model, tok, name):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(128, 512, generator=g, dtype=torch.float64)
+    return A @ A.T / 512
+
+
+def make_callback(requests=(REQ,), **kwargs) -> ROMECallback:
+    hp = {"layer": 1, "v_num_grad_steps": 3, "context_templates": CONTEXTS}
+    return ROMECallback(list(requests), hp, second_moment=second_moment, **kwargs)
+
+
+def make_trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    kwargs = {"max_steps": 2, **kwargs}
+    return pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1,
+                      limit_val_batches=1, num_sanity_val_steps=0, enable_progress_bar=False,
+                      enable_model_summary=False, logger=CSVLogger(tmp_path), callbacks=callbacks,
+                      log_every_n_steps=1, **kwargs)
+
+
+@pytest.fixture
+def module(gpt2_tokenizer):
+    return LMModule(tiny_gpt2(n_layer=3), gpt2_tokenizer)
+
+
+class Probe(Callback):
+    """Records the edited weight's checksum at each hook."""
+
+    def __init__(self):
+        self.seen: dict[str, str] = {}
+
+    def _rec(self, hook, pl_module):
+        self.seen[hook] = tensor_checksum(pl_module.model.get_parameter(NAME))
+
+    def on_train_start(self, trainer, pl_module):
+        self._rec("train_start", pl_module)
+
+    def on_test_batch_start(self, trainer, pl_module, *args):
+        self._rec("test_batch", pl_module)
+
+
+def test_applies_at_fit_start_and_keeps_the_edit(tmp_path, module):
+    before = tensor_checksum(module.model.get_parameter(NAME))
+    cb, probe = make_callback(save_patch=True), Probe()
+    make_trainer(tmp_path, [cb, probe]).fit(module)
+    assert cb.applied and probe.seen["train_start"] != before
+    # The patch was computed on the original weights and is what the model now holds (lr = 0).
+    assert cb.patch.checksums[NAME] == before
+    expected = tiny_gpt2(n_layer=3)
+    cb.patch.apply(expected)
+    assert torch.equal(expected.get_parameter(NAME), module.model.get_parameter(NAME))
+    # Logged: delta norms and per-request efficacy.
+    assert any(k.startswith("rome/delta_norm/") for k in cb.last_metrics)
+    assert "rome/efficacy/2" in cb.last_metrics
+    metrics_file = next(Path(tmp_path).rglob("metrics.csv"))
+    assert "rome/efficacy_mean" in metrics_file.read_text().splitlines()[0]
+    # Saved beside the checkpoints, loadable, and equal.
+    saved = list(Path(tmp_path).rglob("rome-*.safetensors"))
+    assert len(saved) == 1
+    loaded = WeightPatch.load(saved[0])
+    torch.testing.assert_close(loaded.dense(NAME), cb.patch.dense(NAME))
+    assert loaded.requests == [REQ]
+
+
+def test_test_start_with_revert_restores_bits(tmp_path, module):
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    cb, probe = make_callback(apply_on="test_start", revert=True), Probe()
+    make_trainer(tmp_path, [cb, probe]).test(module)
+    assert probe.seen["test_batch"] != tensor_checksum(before[NAME])
+    assert not cb.applied
+    for n, p in module.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_revert_after_training_subtracts_with_warning(tmp_path, gpt2_tokenizer):
+    module = LMModule(tiny_gpt2(n_layer=3), gpt2_tokenizer, lr=1e-2)
+    cb = make_callback(revert=True)
+    with pytest.warns(UserWarning, match="subtracting the delta"):
+        make_trainer(tmp_path, [cb]).fit(module)
+    assert not cb.applied
+
+
+def test_state_survives_checkpoint_and_two_instances_coexist(tmp_path, module):
+    other = EditRequest("{} lives in", "Varnok Telimar", "Paris", target_true="Rome", case_id=7)
+    a, b = make_callback(), make_callback(requests=[other])
+    assert a.state_key != b.state_key
+    trainer = make_trainer(tmp_path, [a, b])
+    trainer.fit(module)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert {a.state_key, b.state_key} <= set(state)
+    # A fresh callback restores which edits were applied and the patch itself.
+    a2 = make_callback()
+    a2.load_state_dict(state[a.state_key])
+    assert a2.applied and a2.patch.requests == [REQ]
+    torch.testing.assert_close(a2.patch.dense(NAME), a.patch.dense(NAME))
+    # Resuming fit from the checkpoint does not apply the edit a second time.
+    module2 = LMModule(tiny_gpt2(n_layer=3), module.tokenizer)
+    a3, b3 = make_callback(), make_callback(requests=[other])
+    make_trainer(tmp_path, [a3, b3], max_steps=3).fit(module2, ckpt_path=ckpt)
+    assert torch.equal(module2.model.get_parameter(NAME), module.model.get_parameter(NAME))
+
+
+def test_requests_from_yaml_and_json(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps([REQ.to_dict()]))
+    (tmp_path / "r.yaml").write_text("- prompt: '{} plays the'\n  subject: Toko Yasuda\n"
+                                     "  target_new: piano\n  target_true: guitar\n  case_id: 2\n")
+    for f in ("r.json", "r.yaml"):
+        assert ROMECallback(str(tmp_path / f)).requests == [REQ]
+    with pytest.raises(FileNotFoundError, match="requests file"):
+        ROMECallback(str(tmp_path / "missing.json"))
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(MisconfigurationException, match="apply_on"):
+        make_callback(apply_on="epoch_end")
+    with pytest.raises(ValueError, match="exactly once"):
+        ROMECallback([{"prompt": "no slot", "subject": "a", "target_new": "b"}])
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fake = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(MisconfigurationException, match="sharded"):
+        make_callback()._check_strategy(fake)
+
+
+class RecordChecksum(Callback):
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module):
+        p = pl_module.model.get_parameter(NAME)
+        Path(self.out, f"rank{trainer.global_rank}.txt").write_text(tensor_checksum(p))
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_ranks_hold_identical_weights(tmp_path):
+    tok = load_tokenizer(GPT2_TOKENIZER)
+    module = LMModule(tiny_gpt2(n_layer=3), tok)
+    before = tensor_checksum(module.model.get_parameter(NAME))
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2,
+                         strategy="ddp_spawn", max_steps=1, enable_progress_bar=False,
+                         enable_model_summary=False, logger=False, enable_checkpointing=False,
+                         callbacks=[make_callback(log_efficacy=False), RecordChecksum(
+                             str(tmp_path))])
+    trainer.fit(module)
+    sums = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert sums[0] == sums[1] != before
