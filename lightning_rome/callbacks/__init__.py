@@ -1,5 +1,10 @@
 """Lightning callbacks: edits applied during a Trainer run, and trace logging."""
 
-from lightning_rome.callbacks.edit import EditCallback, ROMECallback, load_requests
+from lightning_rome.callbacks.edit import (
+    EditCallback,
+    MEMITCallback,
+    ROMECallback,
+    load_requests,
+)
 
-__all__ = ["EditCallback", "ROMECallback", "load_requests"]
+__all__ = ["EditCallback", "MEMITCallback", "ROMECallback", "load_requests"]

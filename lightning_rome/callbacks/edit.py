@@ -23,7 +23,7 @@ from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import candidate_probs
 from lightning_rome.utils.io import tensor_checksum
 
-__all__ = ["EditCallback", "ROMECallback", "find_model", "load_requests"]
+__all__ = ["EditCallback", "MEMITCallback", "ROMECallback", "find_model", "load_requests"]
 
 ApplyOn = Literal["setup", "fit_start", "train_end", "validation_start", "test_start"]
 _APPLY_ON = ("setup", "fit_start", "train_end", "validation_start", "test_start")
@@ -353,3 +353,61 @@ class ROMECallback(EditCallback):
         if self._editor is None:
             self._editor = ROME(self._hparams, second_moment=self._second_moment)
         return self._editor
+
+
+class MEMITCallback(EditCallback):
+    """Apply a MEMIT batch edit inside a Trainer run (same options and guarantees as
+    :class:`ROMECallback`).
+
+    Args:
+        requests: the edits (objects, dicts, or a JSON/YAML path); all are written at once.
+        hparams: :class:`~lightning_rome.editing.MEMITHyperParams`, a dict, a preset name
+            (``"gpt2-xl"``, ``"gpt-j-6b"``) or a YAML path.
+        chunk_size: edit a long list in consecutive chunks of this many requests (``None``: one
+            batch).
+        second_moment: optional ``(model, tokenizer, module_name) -> C``.
+        **kwargs: see :class:`EditCallback`.
+    """
+
+    method = "memit"
+
+    def __init__(self, requests: Any, hparams: Any = None, *, chunk_size: int | None = None,
+                 second_moment: Any = None, **kwargs: Any) -> None:
+        super().__init__(requests, **kwargs)
+        from lightning_rome.editing.memit import MEMITHyperParams
+
+        self._hparams = MEMITHyperParams.resolve(hparams)
+        self._chunk_size = chunk_size
+        self._second_moment = second_moment
+        self._editor: Any = None
+
+    def make_editor(self) -> Any:
+        from lightning_rome.editing.memit import MEMIT
+
+        if self._editor is None:
+            self._editor = _ChunkedMEMIT(MEMIT(self._hparams, second_moment=self._second_moment),
+                                         self._chunk_size)
+        return self._editor
+
+
+class _ChunkedMEMIT:
+    """MEMIT over consecutive chunks; returns the composed patch with the model unchanged."""
+
+    def __init__(self, memit: Any, chunk_size: int | None) -> None:
+        self.memit, self.chunk_size = memit, chunk_size
+
+    def edit(self, model: nn.Module, tok: PreTrainedTokenizerBase, requests: Any) -> WeightPatch:
+        reqs = as_requests(requests)
+        if not self.chunk_size or len(reqs) <= self.chunk_size:
+            return self.memit.edit(model, tok, reqs)
+        patches: list[WeightPatch] = []
+        try:
+            for p in self.memit.edit_stream(model, tok, reqs, self.chunk_size):
+                patches.append(p)
+        finally:
+            for p in reversed(patches):
+                p.revert(model)
+        total = patches[0]
+        for p in patches[1:]:
+            total = total.compose(p)
+        return total

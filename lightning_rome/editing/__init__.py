@@ -12,11 +12,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.editing.hparams import HyperParams, list_presets
+from lightning_rome.editing.memit import MEMIT, MEMITHyperParams, memit_edit
 from lightning_rome.editing.rome import ROME, ROMEHyperParams, rome_edit
 from lightning_rome.patches import WeightPatch
 
-__all__ = ["ROME", "Editor", "HyperParams", "ROMEHyperParams", "get_editor", "list_presets",
-           "rome_edit"]
+__all__ = ["MEMIT", "ROME", "Editor", "HyperParams", "MEMITHyperParams", "ROMEHyperParams",
+           "get_editor", "list_presets", "memit_edit", "rome_edit"]
 
 
 @runtime_checkable

@@ -24,13 +24,38 @@ from lightning_rome.tokens import (
 )
 
 __all__ = [
+    "SecondMomentFn",
     "ValueOptimisationError",
     "ValueResult",
     "context_templates",
     "optimise_values",
     "read_keys",
+    "second_moment",
     "wrap",
 ]
+
+SecondMomentFn = Callable[[nn.Module, PreTrainedTokenizerBase, str], Tensor]
+"""``(model, tokenizer, module_name) -> C``: the ``(d_in, d_in)`` uncentred second moment of the
+module's input, E[k kᵀ]."""
+
+
+def second_moment(model: nn.Module, tokenizer: PreTrainedTokenizerBase, module_name: str, *,
+                  fn: SecondMomentFn | None = None, corpus: str = "wikitext",
+                  n_samples: int = 100_000, dtype: str = "float32") -> Tensor:
+    """C = E[k kᵀ] of ``module_name``'s input: from ``fn`` when given, else from the cached
+    statistics of :mod:`lightning_rome.stats` over ``corpus``. Returns float64 ``(d_in, d_in)``."""
+    if fn is not None:
+        C = fn(model, tokenizer, module_name)
+    else:
+        from lightning_rome.stats import get_second_moment
+
+        C = get_second_moment(model, tokenizer, module_name, corpus=corpus,
+                              n_samples=n_samples, dtype=dtype).mom2
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"second moment of {module_name!r} must be square, got {tuple(C.shape)}")
+    if not bool(torch.isfinite(C).all()):
+        raise FloatingPointError(f"second moment of {module_name!r} contains NaN or inf")
+    return C.double()
 
 _TEMPLATE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[str]]] = (
     weakref.WeakKeyDictionary())

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -29,10 +29,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.editing.context import (
+    SecondMomentFn,
     ValueResult,
     context_templates,
     optimise_values,
     read_keys,
+    second_moment,
     wrap,
 )
 from lightning_rome.editing.hparams import HyperParams
@@ -51,11 +53,6 @@ __all__ = [
     "insert",
     "rome_edit",
 ]
-
-SecondMomentFn = Callable[[nn.Module, PreTrainedTokenizerBase, str], Tensor]
-"""``(model, tokenizer, module_name) -> C``: the ``(d_in, d_in)`` uncentred second moment of the
-module's input, E[k kᵀ]."""
-
 
 @dataclasses.dataclass
 class ROMEHyperParams(HyperParams):
@@ -235,7 +232,9 @@ class ROME:
     def _cholesky(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str) -> Tensor:
         per_model = self._chol.setdefault(model, {})
         if name not in per_model:
-            C = self._get_second_moment(model, tok, name).double()  # (d_in, d_in)
+            hp = self.hparams
+            C = second_moment(model, tok, name, fn=self.second_moment, corpus=hp.mom2_dataset,
+                              n_samples=hp.mom2_n_samples, dtype=hp.mom2_dtype)  # (d_in, d_in)
             L, info = torch.linalg.cholesky_ex(C)
             if int(info) != 0:
                 raise FloatingPointError(
@@ -243,16 +242,6 @@ class ROME:
                     "for its dimension?); use more statistics samples")
             per_model[name] = L
         return per_model[name]
-
-    def _get_second_moment(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str,
-                           ) -> Tensor:
-        if self.second_moment is not None:
-            return self.second_moment(model, tok, name)
-        from lightning_rome.stats import get_second_moment
-
-        hp = self.hparams
-        return get_second_moment(model, tok, name, corpus=hp.mom2_dataset,
-                                 n_samples=hp.mom2_n_samples, dtype=hp.mom2_dtype).mom2
 
     def C_inv_times(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str,
                     k: Tensor) -> Tensor:

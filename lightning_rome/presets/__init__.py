@@ -1,0 +1,1 @@
+"""Named hyperparameter presets (YAML), one file per method."""

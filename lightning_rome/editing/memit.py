@@ -1,0 +1,317 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al., ICLR 2023).
+
+Many facts are written at once, spread over the MLPs of a range of layers R:
+
+1. For each request i, optimise a target residual ``z_i`` at the output of the last layer of R
+   (the ROME value loss, on the residual stream), all requests in one batch.
+2. For each layer l in R, in order, on the model already edited at the earlier layers of R:
+   read the template-averaged keys ``K`` (d_in × u), the residual still missing
+   ``R_l = (Z − h_L) / (layers left)``, and apply (paper, eq. 14)::
+
+       ΔW_l = R_l Kᵀ (λ C_l + K Kᵀ)⁻¹         solved in float64
+
+   with ``C_l = E[k kᵀ]`` the layer's second moment and ``λ = mom2_update_weight``.
+
+The result is one :class:`~lightning_rome.patches.WeightPatch` with a rank-u delta per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_rome.editing.context import (
+    SecondMomentFn,
+    context_templates,
+    optimise_values,
+    read_keys,
+    second_moment,
+    wrap,
+)
+from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.weights import weight_param_name
+from lightning_rome.patches import LowRankDelta, WeightPatch
+from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.tokens import FactToken, subject_span
+from lightning_rome.utils.io import CorruptFileError, atomic_path, cache_dir, tensor_checksum
+
+__all__ = ["MEMIT", "MEMITHyperParams", "memit_edit", "memit_update"]
+
+
+@dataclasses.dataclass
+class MEMITHyperParams(HyperParams):
+    """MEMIT's hyperparameters. Defaults are the published GPT-2 XL settings.
+
+    Attributes:
+        layers: the critical layer range R (ascending).
+        fact_token: the token whose key is read and whose residual is optimised.
+        v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, early_stop_loss,
+            v_mode: the value optimisation, as in ROME (on the residual of ``layers[-1]``).
+        v_loss_layer: kept for parity with the published configs (the loss reads the logits).
+        mom2_update_weight: λ, the weight of the preserved keys' second moment.
+        mom2_dataset, mom2_n_samples, mom2_dtype: the statistics for C (as in ROME).
+        context_template_lengths, context_templates, seed: the key-averaging templates.
+        z_batch_size: requests whose z are optimised together (memory bound); ``None``: all.
+        key_batch_size: prompts per forward pass when reading keys.
+        z_cache: cache the optimised z per request on disk (``True``: under the cache dir; a
+            path; ``False``).
+    """
+
+    METHOD = "memit"
+
+    layers: list[int] = dataclasses.field(default_factory=lambda: [13, 14, 15, 16, 17])
+    fact_token: FactToken = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_loss_layer: int | None = None
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    v_mode: Literal["add", "replace"] = "add"
+    mom2_update_weight: float = 20000.0
+    mom2_dataset: str = "wikitext"
+    mom2_n_samples: int = 100_000
+    mom2_dtype: str = "float32"
+    context_template_lengths: list[list[int]] = dataclasses.field(
+        default_factory=lambda: [[5, 10], [10, 10]])
+    context_templates: list[str] | None = None
+    seed: int = 0
+    z_batch_size: int | None = 64
+    key_batch_size: int = 256
+    z_cache: bool | str = False
+
+    def __post_init__(self) -> None:
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be a non-empty ascending list, got {self.layers}")
+        if self.mom2_update_weight < 0:
+            raise ValueError("mom2_update_weight (λ) must be non-negative")
+
+
+def memit_update(K: Tensor, R: Tensor, C: Tensor, lam: float) -> LowRankDelta:
+    """``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` as a low-rank delta, solved in float64.
+
+    Args:
+        K: ``(d_in, u)`` keys of the edited facts.
+        R: ``(d_out, u)`` residuals to write.
+        C: ``(d_in, d_in)`` second moment of the layer's keys.
+        lam: λ.
+
+    Returns:
+        ``LowRankDelta(R (d_out, u), Aᵀ (u, d_in))`` with ``A = (λC + KKᵀ)⁻¹ K``.
+    """
+    K64, R64 = K.double(), R.double()
+    A = torch.linalg.solve(lam * C.double().to(K64.device) + K64 @ K64.T, K64)  # (d_in, u)
+    return LowRankDelta(R64.float(), A.T.float())  # (d_out, u), (u, d_in)
+
+
+class MEMIT:
+    """The MEMIT editor.
+
+    Args:
+        hparams: :class:`MEMITHyperParams`, a dict, a preset name (``"gpt2-xl"``, ``"gpt-j-6b"``)
+            or a YAML path.
+        second_moment: ``(model, tokenizer, module_name) -> C`` (default: cached statistics).
+        layout: a layout override.
+
+    Example:
+        >>> patch = MEMIT("gpt2-xl").edit(model, tok, requests)   # one patch, |R| layers
+    """
+
+    def __init__(self, hparams: MEMITHyperParams | dict[str, Any] | str | None = None, *,
+                 second_moment: SecondMomentFn | None = None,
+                 layout: ModelLayout | dict[str, Any] | str | None = None) -> None:
+        self.hparams = MEMITHyperParams.resolve(hparams)
+        self.second_moment = second_moment
+        self.layout_override = layout
+        self._C: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = (
+            weakref.WeakKeyDictionary())
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ pieces
+    def _C_of(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str) -> Tensor:
+        per_model = self._C.setdefault(model, {})
+        if name not in per_model:
+            hp = self.hparams
+            per_model[name] = second_moment(model, tok, name, fn=self.second_moment,
+                                            corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples,
+                                            dtype=hp.mom2_dtype)
+        return per_model[name]
+
+    def _contexts(self, model: nn.Module, tok: PreTrainedTokenizerBase) -> list[str]:
+        hp = self.hparams
+        if hp.context_templates is not None:
+            return list(hp.context_templates)
+        return context_templates(model, tok, hp.context_template_lengths, hp.seed)
+
+    def _keys(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str,
+              reqs: Sequence[EditRequest], contexts: Sequence[str]) -> Tensor:
+        """Template-averaged keys at ``name``'s input, ``(d_in, u)``."""
+        templates = [wrap(c, r.prompt) for r in reqs for c in contexts]
+        subjects = [r.subject for r in reqs for _ in contexts]
+        step = self.hparams.key_batch_size
+        ks = [read_keys(model, tok, name, templates[s:s + step], subjects[s:s + step],
+                        self.hparams.fact_token)[0] for s in range(0, len(templates), step)]
+        k = torch.cat(ks).view(len(reqs), len(contexts), -1)  # (u, n_ctx, d_in)
+        return k.mean(1).T  # (d_in, u)
+
+    def _residual_now(self, model: nn.Module, tok: PreTrainedTokenizerBase, block: str,
+                      reqs: Sequence[EditRequest]) -> Tensor:
+        """``h_L`` at the fact token of each bare prompt, ``(d, u)``."""
+        step = self.hparams.key_batch_size
+        hs = []
+        for s in range(0, len(reqs), step):
+            chunk = reqs[s:s + step]
+            _, h = read_keys(model, tok, block, [r.prompt for r in chunk],
+                             [r.subject for r in chunk], self.hparams.fact_token, outputs=True)
+            hs.append(h)
+        return torch.cat(hs).T  # (d, u)
+
+    def _z_cache_path(self, model: nn.Module, r: EditRequest, block: str) -> Path | None:
+        hp = self.hparams
+        if not hp.z_cache:
+            return None
+        root = Path(hp.z_cache) if isinstance(hp.z_cache, str) else cache_dir("memit_z")
+        relevant = {k: v for k, v in hp.to_dict().items()
+                    if k not in ("layers", "mom2_update_weight", "mom2_dataset", "mom2_n_samples",
+                                 "mom2_dtype", "z_batch_size", "key_batch_size", "z_cache")}
+        model_id = {"name": getattr(model.config, "_name_or_path", ""),
+                    "config": model.config.to_json_string(use_diff=False),
+                    "weights": [tensor_checksum(model.get_parameter(
+                        weight_param_name(get_layout(model, self.layout_override).name(
+                            "mlp_out", layer)))) for layer in hp.layers]}
+        key = json.dumps({"request": r.to_dict(), "hparams": relevant, "block": block,
+                          "z_layer": hp.layers[-1], "model": model_id}, sort_keys=True,
+                         default=str)
+        return root / f"z-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def _load_z(self, path: Path | None, d: int) -> Tensor | None:
+        if path is None or not path.is_file():
+            return None
+        try:
+            z = load_file(str(path))["z"]
+            if z.shape != (d,) or not bool(torch.isfinite(z).all()):
+                raise CorruptFileError(f"bad z in {path}")
+            return z
+        except Exception as e:
+            import warnings
+
+            warnings.warn(f"ignoring a corrupt z-vector cache file {path} ({e}); recomputing",
+                          stacklevel=3)
+            return None
+
+    def compute_z(self, model: nn.Module, tok: PreTrainedTokenizerBase,
+                  reqs: Sequence[EditRequest]) -> Tensor:
+        """Target residuals ``Z`` at the last layer of R, ``(d, u)``, optimised in batches."""
+        hp = self.hparams
+        layout = get_layout(model, self.layout_override)
+        block = layout.block(hp.layers[-1])
+        d = model.config.hidden_size if hasattr(model.config, "hidden_size") else None
+        contexts = self._contexts(model, tok)
+        paths = [self._z_cache_path(model, r, block) for r in reqs]
+        zs: list[Tensor | None] = [self._load_z(p, d) if d else None for p in paths]
+        todo = [i for i, z in enumerate(zs) if z is None]
+        step = hp.z_batch_size or max(1, len(todo))
+        steps_taken = []
+        for s in range(0, len(todo), step):
+            idx = todo[s:s + step]
+            res = optimise_values(
+                model, tok, [reqs[i] for i in idx], block, contexts,
+                fact_token=hp.fact_token, num_steps=hp.v_num_grad_steps, lr=hp.v_lr,
+                weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
+                clamp_norm_factor=hp.clamp_norm_factor, early_stop_loss=hp.early_stop_loss,
+                mode=hp.v_mode)
+            steps_taken.append(res.steps)
+            for j, i in enumerate(idx):
+                zs[i] = res.v_star[j].cpu()
+                if paths[i] is not None:
+                    with atomic_path(paths[i]) as tmp:
+                        save_file({"z": zs[i].contiguous()}, str(tmp))
+        self.last_stats["z_steps"] = steps_taken
+        self.last_stats["z_cached"] = len(reqs) - len(todo)
+        return torch.stack([z for z in zs if z is not None]).T  # (d, u)
+
+    # ------------------------------------------------------------------ editing
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any, *,
+             apply: bool = False) -> WeightPatch:
+        """Edit a batch of requests at once and return one patch over every layer of R.
+
+        The model is edited layer by layer while the patch is computed (keys at later layers are
+        read on the partly edited model), then restored exactly unless ``apply=True``. On any
+        error the model is left as it was.
+
+        Raises:
+            ValueError / SubjectNotFoundError: a bad request (checked before any work).
+            IndexError: a layer of R is out of range.
+            ValueOptimisationError: NaN/inf while optimising z.
+        """
+        hp = self.hparams
+        reqs = as_requests(requests)
+        layout = get_layout(model, self.layout_override)
+        for layer in hp.layers:
+            layout.check_layer(model, layer)
+        for r in reqs:
+            subject_span(tokenizer, r.prompt, r.subject)
+        contexts = self._contexts(model, tokenizer)
+        applied: list[WeightPatch] = []
+        try:
+            Z = self.compute_z(model, tokenizer, reqs)  # (d, u)
+            block = layout.block(hp.layers[-1])
+            for i, layer in enumerate(hp.layers):
+                name = layout.name("mlp_out", layer)
+                K = self._keys(model, tokenizer, name, reqs, contexts)  # (d_in, u)
+                h = self._residual_now(model, tokenizer, block, reqs)  # (d, u)
+                R_l = (Z.to(h.device) - h) / (len(hp.layers) - i)  # (d, u)
+                C = self._C_of(model, tokenizer, name)
+                delta = memit_update(K, R_l, C, hp.mom2_update_weight)
+                dev = model.get_parameter(weight_param_name(name)).device
+                p = WeightPatch.from_model(model, {weight_param_name(name): delta.to(dev)},
+                                           method="memit", hparams=hp.to_dict(), requests=reqs)
+                p.apply(model)
+                applied.append(p)
+        except BaseException:
+            for p in reversed(applied):
+                p.revert(model)
+            raise
+        total = applied[0]
+        for p in applied[1:]:
+            total = total.compose(p)
+        total.requests = list(reqs)
+        for p in reversed(applied):
+            p.revert(model)
+        if apply:
+            total.apply(model)
+        return total
+
+    def edit_stream(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    requests: Iterable[EditRequest | dict[str, Any]], chunk_size: int = 1000,
+                    ) -> Iterator[WeightPatch]:
+        """Apply a long stream of edits in chunks of ``chunk_size``: each chunk is edited on the
+        model as left by the previous chunks, applied, and its patch yielded (revert them in
+        reverse order to undo)."""
+        chunk: list[EditRequest] = []
+        for r in requests:
+            chunk.append(r if isinstance(r, EditRequest) else EditRequest.from_dict(r))
+            if len(chunk) == chunk_size:
+                yield self.edit(model, tokenizer, chunk, apply=True)
+                chunk = []
+        if chunk:
+            yield self.edit(model, tokenizer, chunk, apply=True)
+
+
+def memit_edit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
+               hparams: MEMITHyperParams | dict[str, Any] | str | None = None,
+               **kwargs: Any) -> WeightPatch:
+    """Functional form of :meth:`MEMIT.edit` (the model is left unchanged)."""
+    return MEMIT(hparams, **kwargs).edit(model, tokenizer, requests)

@@ -1,0 +1,143 @@
+"""MEMIT's algebra: the batch least-squares update, λ → ∞, layer spreading and the z cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+
+from lightning_rome import EditRequest
+from lightning_rome.editing.context import read_keys
+from lightning_rome.editing.memit import MEMIT, MEMITHyperParams, memit_update
+
+CONTEXTS = ["{}", "Some text. {}"]
+REQS = [EditRequest("{} plays the", "Toko Yasuda", "piano"),
+        EditRequest("{} lives in", "Varnok Telimar", "Paris"),
+        EditRequest("The job of {} is", "Ana Lu", "doctor")]
+
+
+def C_of(d: int = 128):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(d, 4 * d, generator=g, dtype=torch.float64)
+    C = A @ A.T / (4 * d)
+    return lambda m, t, n: C
+
+
+def make(layers=(1,), **kw) -> MEMIT:
+    hp = {"layers": list(layers), "v_num_grad_steps": 4, "context_templates": CONTEXTS,
+          "clamp_norm_factor": 4.0, "mom2_update_weight": 50.0, **kw}
+    return MEMIT(hp, second_moment=C_of())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt2(n_layer=3, n_embd=32, seed=2)
+
+
+def test_update_solves_the_normal_equations():
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out, u, lam = 40, 12, 5, 7.0
+    A = torch.randn(d_in, 3 * d_in, generator=g, dtype=torch.float64)
+    C = A @ A.T / (3 * d_in)
+    K = torch.randn(d_in, u, generator=g, dtype=torch.float64)
+    R = torch.randn(d_out, u, generator=g, dtype=torch.float64)
+    delta = memit_update(K, R, C, lam).dense(torch.float64)
+    # Normal equations: Δ (λC + KKᵀ) = R Kᵀ.
+    torch.testing.assert_close(delta @ (lam * C + K @ K.T), R @ K.T, rtol=1e-5, atol=1e-5)
+    # Independently: least squares of ‖Δ K₀‖² + ‖Δ K − R‖² with K₀K₀ᵀ = λC.
+    K0 = torch.linalg.cholesky(lam * C)  # (d_in, d_in)
+    X = torch.cat([K0, K], 1).T  # (d_in + u, d_in)
+    Y = torch.cat([torch.zeros(d_out, d_in, dtype=torch.float64), R], 1).T
+    direct = torch.linalg.lstsq(X, Y).solution.T  # (d_out, d_in)
+    torch.testing.assert_close(delta, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_single_request_single_layer_is_the_batch_least_squares_update(model, gpt2_tokenizer):
+    memit = make(layers=[2])
+    req = REQS[:1]
+    patch = memit.edit(model, gpt2_tokenizer, req)
+    name = "transformer.h.2.mlp.c_proj"
+    # Rebuild the update from its definition on the unedited model.
+    Z = memit.compute_z(model, gpt2_tokenizer, req)  # (d, 1), deterministic
+    k, _ = read_keys(model, gpt2_tokenizer, name, [c.replace("{}", req[0].prompt)
+                                                   for c in CONTEXTS], [req[0].subject] * 2)
+    K = k.mean(0, keepdim=True).T.double()  # (d_in, 1)
+    _, h = read_keys(model, gpt2_tokenizer, "transformer.h.2", [req[0].prompt],
+                     [req[0].subject], outputs=True)
+    R = (Z - h.T).double()  # (d, 1): with one layer, all the residual is written here
+    C = C_of()(None, None, None)
+    K0 = torch.linalg.cholesky(50.0 * C)
+    X = torch.cat([K0, K], 1).T
+    Y = torch.cat([torch.zeros(32, 128, dtype=torch.float64), R], 1).T
+    direct = torch.linalg.lstsq(X, Y).solution.T  # (d_out, d_in)
+    torch.testing.assert_close(patch.dense(f"{name}.weight", torch.float64), direct, rtol=1e-3,
+                               atol=1e-6)
+
+
+def test_lambda_to_infinity_gives_a_zero_patch(model, gpt2_tokenizer):
+    norms = []
+    for lam in (1e1, 1e4, 1e8):
+        p = make(layers=[1, 2], mom2_update_weight=lam).edit(model, gpt2_tokenizer, REQS[:2])
+        norms.append(sum(p.norms().values()))
+    assert norms[0] > norms[1] > norms[2]
+    assert norms[2] < 1e-5 * norms[0]
+
+
+def test_batch_edit_spreads_over_layers_and_moves_the_residual(model, gpt2_tokenizer):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    memit = make(layers=[0, 1, 2], mom2_update_weight=1.0)
+    patch = memit.edit(model, gpt2_tokenizer, REQS)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])  # edit() leaves the model unchanged
+    names = sorted(patch.names)
+    assert names == [f"transformer.h.{i}.mlp.c_proj.weight" for i in range(3)]
+    assert all(patch.deltas[n].rank == 3 for n in names)
+    Z = memit.compute_z(model, gpt2_tokenizer, REQS)  # (d, u)
+    h0 = memit._residual_now(model, gpt2_tokenizer, "transformer.h.2", REQS)
+    patch.apply(model)
+    h1 = memit._residual_now(model, gpt2_tokenizer, "transformer.h.2", REQS)
+    patch.revert(model)
+    assert (Z - h1).norm() < 0.5 * (Z - h0).norm()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_z_cache_is_reused_and_validated(model, gpt2_tokenizer, tmp_path):
+    memit = make(layers=[1], z_cache=str(tmp_path))
+    p1 = memit.edit(model, gpt2_tokenizer, REQS[:2])
+    assert memit.last_stats["z_cached"] == 0
+    files = sorted(tmp_path.glob("z-*.safetensors"))
+    assert len(files) == 2
+    p2 = memit.edit(model, gpt2_tokenizer, REQS[:2])
+    assert memit.last_stats["z_cached"] == 2
+    torch.testing.assert_close(p1.dense(p1.names[0]), p2.dense(p2.names[0]))
+    files[0].write_bytes(files[0].read_bytes()[:20])  # truncate one
+    with pytest.warns(UserWarning, match="corrupt z-vector cache"):
+        p3 = memit.edit(model, gpt2_tokenizer, REQS[:2])
+    assert memit.last_stats["z_cached"] == 1
+    torch.testing.assert_close(p1.dense(p1.names[0]), p3.dense(p3.names[0]))
+
+
+def test_stream_in_chunks_applies_and_reverts(model, gpt2_tokenizer):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    memit = make(layers=[1])
+    patches = list(memit.edit_stream(model, gpt2_tokenizer, REQS, chunk_size=2))
+    assert [len(p.requests) for p in patches] == [2, 1]
+    assert not torch.equal(model.get_parameter(patches[0].names[0]), before[patches[0].names[0]])
+    for p in reversed(patches):
+        p.revert(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_bad_input(model, gpt2_tokenizer):
+    with pytest.raises(ValueError, match="ascending"):
+        MEMITHyperParams(layers=[3, 1])
+    with pytest.raises(IndexError, match="out of range"):
+        make(layers=[1, 9]).edit(model, gpt2_tokenizer, REQS)
+    for name in ("gpt2-xl", "gpt-j-6b"):
+        hp = MEMITHyperParams.from_preset(name)
+        assert hp.clamp_norm_factor == 0.75
+    assert MEMITHyperParams.from_preset("gpt-j-6b").layers == [3, 4, 5, 6, 7, 8]
+    assert MEMITHyperParams.from_preset("gpt-j-6b").mom2_update_weight == 15000
+    assert MEMITHyperParams.from_preset("gpt2-xl").layers == [13, 14, 15, 16, 17]
