@@ -22,6 +22,7 @@ __all__ = [
     "generate",
     "make_batch",
     "pad_sequences",
+    "target_nll",
 ]
 
 Side = Literal["left", "right"]
@@ -224,3 +225,32 @@ def generate(
         cont = tokenizer.decode(new[i][cont_mask[: new.shape[1]]].tolist())
         texts.append((prompts[i] + cont) if return_prompt else cont)
     return texts
+
+
+def target_nll(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+               targets: Sequence[str], *, side: Side = "right") -> Tensor:
+    """Mean per-token NLL of each target after its prompt, teacher-forced, **differentiable**
+    (the training loss of FT, MEND and KE). Same tokenization as :func:`candidate_nll`.
+
+    Returns:
+        ``(n,)`` float32, ``-1/|o| Σ_j log P(o_j | prompt, o_<j)`` per pair.
+    """
+    if len(prompts) != len(targets) or not prompts:
+        raise ValueError(f"need equally many prompts and targets, got {len(prompts)} and "
+                         f"{len(targets)}")
+    device = model_device(model)
+    p_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    c_ids = [continuation_ids(tokenizer, c) for c in targets]
+    batch = make_batch(tokenizer, [p + c[:-1] for p, c in zip(p_ids, c_ids)], side, device)
+    n, T = len(prompts), max(len(c) for c in c_ids)
+    pos = torch.zeros((n, T), dtype=torch.long)
+    ids = torch.zeros((n, T), dtype=torch.long)
+    mask = torch.zeros((n, T))
+    for i, (p, c) in enumerate(zip(p_ids, c_ids)):
+        pos[i, : len(c)] = torch.arange(len(c)) + batch.index(i, len(p) - 1)
+        ids[i, : len(c)] = torch.as_tensor(c)
+        mask[i, : len(c)] = 1.0
+    pos, ids, mask = pos.to(device), ids.to(device), mask.to(device)
+    logp = F.log_softmax(forward_logits(model, batch).float(), dim=-1)  # (n, L, V)
+    tok_logp = logp[torch.arange(n, device=device)[:, None], pos, ids]  # (n, T)
+    return -(tok_logp * mask).sum(1) / mask.sum(1)  # (n,)

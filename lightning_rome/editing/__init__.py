@@ -11,13 +11,27 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_rome.editing.ft import FT, FTL, FTHyperParams
 from lightning_rome.editing.hparams import HyperParams, list_presets
 from lightning_rome.editing.memit import MEMIT, MEMITHyperParams, memit_edit
 from lightning_rome.editing.rome import ROME, ROMEHyperParams, rome_edit
 from lightning_rome.patches import WeightPatch
 
-__all__ = ["MEMIT", "ROME", "Editor", "HyperParams", "MEMITHyperParams", "ROMEHyperParams",
-           "get_editor", "list_presets", "memit_edit", "rome_edit"]
+__all__ = [
+    "FT",
+    "FTL",
+    "MEMIT",
+    "ROME",
+    "Editor",
+    "FTHyperParams",
+    "HyperParams",
+    "MEMITHyperParams",
+    "ROMEHyperParams",
+    "get_editor",
+    "list_presets",
+    "memit_edit",
+    "rome_edit",
+]
 
 
 @runtime_checkable
