@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.editing.ft import FT, FTL, FTHyperParams
 from lightning_rome.editing.hparams import HyperParams, list_presets
+from lightning_rome.editing.kn import KN, KNHyperParams
 from lightning_rome.editing.memit import MEMIT, MEMITHyperParams, memit_edit
 from lightning_rome.editing.rome import ROME, ROMEHyperParams, rome_edit
 from lightning_rome.patches import WeightPatch
