@@ -21,11 +21,13 @@ from lightning_rome.patches import WeightPatch
 __all__ = [
     "FT",
     "FTL",
+    "KN",
     "MEMIT",
     "ROME",
     "Editor",
     "FTHyperParams",
     "HyperParams",
+    "KNHyperParams",
     "MEMITHyperParams",
     "ROMEHyperParams",
     "get_editor",
