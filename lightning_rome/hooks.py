@@ -3,6 +3,10 @@
 Nothing else in the package registers hooks by hand. Hooks are always removed on exit, also when
 the body raises.
 
+Do not read edited activations from ``output_hidden_states``: transformers 5 captures them with
+forward hooks of its own, installed on a model's first such call, which then run *before* hooks
+added later, so they show pre-edit values. Record them with ``retain_output`` instead.
+
 Example:
     >>> with module_hooks(model, ["transformer.h.3"], retain_output=True) as rec:
     ...     model(input_ids)
@@ -79,7 +83,7 @@ def module_hooks(
 
     Args:
         model: the model whose submodules are hooked.
-        names: module names, as in ``model.named_modules()``.
+        names: module names, as in ``model.named_modules()`` (or a single name).
         retain_input: keep each module's first positional input in ``record[name].input``.
         retain_output: keep each module's (first) output in ``record[name].output``.
         edit_input: a function (or one per name) that replaces the module's first input.
@@ -94,9 +98,17 @@ def module_hooks(
 
     Raises:
         AttributeError: a name is not a submodule of ``model`` (nothing is hooked then).
+        ValueError: a mapping of edit functions names a module not in ``names`` (it would
+            silently never run).
     """
+    if isinstance(names, str):  # one name, not an iterable of its characters
+        names = [names]
     names = list(dict.fromkeys(names))
     modules = {n: model.get_submodule(n) for n in names}  # raises before any hook is added
+    for what, fn in (("edit_input", edit_input), ("edit_output", edit_output)):
+        if isinstance(fn, Mapping) and set(fn) - set(names):
+            raise ValueError(f"{what} has functions for modules that are not hooked: "
+                             f"{sorted(set(fn) - set(names))}; add them to names")
     records = {n: ModuleRecord() for n in names}
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -106,6 +118,8 @@ def module_hooks(
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if args:
                 x, rest, key = args[0], args[1:], None
+            elif not kwargs:
+                raise TypeError(f"module {name!r} was called without inputs to record or edit")
             else:  # some blocks take hidden_states as a keyword argument
                 key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
                 x, rest = kwargs[key], ()

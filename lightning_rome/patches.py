@@ -15,6 +15,7 @@ dense tensor (FT). Applying and reverting are transactional and exact:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -38,6 +39,8 @@ __all__ = ["LowRankDelta", "PatchMismatchError", "WeightPatch"]
 
 FORMAT = "lightning_rome.weight_patch"
 FORMAT_VERSION = 1
+HEADER_KEY = "lightning_rome"  # safetensors metadata entry holding the JSON header
+HEADER_CHECKSUM_KEY = "lightning_rome_sha256"  # and the one holding the header's SHA-256
 
 
 class PatchMismatchError(RuntimeError):
@@ -207,7 +210,10 @@ class WeightPatch:
                                          torch.cat([a.right.to(dt), d.right.to(dt)], 0))
             else:
                 deltas[n] = _dense(a, torch.float32) + _dense(d, torch.float32)
-        checksums = {**{n: c for n, c in other.checksums.items() if n not in self.checksums},
+        # The composition is applied to the weights ``self`` was computed against: ``other``'s
+        # checksum of a parameter ``self`` also changes is of the already-edited weight, so it
+        # is dropped even when ``self`` recorded none (it would make ``apply`` fail).
+        checksums = {**{n: c for n, c in other.checksums.items() if n not in self.deltas},
                      **self.checksums}
         method = self.method if self.method == other.method else f"{self.method}+{other.method}"
         return WeightPatch(deltas, method=method, hparams=self.hparams,
@@ -220,10 +226,13 @@ class WeightPatch:
         return any(self in s.active for s in states.values())
 
     def _check_unchanged(self, model: nn.Module, name: str, state: _ParamState) -> bool:
-        param = model.get_parameter(name)
-        if param._version == state.version:
-            return True
-        return tensor_checksum(param) == state.checksum
+        """True when the weight still holds the bits the patches last wrote.
+
+        The checksum is always compared: ``param._version`` alone misses writes through
+        ``param.data`` (``p.data.add_(...)``) and dtype casts by ``module.half()``, which keep
+        the version counter unchanged, and that would make a revert silently discard them.
+        """
+        return tensor_checksum(model.get_parameter(name)) == state.checksum
 
     def _rebuild(self, model: nn.Module, name: str, state: _ParamState) -> Tensor:
         """``cast(original + Σ active deltas)`` for one parameter, canonical orientation."""
@@ -234,22 +243,8 @@ class WeightPatch:
             acc = acc + _dense(p.deltas[name], ct).to(acc.device)
         return acc.to(orig.dtype)
 
-    @torch.no_grad()
-    def apply(self, model: nn.Module, *, force: bool = False) -> WeightPatch:
-        """Add the deltas to ``model``'s weights in place (all or nothing).
-
-        Args:
-            force: apply even if the weights' checksums differ from those recorded.
-
-        Raises:
-            PatchMismatchError: a parameter is missing, a shape differs, the weights are not those
-                the patch was computed against, or the patch is already applied. Nothing is
-                written then.
-        """
-        states = _STATE.setdefault(model, {})
-        if self.is_applied(model):
-            raise PatchMismatchError("this patch is already applied to the model")
-        # 1. Validate everything before writing anything.
+    def _validate_deltas(self, model: nn.Module) -> None:
+        """Every parameter exists, every delta has its shape and is finite (no write yet)."""
         for name, d in self.deltas.items():
             view = _canonical_view(model, name)
             if tuple(view.shape) != _shape(d):
@@ -258,13 +253,35 @@ class WeightPatch:
                     f"{tuple(view.shape)} (canonical [out, in])")
             if not bool(torch.isfinite(_dense(d, torch.float32)).all()):
                 raise PatchMismatchError(f"delta for {name!r} contains NaN or inf")
-            if (not force and name in self.checksums
-                    and tensor_checksum(model.get_parameter(name)) != self.checksums[name]):
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, *, force: bool = False) -> WeightPatch:
+        """Add the deltas to ``model``'s weights in place (all or nothing).
+
+        Args:
+            force: apply even if the weights' checksums differ from those recorded, or were
+                changed outside their patches since (the changed weights become the new
+                baseline that reverting returns to).
+
+        Raises:
+            PatchMismatchError: a parameter is missing, a shape differs, a delta is not finite,
+                the weights are not those the patch was computed against, or the patch is
+                already applied. Nothing is written then.
+        """
+        states = _STATE.setdefault(model, {})
+        if self.is_applied(model):
+            raise PatchMismatchError("this patch is already applied to the model")
+        # 1. Validate everything before writing anything.
+        self._validate_deltas(model)
+        changed: dict[str, bool] = {}
+        for name in self.deltas:
+            current = tensor_checksum(model.get_parameter(name))
+            if not force and name in self.checksums and current != self.checksums[name]:
                 raise PatchMismatchError(
                     f"weight {name!r} does not match the checksum the patch was computed "
                     f"against (model {self.model_name!r}); pass force=True to apply anyway")
-            if (not force and name in states
-                    and not self._check_unchanged(model, name, states[name])):
+            changed[name] = name in states and current != states[name].checksum
+            if changed[name] and not force:
                 raise PatchMismatchError(
                     f"weight {name!r} was changed outside its patches since they were "
                     "applied; pass force=True to apply anyway")
@@ -273,8 +290,15 @@ class WeightPatch:
         for name in self.deltas:
             param = model.get_parameter(name)
             state = states.get(name)
-            if state is None or not self._check_unchanged(model, name, state):
-                state = _ParamState(original=param.detach().clone())  # forced: new baseline
+            if state is None:
+                state = _ParamState(original=param.detach().clone())
+            elif changed[name]:
+                # Forced over an outside change: the current weights become the new baseline.
+                # The patches already active stay active (and revertible): the new original is
+                # the current weight minus their deltas. (Starting a fresh state here would drop
+                # them, and a later revert of one of them would silently keep its delta.)
+                state = _ParamState(original=_baseline(model, name, state.active),
+                                    active=state.active)
             state.active = [*state.active, self]
             new[name] = self._rebuild(model, name, state)
             states[name] = state
@@ -293,33 +317,37 @@ class WeightPatch:
 
         Raises:
             PatchMismatchError: the weights were changed since the patch was applied (by training,
-                say), unless ``force=True``, in which case the delta is subtracted.
+                say), unless ``force=True``, in which case the delta is subtracted; or the patch
+                is not applied (the weights still match the checksums it was computed against,
+                e.g. after a first revert), unless ``force=True``. Nothing is written then.
         """
         states = _STATE.get(model, {})
         if not self.is_applied(model):
-            self._revert_by_subtraction(model)
+            self._revert_by_subtraction(model, force=force)
             return
+        changed: dict[str, bool] = {}
         for name in self.deltas:
-            if not self._check_unchanged(model, name, states[name]) and not force:
+            if name not in states or self not in states[name].active:  # defensive
+                raise PatchMismatchError(f"internal error: the patch is applied but {name!r} "
+                                         "does not list it")
+            changed[name] = not self._check_unchanged(model, name, states[name])
+            if changed[name] and not force:
                 raise PatchMismatchError(
                     f"weight {name!r} changed since the patch was applied; refusing to revert "
                     "(pass force=True to subtract the delta from the current weights)")
         for name in self.deltas:
             state = states[name]
             state.active = [p for p in state.active if p is not self]
-            if not self._check_unchanged(model, name, state):
+            if changed[name]:
                 # Forced: subtract from the current weights, which become the new baseline.
                 param = model.get_parameter(name)
                 view = _canonical_view(model, name)
                 ct = _compute_dtype(param.dtype)
                 view.copy_((view.to(ct) - _dense(self.deltas[name], ct).to(view.device)
                             ).to(param.dtype))
-                base = view.to(ct)
-                for p in state.active:
-                    base = base - _dense(p.deltas[name], ct).to(base.device)
-                base = base.to(param.dtype)
-                state.original = (base.T if _is_conv_t(model, name) else base).clone()
-                state.version, state.checksum = param._version, tensor_checksum(param)
+                state.original = _baseline(model, name, state.active)
+                state.checksum = tensor_checksum(param)
+                state.version = param._version
             elif not state.active:
                 model.get_parameter(name).copy_(state.original)
             else:
@@ -327,9 +355,17 @@ class WeightPatch:
             if not state.active:
                 del states[name]
 
-    def _revert_by_subtraction(self, model: nn.Module) -> None:
-        for name in self.deltas:
-            _canonical_view(model, name)  # raises on a missing parameter before any write
+    def _revert_by_subtraction(self, model: nn.Module, *, force: bool = False) -> None:
+        # Validate everything before any write (a missing parameter, a shape, NaN).
+        self._validate_deltas(model)
+        current = {n: tensor_checksum(model.get_parameter(n)) for n in self.deltas}
+        if not force and self.checksums and all(
+                current.get(n) == c for n, c in self.checksums.items()):
+            # The weights are exactly those the patch was computed against: it is not applied
+            # (reverting twice, say), and subtracting would corrupt them.
+            raise PatchMismatchError(
+                "this patch is not applied to the model (its weights still match the checksums "
+                "the patch was computed against); pass force=True to subtract its deltas anyway")
         for name in self.deltas:
             param = model.get_parameter(name)
             view = _canonical_view(model, name)
@@ -367,17 +403,30 @@ class WeightPatch:
                 out[f"{n}::right"] = d.right.detach().contiguous().cpu()
             else:
                 out[f"{n}::dense"] = d.detach().contiguous().cpu()
+        # safetensors refuses tensors that share memory (one delta object used for two
+        # parameters, say): give every repeated storage its own copy.
+        seen: set[int] = set()
+        for k, t in out.items():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                out[k] = t.clone()
+            seen.add(ptr)
         return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the patch as safetensors with a JSON header, atomically."""
+        """Write the patch as safetensors with a JSON header, atomically.
+
+        The header carries the SHA-256 of every tensor, and the header text its own SHA-256 (in
+        a second metadata entry), so that :meth:`load` detects a change to any byte.
+        """
         tensors = self._tensors()
         header = self.header()
         header["tensor_checksums"] = {k: tensor_checksum(t) for k, t in tensors.items()}
+        text = json.dumps(header, default=_json_default, sort_keys=True)
         path = Path(path)
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"lightning_rome": json.dumps(
-                header, default=_json_default)})
+            save_file(tensors, str(tmp), metadata={HEADER_KEY: text,
+                                                   HEADER_CHECKSUM_KEY: _sha256(text)})
         return path
 
     @classmethod
@@ -387,7 +436,7 @@ class WeightPatch:
 
         Raises:
             CorruptFileError: the file is truncated, not a patch, of an unknown format version,
-                or its tensors do not match the header.
+                its header fails its checksum, or its tensors do not match the header.
         """
         path = Path(path)
         if not path.is_file():
@@ -399,8 +448,10 @@ class WeightPatch:
         except Exception as e:
             raise CorruptFileError(f"{path} is not a readable safetensors patch file: {e}") from e
         try:
-            header = json.loads(meta["lightning_rome"])
-        except (KeyError, json.JSONDecodeError) as e:
+            header = json.loads(meta[HEADER_KEY])
+            if not isinstance(header, dict):
+                raise TypeError(type(header).__name__)
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise CorruptFileError(f"{path} has no valid lightning_rome header") from e
         if header.get("format") != FORMAT:
             raise CorruptFileError(f"{path} is not a lightning_rome weight patch")
@@ -408,13 +459,27 @@ class WeightPatch:
             raise CorruptFileError(f"{path} has patch format version "
                                    f"{header.get('format_version')!r}; this version reads "
                                    f"{FORMAT_VERSION}")
+        # Without this, a flipped byte inside a string or number of the header (the method, a
+        # hyperparameter, a request) would load silently as a different patch.
+        if meta.get(HEADER_CHECKSUM_KEY) != _sha256(meta[HEADER_KEY]):
+            raise CorruptFileError(f"{path}: the patch header fails its checksum")
+        try:
+            return cls._from_header(header, tensors)
+        except CorruptFileError as e:
+            raise CorruptFileError(f"{path}: {e}") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a malformed header
+            raise CorruptFileError(f"{path}: malformed patch header ({type(e).__name__}: {e})"
+                                   ) from e
+
+    @classmethod
+    def _from_header(cls, header: dict[str, Any], tensors: dict[str, Tensor]) -> WeightPatch:
         expected = header.get("tensor_checksums", {})
         if set(expected) != set(tensors):
-            raise CorruptFileError(f"{path}: tensors {sorted(tensors)} do not match the header's "
+            raise CorruptFileError(f"tensors {sorted(tensors)} do not match the header's "
                                    f"{sorted(expected)}")
         for k, t in tensors.items():
             if tensor_checksum(t) != expected[k]:
-                raise CorruptFileError(f"{path}: tensor {k!r} fails its checksum")
+                raise CorruptFileError(f"tensor {k!r} fails its checksum")
         deltas: dict[str, Delta] = {}
         for n, entry in header["entries"].items():
             if entry["kind"] == "low_rank":
@@ -422,9 +487,9 @@ class WeightPatch:
             elif entry["kind"] == "dense":
                 d = tensors[f"{n}::dense"]
             else:
-                raise CorruptFileError(f"{path}: unknown delta kind {entry['kind']!r}")
+                raise CorruptFileError(f"unknown delta kind {entry['kind']!r}")
             if list(_shape(d)) != list(entry["shape"]):
-                raise CorruptFileError(f"{path}: delta {n!r} has shape {_shape(d)}, header says "
+                raise CorruptFileError(f"delta {n!r} has shape {_shape(d)}, header says "
                                        f"{entry['shape']}")
             deltas[n] = d
         return cls(deltas, method=header.get("method", ""), hparams=header.get("hparams"),
@@ -448,11 +513,27 @@ def _is_conv_t(model: nn.Module, name: str) -> bool:
         return False
 
 
+def _baseline(model: nn.Module, name: str, active: list[WeightPatch]) -> Tensor:
+    """The current weight minus the deltas of ``active``, in the parameter's own orientation
+    and dtype: the original a forced operation starts from."""
+    param = model.get_parameter(name)
+    ct = _compute_dtype(param.dtype)
+    base = _canonical_view(model, name).to(ct)  # (out, in)
+    for p in active:
+        base = base - _dense(p.deltas[name], ct).to(base.device)
+    base = base.to(param.dtype)
+    return (base.T if _is_conv_t(model, name) else base).clone()
+
+
 def _write(model: nn.Module, name: str, canonical: Tensor, state: _ParamState) -> None:
     param = model.get_parameter(name)
     _canonical_view(model, name).copy_(canonical)
     state.version = param._version
     state.checksum = tensor_checksum(param)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _json_default(o: Any) -> Any:

@@ -86,11 +86,17 @@ def subject_span(tokenizer: PreTrainedTokenizerBase, template: str, subject: str
         if not hits:
             raise SubjectNotFoundError(f"subject {subject!r} covers no token of {text!r}")
         return hits[0], hits[-1] + 1
-    # Slow tokenizers: the reference code's prefix method.
+    # Slow tokenizers: the reference code's prefix method. The prefix's trailing space belongs
+    # to the subject's first token (GPT-2's "Ġ", SentencePiece's "▁"): encoded alone it would
+    # be a token of its own and shift the start by one, so it is stripped before counting.
     n_special = len(encode_prompt(tokenizer, "")) if tokenizer.bos_token else 0
     prefix = template[: template.index("{}")]
-    start = len(encode_prompt(tokenizer, prefix)) if prefix else n_special
+    start = len(encode_prompt(tokenizer, prefix.rstrip())) if prefix.rstrip() else n_special
     end = len(encode_prompt(tokenizer, prefix + subject))
+    # Like the offsets rule: a whitespace-only token (a double space) is not a subject token.
+    ids = encode_prompt(tokenizer, text)
+    while start < end and not tokenizer.decode(ids[start:start + 1]).strip():
+        start += 1
     if end <= start:
         raise SubjectNotFoundError(f"subject {subject!r} covers no token of {text!r}")
     return start, end

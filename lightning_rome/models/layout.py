@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -79,10 +80,12 @@ class ModelLayout:
     def check_layer(self, model: nn.Module, layer: int) -> int:
         """Return ``layer`` if it is a valid block index, else raise ``IndexError``."""
         n = self.n_layers(model)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        # numpy and other integer types count as ints (they would otherwise be reported as out
+        # of range); bools and floats do not.
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < n:
             raise IndexError(f"layer {layer!r} is out of range: this {self.family} model has "
                              f"{n} layers (0..{n - 1})")
-        return layer
+        return int(layer)
 
     def module(self, model: nn.Module, part: str, layer: int | None = None) -> nn.Module:
         """The module for ``part`` at ``layer``, checking the layer index."""
@@ -196,5 +199,11 @@ def get_layout(model: nn.Module, override: ModelLayout | dict[str, Any] | str | 
         )
     layout = LAYOUTS[family]
     if isinstance(override, dict):
+        # Name a misspelt field instead of dataclasses.replace's bare TypeError.
+        known = [f.name for f in fields(ModelLayout)]
+        unknown = sorted(set(override) - set(known))
+        if unknown:
+            raise ValueError(f"unknown layout field(s) {unknown} in the override; expected some "
+                             f"of {known}")
         layout = replace(layout, **override)
     return layout

@@ -1,0 +1,489 @@
+"""WeightPatch: apply/revert are exact and transactional, compose adds deltas, save/load round-trips
+and detects corruption."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_rome.models import canonical_weight, get_layout
+from lightning_rome.patches import LowRankDelta, PatchMismatchError, WeightPatch
+from lightning_rome.requests import EditRequest
+from lightning_rome.utils.io import CorruptFileError, tensor_checksum
+
+
+class Toy(nn.Module):
+    """A GPT-2-style Conv1D ([in, out] storage) and two nn.Linear ([out, in])."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = Conv1D(nf=6, nx=5)  # canonical (6, 5)
+        nn.init.normal_(self.conv.weight, std=0.5)
+        self.lin = nn.Linear(5, 7)  # (7, 5)
+        self.lin2 = nn.Linear(7, 7)  # (7, 7)
+        self.to(dtype)
+
+
+SHAPES = {"conv.weight": (6, 5), "lin.weight": (7, 5), "lin2.weight": (7, 7), "lin.bias": (7,)}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def canonical(model: nn.Module, name: str) -> torch.Tensor:
+    """Independent of the package: Conv1D weights transposed by hand."""
+    p = model.get_parameter(name)
+    return p.T if name == "conv.weight" else p
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def bit_identical(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(p, snap[n]) and p.dtype == snap[n].dtype
+               for n, p in model.named_parameters())
+
+
+def random_delta(rng: random.Random, shape: tuple[int, ...], gen: torch.Generator):
+    scale = 10 ** rng.uniform(-3, 0)
+    if len(shape) == 1 or rng.random() < 0.4:
+        dtype = rng.choice([torch.float32, torch.float64, torch.bfloat16])
+        return (scale * torch.randn(shape, generator=gen)).to(dtype)
+    r = rng.randint(1, 3)
+    dtype = rng.choice([torch.float32, torch.float64])
+    return LowRankDelta((scale * torch.randn(shape[0], r, generator=gen)).to(dtype),
+                        torch.randn(r, shape[1], generator=gen).to(dtype))
+
+
+def random_patch(rng: random.Random, gen: torch.Generator, names=None) -> WeightPatch:
+    names = names or rng.sample(sorted(SHAPES), rng.randint(1, len(SHAPES)))
+    return WeightPatch({n: random_delta(rng, SHAPES[n], gen) for n in names}, method="random")
+
+
+def dense(d) -> torch.Tensor:
+    """Independent densification (float64)."""
+    if isinstance(d, LowRankDelta):
+        return d.left.double() @ d.right.double()
+    return d.double()
+
+
+# ------------------------------------------------------------------------------ LowRankDelta
+def test_low_rank_delta():
+    gen = torch.Generator().manual_seed(0)
+    left, right = torch.randn(6, 2, generator=gen), torch.randn(2, 5, generator=gen)
+    d = LowRankDelta(left, right)
+    assert d.shape == (6, 5) and d.rank == 2
+    torch.testing.assert_close(d.dense(torch.float64), left.double() @ right.double())
+    assert d.norm() == pytest.approx(float(torch.linalg.norm(left.double() @ right.double())),
+                                     rel=1e-12)
+    with pytest.raises(ValueError, match=r"\(out, r\) and \(r, in\)"):
+        LowRankDelta(torch.randn(6, 2), torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"\(out, r\) and \(r, in\)"):
+        LowRankDelta(torch.randn(6), torch.randn(1, 5))
+    with pytest.raises(TypeError, match="must be a Tensor or LowRankDelta"):
+        WeightPatch({"a.weight": [[1.0]]})  # type: ignore[dict-item]
+    patch = WeightPatch({"a": d, "b": torch.ones(3, 4)})
+    assert patch.norms() == pytest.approx({"a": d.norm(), "b": 12 ** 0.5})
+    assert patch.names == ["a", "b"]
+    assert "rank 2" in repr(patch) and "dense" in repr(patch)
+
+
+# ------------------------------------------------------------------------------ apply / revert
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_adds_canonical_delta(dtype):
+    model = Toy(dtype)
+    before = snapshot(model)
+    gen = torch.Generator().manual_seed(1)
+    patch = WeightPatch.from_model(model, {
+        "conv.weight": LowRankDelta(torch.randn(6, 1, generator=gen), torch.randn(1, 5,
+                                                                                  generator=gen)),
+        "lin.weight": torch.randn(7, 5, generator=gen)})
+    patch.apply(model)
+    assert patch.is_applied(model)
+    for name in ("conv.weight", "lin.weight"):
+        w0 = before[name].T if name == "conv.weight" else before[name]
+        expected = (w0.float() + dense(patch.deltas[name]).float()).to(dtype)  # cast(W + Δ)
+        assert torch.equal(canonical(model, name), expected)
+    assert torch.equal(model.lin2.weight, before["lin2.weight"])
+    if dtype == torch.float32:  # the module output moves by x Δᵀ
+        x = torch.randn(3, 5, generator=gen)
+        base = x @ before["conv.weight"] + before["conv.bias"]
+        torch.testing.assert_close(model.conv(x) - base,
+                                   x @ dense(patch.deltas["conv.weight"]).float().T)
+    patch.revert(model)
+    assert not patch.is_applied(model)
+    assert bit_identical(model, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_apply_revert_sequences_are_bit_exact(dtype):
+    """Random interleavings of apply and revert of several patches (sharing parameters) on
+    Conv1D and Linear weights. At every step each weight is cast(W + Σ active Δ); when no patch
+    is active on a parameter it is bit-identical to the original."""
+    rng = random.Random(f"seq-{dtype}")
+    gen = torch.Generator().manual_seed(0)
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    n_sequences = 70 if dtype == torch.float32 else 65
+    for seq in range(n_sequences):
+        model = Toy(dtype, seed=seq)
+        original = snapshot(model)
+        patches = [random_patch(rng, gen) for _ in range(rng.randint(1, 4))]
+        active: list[WeightPatch] = []
+        for _ in range(rng.randint(2, 10)):
+            idle = [p for p in patches if p not in active]
+            if idle and (not active or rng.random() < 0.55):
+                p = rng.choice(idle)
+                p.apply(model)
+                active.append(p)
+            else:
+                p = rng.choice(active)
+                p.revert(model)
+                active.remove(p)
+            for name in SHAPES:
+                on = [q for q in active if name in q.deltas]
+                w0 = original[name].T if name == "conv.weight" else original[name]
+                if not on:
+                    assert torch.equal(canonical(model, name), w0), (seq, name)
+                    continue
+                expected = w0.double() + sum(dense(q.deltas[name]) for q in on)
+                torch.testing.assert_close(canonical(model, name).double(), expected,
+                                           rtol=tol, atol=tol)
+        for p in rng.sample(active, len(active)):  # the rest, in random order
+            p.revert(model)
+        assert bit_identical(model, original), seq
+
+
+def test_apply_twice_and_revert_twice_raise():
+    model = Toy()
+    before = snapshot(model)
+    patch = WeightPatch.from_model(model, {"lin.weight": torch.ones(7, 5)})
+    patch.apply(model)
+    applied = snapshot(model)
+    with pytest.raises(PatchMismatchError, match="already applied"):
+        patch.apply(model)
+    with pytest.raises(PatchMismatchError, match="already applied"):
+        patch.apply(model, force=True)
+    assert bit_identical(model, applied)
+    patch.revert(model)
+    assert bit_identical(model, before)
+    with pytest.raises(PatchMismatchError, match="not applied"):
+        patch.revert(model)
+    assert bit_identical(model, before)
+
+
+def test_checksum_mismatch_leaves_weights_untouched():
+    source, target = Toy(seed=0), Toy(seed=1)
+    patch = WeightPatch.from_model(source, {"conv.weight": torch.ones(6, 5),
+                                            "lin.weight": torch.ones(7, 5)})
+    assert patch.checksums == {n: tensor_checksum(source.get_parameter(n))
+                               for n in ("conv.weight", "lin.weight")}
+    before = snapshot(target)
+    with pytest.raises(PatchMismatchError, match=r"'conv\.weight' does not match the checksum"):
+        patch.apply(target)
+    assert bit_identical(target, before) and not patch.is_applied(target)
+    patch.apply(target, force=True)
+    assert torch.equal(target.lin.weight, before["lin.weight"] + 1)
+    patch.revert(target)
+    assert bit_identical(target, before)
+
+
+@pytest.mark.parametrize("bad", ["shape", "missing", "nan", "inf", "nan_low_rank"])
+def test_bad_second_delta_writes_nothing(bad):
+    model = Toy()
+    before = snapshot(model)
+    second = {
+        "shape": ("lin.weight", torch.ones(5, 7)),  # the stored, not canonical, orientation
+        "missing": ("lin3.weight", torch.ones(7, 5)),
+        "nan": ("lin.weight", torch.full((7, 5), float("nan"))),
+        "inf": ("lin.weight", torch.full((7, 5), float("inf"))),
+        "nan_low_rank": ("lin.weight", LowRankDelta(torch.ones(7, 1),
+                                                    torch.full((1, 5), float("nan")))),
+    }[bad]
+    patch = WeightPatch({"conv.weight": torch.ones(6, 5), second[0]: second[1]})
+    message = {"shape": r"shape \(5, 7\), the model's weight is \(7, 5\)",
+               "missing": "no parameter 'lin3.weight'", "nan": "NaN or inf",
+               "inf": "NaN or inf", "nan_low_rank": "NaN or inf"}[bad]
+    with pytest.raises(PatchMismatchError, match=message):
+        patch.apply(model)
+    assert bit_identical(model, before)
+    assert not patch.is_applied(model)
+    with pytest.raises(PatchMismatchError, match=message):
+        patch.apply(model, force=True)
+    assert bit_identical(model, before)
+    # A good patch still applies and reverts exactly afterwards.
+    good = WeightPatch({"conv.weight": torch.ones(6, 5)})
+    good.apply(model)
+    good.revert(model)
+    assert bit_identical(model, before)
+
+
+@pytest.mark.parametrize("how", ["optimizer", "data"])
+def test_revert_after_outside_change_raises_unless_forced(how):
+    model = Toy()
+    before = snapshot(model)
+    delta = 0.1 * torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    patch = WeightPatch.from_model(model, {"lin.weight": delta})
+    patch.apply(model)
+    if how == "optimizer":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.lin(torch.ones(2, 5)).sum().backward()
+        opt.step()
+    else:  # writes through .data do not bump the version counter; the checksum catches them
+        model.lin.weight.data.add_(0.5)
+    changed = snapshot(model)
+    assert not torch.equal(changed["lin.weight"], before["lin.weight"] + delta)
+    with pytest.raises(PatchMismatchError, match="changed since the patch was applied"):
+        patch.revert(model)
+    assert bit_identical(model, changed)
+    assert patch.is_applied(model)
+    patch.revert(model, force=True)  # subtracts the delta from the current weights
+    torch.testing.assert_close(model.lin.weight, changed["lin.weight"] - delta, rtol=0,
+                               atol=1e-6)
+    assert not patch.is_applied(model)
+    # A new patch starts from the changed weights.
+    again = WeightPatch.from_model(model, {"lin.weight": delta})
+    state = snapshot(model)
+    again.apply(model)
+    again.revert(model)
+    assert bit_identical(model, state)
+
+
+def test_forced_apply_over_outside_change_keeps_other_patches_revertible():
+    """A on lin and conv; lin is changed by something else; B is forced onto lin. Reverting A
+    must remove A's delta from lin too (it used to stay, silently)."""
+    model = Toy()
+    before = snapshot(model)
+    gen = torch.Generator().manual_seed(0)
+    a = WeightPatch({"lin.weight": torch.randn(7, 5, generator=gen),
+                     "conv.weight": torch.randn(6, 5, generator=gen)})
+    b = WeightPatch({"lin.weight": torch.randn(7, 5, generator=gen)})
+    e = torch.randn(7, 5, generator=gen)
+    a.apply(model)
+    with torch.no_grad():
+        model.lin.weight.add_(e)  # an outside change
+    with pytest.raises(PatchMismatchError, match="changed outside its patches"):
+        b.apply(model)
+    b.apply(model, force=True)
+    a.revert(model)
+    assert torch.equal(model.conv.weight, before["conv.weight"])
+    torch.testing.assert_close(model.lin.weight, before["lin.weight"] + e + b.deltas["lin.weight"])
+    b.revert(model)
+    torch.testing.assert_close(model.lin.weight, before["lin.weight"] + e)
+
+
+def test_revert_by_subtraction_of_a_loaded_patch(tmp_path):
+    """A patch saved in one process and loaded in another reverts an edited model by
+    subtracting its deltas."""
+    model = Toy()
+    before = snapshot(model)
+    patch = WeightPatch.from_model(model, {"lin.weight": torch.full((7, 5), 0.25)})
+    patch.apply(model)
+    patch.save(tmp_path / "p.safetensors")
+    other = Toy(seed=5)
+    other.load_state_dict(model.state_dict())  # the edited weights, elsewhere
+    loaded = WeightPatch.load(tmp_path / "p.safetensors")
+    assert not loaded.is_applied(other)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        loaded.revert(other)
+    torch.testing.assert_close(other.lin.weight, before["lin.weight"], rtol=0, atol=1e-6)
+    with pytest.raises(PatchMismatchError, match="not applied"):
+        WeightPatch.load(tmp_path / "p.safetensors").revert(Toy())  # an unedited model
+    bad = WeightPatch({"lin.weight": torch.ones(5, 7)})
+    state = snapshot(other)
+    with pytest.raises(PatchMismatchError, match="shape"):
+        bad.revert(other)
+    assert bit_identical(other, state)
+
+
+def test_apply_on_a_real_gpt2_conv1d_moves_the_mlp_output(tiny_model):
+    layout = get_layout(tiny_model)
+    name = layout.name("mlp_out", 1)
+    module = tiny_model.get_submodule(name)
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.randn(32, 1, generator=gen), torch.randn(1, 128, generator=gen)
+    patch = WeightPatch.from_model(tiny_model, {f"{name}.weight": LowRankDelta(u, v)},
+                                   method="rome")
+    k = torch.randn(4, 128, generator=gen)
+    with torch.no_grad():
+        y0 = module(k)
+        patch.apply(tiny_model)
+        y1 = module(k)
+        patch.revert(tiny_model)
+        y2 = module(k)
+    torch.testing.assert_close(y1 - y0, k @ (u @ v).T, rtol=1e-5, atol=1e-5)  # Δ k = u (v·k)
+    assert torch.equal(y2, y0)
+    assert tuple(canonical_weight(module).shape) == (32, 128)
+
+
+# ------------------------------------------------------------------------------ compose
+def test_compose_sums_deltas():
+    gen = torch.Generator().manual_seed(0)
+    a = WeightPatch({"lin.weight": LowRankDelta(torch.randn(7, 1, generator=gen),
+                                                torch.randn(1, 5, generator=gen)),
+                     "conv.weight": torch.randn(6, 5, generator=gen)}, method="rome",
+                    requests=[EditRequest("{} is in", "Paris", "Rome")],
+                    checksums={"lin.weight": "a" * 64})
+    b = WeightPatch({"lin.weight": LowRankDelta(torch.randn(7, 2, generator=gen),
+                                                torch.randn(2, 5, generator=gen)),
+                     "lin2.weight": torch.randn(7, 7, generator=gen)}, method="rome",
+                    requests=[EditRequest("{} is in", "Rome", "Paris")],
+                    checksums={"lin.weight": "b" * 64, "lin2.weight": "c" * 64})
+    c = a.compose(b)
+    assert set(c.names) == {"lin.weight", "conv.weight", "lin2.weight"}
+    assert isinstance(c.deltas["lin.weight"], LowRankDelta) and c.deltas["lin.weight"].rank == 3
+    torch.testing.assert_close(dense(c.deltas["lin.weight"]),
+                               dense(a.deltas["lin.weight"]) + dense(b.deltas["lin.weight"]))
+    assert torch.equal(c.deltas["conv.weight"], a.deltas["conv.weight"])
+    assert c.method == "rome" and len(c.requests) == 2
+    assert c.checksums == {"lin.weight": "a" * 64, "lin2.weight": "c" * 64}
+    # other's checksum of a parameter self changes is of edited weights: never kept.
+    no_sums = WeightPatch(a.deltas).compose(b)
+    assert no_sums.checksums == {"lin2.weight": "c" * 64}
+    # Mixed low-rank + dense becomes dense.
+    mixed = a.compose(WeightPatch({"lin.weight": torch.ones(7, 5)}, method="ft"))
+    assert mixed.method == "rome+ft"
+    torch.testing.assert_close(dense(mixed.deltas["lin.weight"]),
+                               dense(a.deltas["lin.weight"]) + 1)
+    # Applying the composition is applying both.
+    m1, m2 = Toy(), Toy()
+    a_ = WeightPatch(a.deltas)
+    b_ = WeightPatch(b.deltas)
+    a_.apply(m1)
+    b_.apply(m1)
+    WeightPatch(c.deltas).apply(m2)
+    for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match=r"cannot compose deltas of 'lin\.weight'"):
+        a.compose(WeightPatch({"lin.weight": torch.ones(5, 7)}))
+
+
+# ------------------------------------------------------------------------------ save / load
+def _full_patch(dtype=torch.float32) -> WeightPatch:
+    gen = torch.Generator().manual_seed(0)
+    model = Toy()
+    return WeightPatch.from_model(model, {
+        "lin.weight": LowRankDelta(torch.randn(7, 1, generator=gen).to(dtype),
+                                   torch.randn(1, 5, generator=gen).to(dtype)),
+        "conv.weight": torch.randn(6, 5, generator=gen).to(dtype),
+    }, method="rome", hparams={"layers": [5], "v_lr": 0.5, "fact_token": "subject_last"},
+        requests=[EditRequest("{} is in", "Paris", "Rome", "France", case_id=3)],
+        model_name="toy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip(tmp_path, dtype):
+    patch = _full_patch(dtype)
+    path = patch.save(tmp_path / "edit.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["edit.safetensors"]  # no temp file left
+    loaded = WeightPatch.load(path)
+    assert loaded.method == "rome" and loaded.model_name == "toy"
+    assert loaded.hparams == patch.hparams
+    assert loaded.requests == patch.requests
+    assert loaded.checksums == patch.checksums
+    assert set(loaded.names) == set(patch.names)
+    for n in patch.names:
+        a, b = patch.deltas[n], loaded.deltas[n]
+        assert type(a) is type(b)
+        if isinstance(a, LowRankDelta):
+            assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
+            assert b.left.dtype == dtype
+        else:
+            assert torch.equal(a, b) and b.dtype == dtype
+    header = loaded.header()
+    assert header["format_version"] == 1 and header["format"] == "lightning_rome.weight_patch"
+    # The file is plain safetensors with a JSON header.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["lightning_rome"])
+        assert meta["method"] == "rome" and meta["model_name"] == "toy"
+        assert meta["requests"][0]["subject"] == "Paris"
+        assert set(meta["checksums"]) == {"lin.weight", "conv.weight"}
+    # The loaded patch applies exactly like the original.
+    m1, m2 = Toy(), Toy()
+    patch.apply(m1)
+    loaded.apply(m2)
+    assert bit_identical(m2, snapshot(m1))
+
+
+def test_truncated_file_is_corrupt(tmp_path):
+    path = _full_patch().save(tmp_path / "edit.safetensors")
+    raw = path.read_bytes()
+    for cut in (0, 4, 8, 50, len(raw) // 2, len(raw) - 1):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(CorruptFileError):
+            WeightPatch.load(path)
+
+
+def test_every_flipped_byte_is_detected(tmp_path):
+    """Flipping any single byte (or bit) of a patch file raises CorruptFileError, including
+    bytes inside the header's strings and numbers (method, hyperparameters, requests)."""
+    path = tmp_path / "edit.safetensors"
+    raw = _full_patch().save(path).read_bytes()
+    assert len(raw) > 1000
+    for i in range(len(raw)):
+        corrupt = bytearray(raw)
+        corrupt[i] ^= 0x01 if i % 2 else 0xFF  # a low bit, or the whole byte
+        path.write_bytes(bytes(corrupt))
+        with pytest.raises(CorruptFileError):
+            WeightPatch.load(path)
+
+
+def test_wrong_format_version_and_foreign_files(tmp_path, monkeypatch):
+    import lightning_rome.patches as patches_module
+
+    monkeypatch.setattr(patches_module, "FORMAT_VERSION", 2)
+    path = _full_patch().save(tmp_path / "v2.safetensors")
+    monkeypatch.setattr(patches_module, "FORMAT_VERSION", 1)
+    with pytest.raises(CorruptFileError, match="format version 2; this version reads 1"):
+        WeightPatch.load(path)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CorruptFileError, match="no valid lightning_rome header"):
+        WeightPatch.load(tmp_path / "plain.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CorruptFileError):
+        WeightPatch.load(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError):
+        WeightPatch.load(tmp_path / "missing.safetensors")
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = _full_patch().save(tmp_path / "edit.safetensors")
+    good = path.read_bytes()
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lightning_rome.patches.save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        _full_patch().save(path)
+    assert path.read_bytes() == good  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["edit.safetensors"]
+
+
+def test_save_with_shared_delta_tensors(tmp_path):
+    shared = torch.ones(7, 5)
+    patch = WeightPatch({"lin.weight": shared, "lin2.weight": torch.ones(7, 7),
+                         "conv.weight": LowRankDelta(torch.ones(6, 1), shared[:1])})
+    loaded = WeightPatch.load(patch.save(tmp_path / "p.safetensors"))
+    for n in patch.names:
+        assert torch.equal(loaded.dense(n), patch.dense(n))
+
+
+def test_to_and_copy_keep_provenance():
+    patch = _full_patch()
+    moved = patch.to(torch.float64)
+    assert moved.deltas["conv.weight"].dtype == torch.float64
+    assert moved.checksums == patch.checksums and moved.requests == patch.requests
+    clone = copy.deepcopy(patch)
+    assert clone.hparams == patch.hparams

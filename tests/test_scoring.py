@@ -1,0 +1,262 @@
+"""Batched teacher-forced scoring and generation, against unbatched runs and an independent
+no-cache computation, with a tiny GPT-2 (real GPT-2 tokenizer) and a tiny Llama (a
+SentencePiece-style tokenizer with BOS)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_factories import sentencepiece_tokenizer, tiny_model
+
+from lightning_rome.hooks import module_hooks
+from lightning_rome.models import get_layout
+from lightning_rome.scoring import (
+    candidate_nll,
+    candidate_probs,
+    forward_logits,
+    generate,
+    make_batch,
+    pad_sequences,
+)
+from lightning_rome.tokens import continuation_ids, encode_prompt
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def lm(request, gpt2_tokenizer):
+    """(model, tokenizer): a wider init than the default gives peaked, non-uniform logits."""
+    if request.param == "gpt2":
+        tok = gpt2_tokenizer
+    else:
+        tok = sentencepiece_tokenizer("llama")
+    model = tiny_model(request.param, vocab_size=len(tok), initializer_range=0.2,
+                       max_position_embeddings=128, **(
+                           {"n_positions": 128} if request.param == "gpt2" else {}))
+    return model, tok
+
+
+PROMPTS = [
+    "The mother tongue of Danielle Darrieux is",
+    "Paris is the capital of",
+    "Rome",
+    "Who? Paris's Eiffel Tower (in Paris) is located in the city of",
+    "The Eiffel Tower is in",
+]
+CANDIDATES = ["French", "the United States", "Italy", "Danielle Darrieux", "Paris"]
+
+
+def reference_nll(model, tok, prompt: str, candidate: str) -> torch.Tensor:
+    """Independent: tokenize prompt + " " + candidate as one text, run it without padding,
+    and gather -log softmax at the candidate's tokens by hand."""
+    full = encode_prompt(tok, prompt + " " + candidate)
+    n_p = len(encode_prompt(tok, prompt))
+    with torch.no_grad():
+        logits = model(torch.tensor([full])).logits[0].double()  # (T, V)
+    logp = logits.log_softmax(-1)
+    return torch.stack([-logp[n_p - 1 + j, full[n_p + j]] for j in range(len(full) - n_p)])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_candidate_nll_matches_independent_and_unbatched(lm, side):
+    model, tok = lm
+    prompts = [*PROMPTS, PROMPTS[2]]  # prompts and candidates of different lengths
+    candidates = [*CANDIDATES, CANDIDATES[3]]
+    nll = candidate_nll(model, tok, prompts, candidates, side=side)
+    assert len(nll) == len(prompts)
+    lengths = {len(n) for n in nll}
+    assert max(lengths) >= 2 and len(lengths) > 1  # multi-token candidates of several lengths
+    for i, (p, c) in enumerate(zip(prompts, candidates)):
+        assert nll[i].dtype == torch.float32
+        assert nll[i].shape == (len(continuation_ids(tok, c)),)
+        ref = reference_nll(model, tok, p, c)
+        torch.testing.assert_close(nll[i].double(), ref, rtol=1e-5, atol=1e-5)
+        alone = candidate_nll(model, tok, [p], [c])[0]
+        torch.testing.assert_close(nll[i], alone, rtol=1e-5, atol=1e-5)
+        assert bool((nll[i] > 0).all())
+    # Chunks of four give the same numbers as one batch; the papers' probability.
+    probs = candidate_probs(model, tok, prompts, candidates, side=side, batch_size=4)
+    torch.testing.assert_close(probs, torch.stack([torch.exp(-n.mean()) for n in nll]),
+                               rtol=1e-5, atol=1e-7)
+    assert bool(((probs > 0) & (probs < 1)).all())
+
+
+def test_candidate_nll_edge_cases(lm):
+    model, tok = lm
+    assert candidate_nll(model, tok, [], []) == []
+    assert candidate_probs(model, tok, [], []).shape == (0,)
+    with pytest.raises(ValueError, match="2 prompts but 1 candidates"):
+        candidate_nll(model, tok, ["a", "b"], ["c"])
+    with pytest.raises(ValueError, match="empty or whitespace"):
+        candidate_nll(model, tok, ["Paris is"], [" "])
+
+
+def test_pad_sequences_layout():
+    seqs = [[5, 6, 7], [8], [1, 2]]
+    right = pad_sequences(seqs, pad_id=0, side="right")
+    assert right.input_ids.tolist() == [[5, 6, 7], [8, 0, 0], [1, 2, 0]]
+    assert right.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert right.position_ids[:, :1].tolist() == [[0], [0], [0]]
+    assert right.offsets.tolist() == [0, 0, 0] and right.lengths.tolist() == [3, 1, 2]
+    left = pad_sequences(seqs, pad_id=9, side="left")
+    assert left.input_ids.tolist() == [[5, 6, 7], [9, 9, 8], [9, 1, 2]]
+    assert left.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert left.offsets.tolist() == [0, 2, 1]
+    # Real tokens count from 0 whatever the padding.
+    for b, s in zip((left, right), ("left", "right")):
+        for i, seq in enumerate(seqs):
+            real = b.attention_mask[i].bool()
+            assert b.position_ids[i][real].tolist() == list(range(len(seq))), s
+            assert b.input_ids[i][real].tolist() == seq
+            assert b.input_ids[i, b.index(i, len(seq) - 1)] == seq[-1]
+    with pytest.raises(ValueError, match="'middle'"):
+        pad_sequences(seqs, 0, side="middle")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty"):
+        pad_sequences([[1], []], 0)
+    with pytest.raises(ValueError, match="empty"):
+        pad_sequences([], 0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_forward_logits_padded_equals_per_row(lm, side):
+    model, tok = lm
+    seqs = [encode_prompt(tok, p) for p in PROMPTS]
+    batch = make_batch(tok, seqs, side=side)
+    with torch.no_grad():
+        logits = forward_logits(model, batch)  # (B, T, V)
+        for i, s in enumerate(seqs):
+            alone = model(torch.tensor([s])).logits[0]  # (n, V)
+            rows = batch.attention_mask[i].bool()
+            torch.testing.assert_close(logits[i, rows], alone, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- generation
+def independent_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Argmax decoding with no cache and no padding: the whole sequence each step."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            out.append(nxt)
+    return out
+
+
+def generated_ids(model, tok, prompts, n, **kwargs) -> tuple[torch.Tensor, list[str]]:
+    """Run ``generate`` for n + 1 tokens and read the first n generated ids off the embedding's
+    inputs (every new token is fed back in; generation is prefix-consistent)."""
+    fed: list[torch.Tensor] = []
+
+    def record(x, name):
+        fed.append(x.clone())
+        return x
+
+    embed = get_layout(model).name("embed")
+    with module_hooks(model, [embed], edit_input=record):
+        texts = generate(model, tok, prompts, max_new_tokens=n + 1, return_prompt=False,
+                         **kwargs)
+    assert len(fed) == n + 1 and fed[0].shape[0] == len(prompts)
+    return torch.cat(fed[1:], dim=1), texts  # (B, n)
+
+
+def test_greedy_equals_independent_no_cache_loop(lm):
+    model, tok = lm
+    n, prompts = 4, PROMPTS[:4]
+    ids, texts = generated_ids(model, tok, prompts, n)
+    for i, p in enumerate(prompts):
+        expected = independent_greedy(model, encode_prompt(tok, p), n + 1)
+        assert ids[i].tolist() == expected[:n]
+        assert texts[i] == tok.decode(expected)
+    # return_prompt=True gives prompt + continuation.
+    full = generate(model, tok, PROMPTS[:2], max_new_tokens=n + 1)
+    assert full == [PROMPTS[0] + texts[0], PROMPTS[1] + texts[1]]
+
+
+def test_batched_greedy_equals_one_at_a_time(lm):
+    model, tok = lm
+    batched = generate(model, tok, PROMPTS, max_new_tokens=6)
+    single = [generate(model, tok, [p], max_new_tokens=6)[0] for p in PROMPTS]
+    assert batched == single
+    assert generate(model, tok, PROMPTS, max_new_tokens=6, top_k=1) == batched
+
+
+def test_empty_prompt_starts_from_bos(lm):
+    model, tok = lm
+    start = tok.bos_token_id
+    expected = independent_greedy(model, [start], 5)
+    assert generate(model, tok, [""], max_new_tokens=5, return_prompt=False) == [
+        tok.decode(expected)]
+
+
+def test_top_k_samples_only_from_the_top_k(lm):
+    model, tok = lm
+    k, n, prompts = 3, 5, PROMPTS[:3]
+    gen = torch.Generator().manual_seed(0)
+    ids, _ = generated_ids(model, tok, prompts, n, top_k=k, generator=gen)
+    not_argmax = 0
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            prefix = encode_prompt(tok, p)
+            for j in range(n):
+                logits = model(torch.tensor([prefix + ids[i, :j].tolist()])).logits[0, -1]
+                top = set(logits.topk(k).indices.tolist())
+                assert int(ids[i, j]) in top
+                not_argmax += int(ids[i, j]) != int(logits.argmax())
+    assert not_argmax > 0  # it did sample, not just take the argmax
+
+
+def test_top_k_sampling_distribution(lm):
+    """The first sampled token follows softmax over the top-k logits."""
+    model, tok = lm
+    prompt, k, n = "Rome", 2, 400
+    with torch.no_grad():
+        logits = model(torch.tensor([encode_prompt(tok, prompt)])).logits[0, -1]
+    vals, idx = logits.topk(k)
+    p = F.softmax(vals.double(), -1)
+    gen = torch.Generator().manual_seed(1)
+    fed = []
+
+    def record(x, name):
+        fed.append(x.clone())
+        return x
+
+    with module_hooks(model, [get_layout(model).name("embed")], edit_input=record):
+        generate(model, tok, [prompt] * n, max_new_tokens=2, top_k=k, generator=gen)
+    first = fed[1][:, 0]  # (n,)
+    assert set(first.tolist()) <= set(idx.tolist())
+    freq = (first == idx[0]).double().mean()
+    sigma = float((p[0] * (1 - p[0]) / n).sqrt())
+    assert abs(float(freq - p[0])) < 4 * sigma + 1e-9, (float(freq), float(p[0]))
+
+
+def test_seeded_sampling_is_reproducible(lm):
+    model, tok = lm
+
+    def sample(seed):
+        return generate(model, tok, PROMPTS[:3], max_new_tokens=5, top_k=5,
+                        generator=torch.Generator().manual_seed(seed))
+
+    assert sample(3) == sample(3)
+    assert any(sample(3) != sample(s) for s in (4, 5, 6))
+
+
+def test_stop_at_eos(lm):
+    """Row 0 is forced to emit EOS at its third step; it stops there, the others go on as in
+    ordinary greedy decoding."""
+    model, tok = lm
+    eos = tok.eos_token_id
+    calls = []
+
+    def force_eos(logits, name):  # (B, T, V)
+        calls.append(1)
+        if len(calls) == 3:
+            logits = logits.clone()
+            logits[0, -1, eos] = 1e4
+        return logits
+
+    head = get_layout(model).name("lm_head")
+    with module_hooks(model, [head], edit_output=force_eos):
+        texts = generate(model, tok, PROMPTS[:3], max_new_tokens=6, stop_at_eos=True,
+                         return_prompt=False)
+    greedy = generate(model, tok, PROMPTS[:3], max_new_tokens=6, return_prompt=False)
+    expected0 = tok.decode(independent_greedy(model, encode_prompt(tok, PROMPTS[0]), 2))
+    assert texts[0] == expected0
+    assert texts[1:] == greedy[1:]
