@@ -23,6 +23,7 @@ __all__ = [
     "make_batch",
     "pad_sequences",
     "target_nll",
+    "top_predictions",
 ]
 
 Side = Literal["left", "right"]
@@ -254,3 +255,16 @@ def target_nll(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Se
     logp = F.log_softmax(forward_logits(model, batch).float(), dim=-1)  # (n, L, V)
     tok_logp = logp[torch.arange(n, device=device)[:, None], pos, ids]  # (n, T)
     return -(tok_logp * mask).sum(1) / mask.sum(1)  # (n,)
+
+
+@torch.no_grad()
+def top_predictions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    k: int = 5) -> list[list[tuple[str, float]]]:
+    """The ``k`` most likely next tokens after each prompt, with their probabilities."""
+    device = model_device(model)
+    batch = make_batch(tokenizer, [encode_prompt(tokenizer, p) for p in prompts], "right", device)
+    logits = forward_logits(model, batch).float()  # (B, T, V)
+    last = logits[torch.arange(len(prompts), device=device), batch.lengths - 1]  # (B, V)
+    probs, ids = F.softmax(last, -1).topk(k, dim=-1)  # (B, k)
+    return [[(tokenizer.decode([int(i)]), float(p)) for i, p in zip(row_i, row_p)]
+            for row_i, row_p in zip(ids, probs)]

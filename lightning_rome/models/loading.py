@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from lightning_rome.models.layout import get_layout
 
-__all__ = ["load_model", "load_tokenizer", "prepare_tokenizer", "resolve_dtype"]
+__all__ = ["load_model", "load_tokenizer", "prepare_tokenizer", "resolve_dtype", "resolve_model"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -90,3 +90,19 @@ def load_model(
         model = model.to(device)
     model.eval()
     return model, tok
+
+
+def resolve_model(model: nn.Module | str | os.PathLike[str],
+                  tokenizer: PreTrainedTokenizerBase | str | os.PathLike[str] | None = None,
+                  **kwargs: Any) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Accept a model object or a name/path (as LightningModules built from YAML configs get),
+    and a tokenizer object, a name/path, or ``None`` (the model's own, for a name/path)."""
+    if isinstance(model, str | os.PathLike):
+        loaded, tok = load_model(model, tokenizer=tokenizer if isinstance(
+            tokenizer, str | os.PathLike) else None, **kwargs)
+        return loaded, tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else tok
+    if tokenizer is None:
+        raise ValueError("a tokenizer is required when the model is given as an object")
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_tokenizer(tokenizer)
+    return model, prepare_tokenizer(tokenizer)

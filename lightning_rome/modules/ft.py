@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from lightning_rome.editing.ft import FTHyperParams, FTState, ft_loss
+from lightning_rome.models.loading import resolve_model
 from lightning_rome.patches import WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
 
@@ -42,20 +43,24 @@ class FTModule(pl.LightningModule):
     it avoids starting a Trainer inside ``Trainer.test`` for every case.
 
     Args:
-        model: the Hugging Face causal LM (its other parameters are frozen).
-        tokenizer: its tokenizer.
+        model: the Hugging Face causal LM (its other parameters are frozen), or its name or
+            local path (loaded with :func:`~lightning_rome.models.load_model`, so the module can
+            be built from a YAML config).
+        tokenizer: its tokenizer (default: the model's, when ``model`` is a name or path).
         requests: the edits.
         hparams: :class:`FTHyperParams`, a dict or a preset name.
 
     Example:
-        >>> module = FTModule(model, tok, [request], {"layers": [1]})
+        >>> module = FTModule(model, [request], {"layers": [1]}, tokenizer=tok)
         >>> L.Trainer(max_steps=25, logger=TensorBoardLogger("logs")).fit(module)
         >>> patch = module.patch()      # a WeightPatch; module.restore() undoes the training
     """
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
-                 hparams: FTHyperParams | dict[str, Any] | str | None = None) -> None:
+    def __init__(self, model: nn.Module | str, requests: Any,
+                 hparams: FTHyperParams | dict[str, Any] | str | None = None,
+                 tokenizer: PreTrainedTokenizerBase | str | None = None) -> None:
         super().__init__()
+        model, tokenizer = resolve_model(model, tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self.requests: list[EditRequest] = as_requests(requests)

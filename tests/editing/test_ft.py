@@ -56,8 +56,8 @@ def test_ftl_weights_never_leave_the_eps_ball(model, gpt2_tokenizer):
         def on_train_end(self, trainer, module):
             self._check(module)
 
-    module = FTModule(model, gpt2_tokenizer, [REQ], {"layers": [0, 1], "lr": 1e-1,
-                                                     "num_steps": 8, "norm_constraint": eps})
+    module = FTModule(model, [REQ], {"layers": [0, 1], "lr": 1e-1, "num_steps": 8,
+                                     "norm_constraint": eps}, tokenizer=gpt2_tokenizer)
     pl.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False,
                callbacks=[Check()]).fit(module)
@@ -68,7 +68,7 @@ def test_ftl_weights_never_leave_the_eps_ball(model, gpt2_tokenizer):
 def test_module_and_direct_loop_agree(model, gpt2_tokenizer):
     hp = {"layers": [1], "lr": 1e-2, "num_steps": 5, "early_stop_loss": 0.0}
     direct = FT(hp).edit(model, gpt2_tokenizer, REQ)
-    module = FTModule(model, gpt2_tokenizer, [REQ], hp)
+    module = FTModule(model, [REQ], hp, tokenizer=gpt2_tokenizer)
     pl.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False).fit(module)
     via_trainer = module.patch()
