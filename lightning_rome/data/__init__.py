@@ -30,6 +30,17 @@ from lightning_rome.data.records import (
     collate_records,
 )
 from lightning_rome.data.sources import SplitSpec, load_json_records, parse_split
+from lightning_rome.data.text import (
+    NAMED_CORPORA,
+    HFTextCorpus,
+    IterableTextCorpus,
+    TextCorpus,
+    TextCorpusDataModule,
+    TextFileCorpus,
+    as_corpus,
+    collate_rows,
+    is_heading,
+)
 from lightning_rome.data.zsre import ZSRE_URL, ZsREDataModule
 
 __all__ = [
@@ -37,12 +48,15 @@ __all__ = [
     "IGNORE_INDEX",
     "KNOWN_FACTS_URL",
     "MULTI_COUNTERFACT_URL",
+    "NAMED_CORPORA",
     "ZSRE_URL",
     "CounterFactDataModule",
     "EditCase",
     "EditCaseDataModule",
     "EditTrainingBatch",
     "EditTrainingCollator",
+    "HFTextCorpus",
+    "IterableTextCorpus",
     "KnownFact",
     "KnownFactsDataModule",
     "LabeledBatch",
@@ -52,8 +66,14 @@ __all__ = [
     "RecordDataModule",
     "RecordDataset",
     "SplitSpec",
+    "TextCorpus",
+    "TextCorpusDataModule",
+    "TextFileCorpus",
     "ZsREDataModule",
+    "as_corpus",
     "collate_records",
+    "collate_rows",
+    "is_heading",
     "labeled_batch",
     "load_json_records",
     "parse_counterfact_record",

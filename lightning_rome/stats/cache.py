@@ -1,0 +1,262 @@
+"""On-disk cache of second-moment statistics: keys, safetensors files, validation, checkpoints.
+
+A statistics file is a safetensors file holding ``mom2_sum`` ``(d, d)`` and ``k_sum`` ``(d,)``,
+with JSON metadata: the cache key it was computed for, the token count, the number of texts
+read, whether it is complete or a checkpoint of an unfinished run, and a SHA-256 checksum of
+every tensor. Files are written atomically and checked when read; a file that fails a check
+raises :class:`~lightning_rome.utils.io.CorruptFileError`.
+
+What goes into a key (and why):
+    - the model: ``config._name_or_path``, a hash of its config (architecture), the dtype of the
+      module's weight, and a checksum of a strided sample of the parameters that shape the keys
+      but that editors leave alone: the token embedding and the rewrite module's siblings in its
+      parent (e.g. ``mlp.c_fc`` for ``mlp.c_proj``). Two checkpoints under the same name
+      therefore get different keys, while a model edited by ROME/MEMIT (which change only
+      ``W_out`` weights) keeps its unedited statistics, as in the papers;
+    - the tokenizer: its class, vocabulary size and the ids of a probe sentence;
+    - the module name, the corpus identity, ``n_samples``/``n_tokens``, ``seq_len`` and the
+      accumulation dtype. Batch sizes are left out: they change only the rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_rome.stats.moments import SecondMoment
+from lightning_rome.utils.io import CorruptFileError, atomic_path, cache_dir, tensor_checksum
+
+__all__ = [
+    "FORMAT",
+    "load_second_moments",
+    "model_fingerprint",
+    "partial_path",
+    "save_second_moments",
+    "stats_key",
+    "stats_path",
+    "tokenizer_fingerprint",
+]
+
+FORMAT = "lightning_rome.second_moment"
+VERSION = 1
+_PROBE = "The Eiffel Tower is located in Paris. Ünïcödé 東京 1234 <|endoftext|>"
+_VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                    "_attn_implementation", "_attn_implementation_internal", "use_cache")
+
+
+def _sha(text: str, n: int = 16) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _sample(t: Tensor, n: int = 1 << 16) -> Tensor:
+    """A strided sample of about ``n`` entries of ``t`` (deterministic)."""
+    flat = t.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // n)]
+
+
+def model_fingerprint(model: nn.Module, module_name: str) -> dict[str, str]:
+    """The part of a statistics key that identifies the model (see the module docstring)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        cfg = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG}
+        name = str(getattr(config, "_name_or_path", "") or "")
+    else:
+        cfg, name = {"class": type(model).__name__}, ""
+    module = model.get_submodule(module_name)
+    param = next(module.parameters(), None)
+    h = hashlib.sha256()
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tensors: list[tuple[str, Tensor]] = []
+    if embed is not None and getattr(embed, "weight", None) is not None:
+        tensors.append(("embed", embed.weight))
+    parent_name, _, leaf = module_name.rpartition(".")
+    if parent_name:
+        for pname, p in model.get_submodule(parent_name).named_parameters():
+            if pname != leaf and not pname.startswith(f"{leaf}."):
+                tensors.append((f"{parent_name}.{pname}", p))
+    for pname, p in tensors:
+        h.update(pname.encode())
+        h.update(tensor_checksum(_sample(p)).encode())
+    return {
+        "name": name,
+        "class": type(model).__name__,
+        "config": _sha(json.dumps(cfg, sort_keys=True, default=str)),
+        "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "none",
+        "weights": h.hexdigest()[:16],
+    }
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Class, vocabulary size and the ids of a probe sentence, hashed."""
+    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    return _sha(f"{type(tokenizer).__name__}|{len(tokenizer)}|{list(ids)}")
+
+
+def stats_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, module_name: str, *,
+              corpus_id: str, n_samples: int | None, n_tokens: int | None, seq_len: int,
+              dtype: torch.dtype) -> dict[str, Any]:
+    """The full cache key of one module's statistics, a JSON-serialisable dict."""
+    return {
+        "kind": "mom2",
+        "version": VERSION,
+        "model": model_fingerprint(model, module_name),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "module": module_name,
+        "corpus": corpus_id,
+        "n_samples": n_samples,
+        "n_tokens": n_tokens,
+        "seq_len": int(seq_len),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "unnamed"
+
+
+def key_hash(key: dict[str, Any]) -> str:
+    return _sha(json.dumps(key, sort_keys=True), 20)
+
+
+def stats_root(cache: bool | str | os.PathLike[str] | None) -> Path:
+    """The statistics folder: ``cache_dir("stats")`` for ``True``/``None``, else ``cache``."""
+    if cache is True or cache is None:
+        return cache_dir("stats")
+    if cache is False:
+        raise ValueError("caching is disabled")
+    return Path(cache)
+
+
+def stats_path(root: str | os.PathLike[str], key: dict[str, Any]) -> Path:
+    """``root/<model name>/<module>-<sample>-<dtype>-<hash>.safetensors``."""
+    if key["n_samples"] is not None:
+        size = f"n{key['n_samples']}"
+    elif key["n_tokens"] is not None:
+        size = f"t{key['n_tokens']}"
+    else:
+        size = "all"
+    name = f"{_slug(key['module'])}-{size}-{key['dtype']}-{key_hash(key)}.safetensors"
+    return Path(root) / _slug(key["model"]["name"]) / name
+
+
+def partial_path(root: str | os.PathLike[str], keys: list[dict[str, Any]]) -> Path:
+    """The checkpoint file of an unfinished pass over the modules with these keys."""
+    joint = _sha(json.dumps(keys, sort_keys=True), 20)
+    return Path(root) / _slug(keys[0]["model"]["name"]) / f"partial-{joint}.safetensors"
+
+
+def save_second_moments(path: str | os.PathLike[str], moments: list[SecondMoment],
+                        keys: list[dict[str, Any]] | None = None, *, complete: bool = True,
+                        ) -> None:
+    """Write statistics atomically (one module, or several for a checkpoint).
+
+    Args:
+        path: the file.
+        moments: the statistics; all must have the same ``count`` and ``n_texts`` when more
+            than one is saved (they come from one pass).
+        keys: the cache key of each (stored and checked on load).
+        complete: ``False`` marks a checkpoint of an unfinished pass.
+    """
+    keys = keys if keys is not None else [m.meta.get("key", {}) for m in moments]
+    if len(keys) != len(moments):
+        raise ValueError(f"{len(moments)} statistics but {len(keys)} keys")
+    tensors: dict[str, Tensor] = {}
+    for i, m in enumerate(moments):
+        tensors[f"{i}.mom2_sum"] = m.mom2_sum.detach().cpu().contiguous()  # (d, d)
+        if m.k_sum is not None:
+            tensors[f"{i}.k_sum"] = m.k_sum.detach().cpu().contiguous()  # (d,)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "complete": complete,
+        "entries": [
+            {"key": k, "count": m.count, "n_texts": m.n_texts, "has_k_sum": m.k_sum is not None,
+             "meta": {mk: mv for mk, mv in m.meta.items() if mk != "key"}}
+            for k, m in zip(keys, moments)
+        ],
+        "checksums": {name: tensor_checksum(t) for name, t in tensors.items()},
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"lightning_rome": json.dumps(header)})
+
+
+def load_second_moments(path: str | os.PathLike[str],
+                        expected_keys: list[dict[str, Any]] | None = None, *,
+                        complete: bool | None = True) -> list[SecondMoment]:
+    """Read and validate a statistics file written by :func:`save_second_moments`.
+
+    Checks: the file parses, has the expected format, keys and completeness, every tensor has
+    its recorded checksum, is square/float and finite, counts are consistent.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CorruptFileError: any check fails (the message says which).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no statistics file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except Exception as err:  # truncated or garbled
+        raise CorruptFileError(f"statistics file {path} cannot be read: {err}") from err
+    try:
+        header = json.loads(metadata["lightning_rome"])
+        entries = header["entries"]
+        checksums = header["checksums"]
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(f"statistics file {path} has no valid metadata: {err}") from err
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise CorruptFileError(f"{path} is not a version-{VERSION} {FORMAT} file")
+    if complete is not None and bool(header.get("complete")) != complete:
+        raise CorruptFileError(f"{path}: expected a {'complete' if complete else 'partial'} file")
+    if set(checksums) != set(tensors):
+        raise CorruptFileError(f"{path}: tensors {sorted(tensors)} do not match the recorded "
+                               f"{sorted(checksums)}")
+    for name, t in tensors.items():
+        if tensor_checksum(t) != checksums[name]:
+            raise CorruptFileError(f"{path}: checksum mismatch for tensor {name!r}")
+    if expected_keys is not None:
+        found = [e.get("key") for e in entries]
+        if found != expected_keys:
+            raise CorruptFileError(f"{path} holds statistics for other keys than expected")
+    out = []
+    for i, e in enumerate(entries):
+        mom2_sum, k_sum = tensors.get(f"{i}.mom2_sum"), tensors.get(f"{i}.k_sum")
+        if mom2_sum is None or mom2_sum.ndim != 2 or mom2_sum.shape[0] != mom2_sum.shape[1]:
+            raise CorruptFileError(f"{path}: entry {i} has no square mom2_sum")
+        if not mom2_sum.is_floating_point() or (k_sum is not None and (
+                k_sum.dtype != mom2_sum.dtype or tuple(k_sum.shape) != (mom2_sum.shape[0],))):
+            raise CorruptFileError(f"{path}: entry {i} has inconsistent shapes or dtypes")
+        if e.get("has_k_sum") != (k_sum is not None):
+            raise CorruptFileError(f"{path}: entry {i} is missing its k_sum")
+        expected_dtype = e["key"].get("dtype") if isinstance(e.get("key"), dict) else None
+        if expected_dtype and str(mom2_sum.dtype).removeprefix("torch.") != expected_dtype:
+            raise CorruptFileError(f"{path}: entry {i} is {mom2_sum.dtype}, key says "
+                                   f"{expected_dtype}")
+        if not torch.isfinite(mom2_sum).all() or (k_sum is not None and
+                                                  not torch.isfinite(k_sum).all()):
+            raise CorruptFileError(f"{path}: entry {i} has non-finite values")
+        count, n_texts = e.get("count"), e.get("n_texts")
+        if not isinstance(count, int) or not isinstance(n_texts, int) or count < 0 or (
+                header["complete"] and count == 0):
+            raise CorruptFileError(f"{path}: entry {i} has an invalid token count {count!r}")
+        diag_min = float(mom2_sum.diagonal().min()) if mom2_sum.numel() else 0.0
+        if diag_min < -1e-6 * max(1.0, math.fabs(float(mom2_sum.diagonal().max()))):
+            raise CorruptFileError(f"{path}: entry {i} has a negative diagonal (not Σ k kᵀ)")
+        meta = dict(e.get("meta") or {})
+        meta["key"] = e["key"]
+        out.append(SecondMoment(mom2_sum, count, k_sum, n_texts, meta))
+    return out
