@@ -287,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"lightning-rome: error: unknown command {cmd!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our messages
+    hf_logging.set_verbosity_error()
     build, run, desc = COMMANDS[cmd]
     parser = argparse.ArgumentParser(prog=f"lightning-rome {cmd}", description=desc)
     build(parser)

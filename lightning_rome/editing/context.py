@@ -47,10 +47,11 @@ def second_moment(model: nn.Module, tokenizer: PreTrainedTokenizerBase, module_n
     if fn is not None:
         C = fn(model, tokenizer, module_name)
     else:
+        from lightning_rome.models.loading import resolve_dtype
         from lightning_rome.stats import get_second_moment
 
         C = get_second_moment(model, tokenizer, module_name, corpus=corpus,
-                              n_samples=n_samples, dtype=dtype).mom2
+                              n_samples=n_samples, dtype=resolve_dtype(dtype)).mom2
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise ValueError(f"second moment of {module_name!r} must be square, got {tuple(C.shape)}")
     if not bool(torch.isfinite(C).all()):
