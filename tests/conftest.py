@@ -16,6 +16,10 @@ os.environ.setdefault("LIGHTNING_ROME_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per process: the suite's models are tiny, and DDP tests run two processes on the
+# two cores of CI (with two threads each they oversubscribe it and run ~10x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
 

@@ -1,0 +1,48 @@
+"""Test helpers: a synthetic knowledge base and a small GPT-2 that knows its facts.
+
+Used by the behaviour tests of causal tracing, ROME, MEMIT and the baselines, and by the demo::
+
+    from lightning_rome.testing import get_fact_model, accuracy
+
+    fm = get_fact_model()                      # trained once (about a minute), then cached
+    requests = fm.kb.edit_requests(4, seed=0)  # counterfactual rewrites of known facts
+    fact = fm.kb.fact_of(requests[0])
+    neighbours = fm.kb.neighbor_facts(requests[0], 5)
+    accuracy(fm.model, fm.tokenizer, neighbours, "train")
+"""
+
+from lightning_rome.testing.fact_model import (
+    FactModel,
+    FactModelConfig,
+    get_fact_model,
+    train_fact_model,
+)
+from lightning_rome.testing.knowledge import (
+    RELATIONS,
+    Fact,
+    KBConfig,
+    KnowledgeBase,
+    Relation,
+    accuracy,
+    answered,
+    build_knowledge_base,
+    known_facts,
+    text_corpus,
+)
+
+__all__ = [
+    "RELATIONS",
+    "Fact",
+    "FactModel",
+    "FactModelConfig",
+    "KBConfig",
+    "KnowledgeBase",
+    "Relation",
+    "accuracy",
+    "answered",
+    "build_knowledge_base",
+    "get_fact_model",
+    "known_facts",
+    "text_corpus",
+    "train_fact_model",
+]
