@@ -13,8 +13,15 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.editing.ft import FT, FTL, FTHyperParams
 from lightning_rome.editing.hparams import HyperParams, list_presets
+from lightning_rome.editing.ke import KEEditor, KEHyperParams, KENetwork
 from lightning_rome.editing.kn import KN, KNHyperParams
 from lightning_rome.editing.memit import MEMIT, MEMITHyperParams, memit_edit
+from lightning_rome.editing.mend import (
+    EditorMismatchError,
+    MENDEditor,
+    MENDHyperParams,
+    MENDNetwork,
+)
 from lightning_rome.editing.rome import ROME, ROMEHyperParams, rome_edit
 from lightning_rome.patches import WeightPatch
 
@@ -25,10 +32,17 @@ __all__ = [
     "MEMIT",
     "ROME",
     "Editor",
+    "EditorMismatchError",
     "FTHyperParams",
     "HyperParams",
+    "KEEditor",
+    "KEHyperParams",
+    "KENetwork",
     "KNHyperParams",
     "MEMITHyperParams",
+    "MENDEditor",
+    "MENDHyperParams",
+    "MENDNetwork",
     "ROMEHyperParams",
     "get_editor",
     "list_presets",
@@ -56,7 +70,8 @@ _EDITORS: dict[str, str] = {
 
 
 def get_editor(method: str, hparams: Any = None, **kwargs: Any) -> Editor:
-    """An editor by name: ``rome``, ``memit``, ``ft``, ``ft-l``, ``kn``."""
+    """An editor by name: ``rome``, ``memit``, ``ft``, ``ft-l``, ``kn``. MEND and KE need a
+    trained network: use ``MENDEditor.from_checkpoint`` / ``KEEditor.from_checkpoint``."""
     import importlib
 
     key = method.lower()

@@ -1,5 +1,7 @@
 """LightningModules: trainable editors (FT, FT+L, MEND, KE), the evaluator and the tracer."""
 
 from lightning_rome.modules.ft import FTModule
+from lightning_rome.modules.ke import KEModule
+from lightning_rome.modules.mend import HypernetworkModule, MENDModule
 
-__all__ = ["FTModule"]
+__all__ = ["FTModule", "HypernetworkModule", "KEModule", "MENDModule"]
