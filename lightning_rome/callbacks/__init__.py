@@ -2,9 +2,10 @@
 
 from lightning_rome.callbacks.edit import (
     EditCallback,
+    EditorCallback,
     MEMITCallback,
     ROMECallback,
     load_requests,
 )
 
-__all__ = ["EditCallback", "MEMITCallback", "ROMECallback", "load_requests"]
+__all__ = ["EditCallback", "EditorCallback", "MEMITCallback", "ROMECallback", "load_requests"]

@@ -23,7 +23,8 @@ from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import candidate_probs
 from lightning_rome.utils.io import tensor_checksum
 
-__all__ = ["EditCallback", "MEMITCallback", "ROMECallback", "find_model", "load_requests"]
+__all__ = ["EditCallback", "EditorCallback", "MEMITCallback", "ROMECallback", "find_model",
+           "load_requests"]
 
 ApplyOn = Literal["setup", "fit_start", "train_end", "validation_start", "test_start"]
 _APPLY_ON = ("setup", "fit_start", "train_end", "validation_start", "test_start")
@@ -411,3 +412,34 @@ class _ChunkedMEMIT:
         for p in patches[1:]:
             total = total.compose(p)
         return total
+
+
+class EditorCallback(EditCallback):
+    """Apply the patch of any editor (FT, FT+L, KN, a trained MEND or KE, ...) inside a Trainer
+    run, with the same options and guarantees as :class:`ROMECallback`.
+
+    Args:
+        requests: the edits (objects, dicts, or a JSON/YAML path).
+        editor: an object with ``edit(model, tokenizer, requests) -> WeightPatch`` (for example
+            ``FT({"layers": [1]})`` or ``MENDEditor.from_checkpoint(...)``), or a method name
+            for :func:`~lightning_rome.editing.get_editor` (``"ft"``, ``"ft-l"``, ``"kn"``).
+        hparams: hyperparameters when ``editor`` is a name.
+        **kwargs: see :class:`EditCallback`.
+    """
+
+    def __init__(self, requests: Any, editor: Any, hparams: Any = None, **kwargs: Any) -> None:
+        super().__init__(requests, **kwargs)
+        if isinstance(editor, str):
+            from lightning_rome.editing import get_editor
+
+            self.method = editor.lower()
+            editor = get_editor(editor, hparams)
+        else:
+            self.method = getattr(editor, "method", type(editor).__name__.lower())
+        if not callable(getattr(editor, "edit", None)):
+            raise MisconfigurationException(
+                f"editor {editor!r} has no edit(model, tokenizer, requests) method")
+        self._editor = editor
+
+    def make_editor(self) -> Any:
+        return self._editor

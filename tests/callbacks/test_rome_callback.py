@@ -174,3 +174,32 @@ def test_ddp_ranks_hold_identical_weights(tmp_path):
     trainer.fit(module)
     sums = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert sums[0] == sums[1] != before
+
+
+def test_memit_and_any_editor_callbacks(tmp_path, module):
+    """MEMITCallback and EditorCallback (FT here) apply and revert like ROMECallback."""
+    from lightning_rome.callbacks import EditorCallback, MEMITCallback
+    from lightning_rome.editing import FT
+
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    memit = MEMITCallback([REQ], {"layers": [1, 2], "v_num_grad_steps": 2,
+                                  "context_templates": CONTEXTS}, second_moment=second_moment,
+                          apply_on="test_start", revert=True)
+    ft = EditorCallback([REQ], FT({"layers": [0], "num_steps": 2, "lr": 1e-2}),
+                        apply_on="test_start", revert=True)
+    assert memit.state_key != ft.state_key
+    seen = {}
+
+    class Look(Callback):
+        def on_test_batch_start(self, trainer, pl_module, *args):
+            for name in ("transformer.h.0.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"):
+                seen[name] = not torch.equal(pl_module.model.get_parameter(name), before[name])
+
+    make_trainer(tmp_path, [memit, ft, Look()]).test(module)
+    assert all(seen.values()) and len(seen) == 2
+    assert sorted(memit.patch.names) == ["transformer.h.1.mlp.c_proj.weight",
+                                         "transformer.h.2.mlp.c_proj.weight"]
+    for n, p in module.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(MisconfigurationException, match="edit"):
+        EditorCallback([REQ], object())
