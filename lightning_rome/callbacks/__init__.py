@@ -7,5 +7,7 @@ from lightning_rome.callbacks.edit import (
     ROMECallback,
     load_requests,
 )
+from lightning_rome.callbacks.trace import CausalTraceCallback
 
-__all__ = ["EditCallback", "EditorCallback", "MEMITCallback", "ROMECallback", "load_requests"]
+__all__ = ["CausalTraceCallback", "EditCallback", "EditorCallback", "MEMITCallback",
+           "ROMECallback", "load_requests"]

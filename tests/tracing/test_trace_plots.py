@@ -1,0 +1,88 @@
+"""Plots: images of the requested size, the paper's labels, files, and TensorBoard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+from test_causal_trace_io import make_trace
+
+from lightning_rome.tracing import average_traces
+from lightning_rome.tracing.plot import (
+    figure_to_array,
+    log_figure,
+    plot_average,
+    plot_average_lines,
+    plot_trace,
+    plot_traces,
+    save_figure,
+)
+
+
+def _traces():
+    return {k: make_trace(kind=k, window=3) for k in ("hidden", "mlp", "attn")}
+
+
+def test_trace_heatmap_in_the_papers_style(tmp_path):
+    t = make_trace()
+    fig = plot_trace(t, figsize=(4, 3))
+    ax = fig.axes[0]
+    labels = [lbl.get_text() for lbl in ax.get_yticklabels()]
+    assert labels == ["The", " Space*", " Needle*", " is"]  # subject tokens starred
+    assert ax.yaxis_inverted()  # the first token at the top
+    assert "MLP" in ax.get_title() and "10 restored MLP layers" in ax.get_xlabel()
+    assert len(fig.axes) == 2  # the heatmap and its colour bar
+    path = save_figure(fig, tmp_path / "t.png", dpi=50)
+    image = imread(path)
+    assert image.shape[:2] == (150, 200)  # 3 × 4 inches at 50 dpi
+    assert image[..., :3].std() > 0.05  # not blank
+
+
+def test_side_by_side_and_averages(tmp_path):
+    fig = plot_traces(_traces(), figsize=(9, 3))
+    titles = [a.get_title() for a in fig.axes if a.get_title().startswith("Impact")]
+    assert [t.split()[3] for t in titles] == ["state", "MLP", "Attn"]
+    assert figure_to_array(fig).shape == (300, 900, 3)  # default 100 dpi
+    rng = np.random.default_rng(0)
+    traces = [make_trace(scores=torch.tensor(rng.uniform(0, 1, (4, 3)), dtype=torch.float32))
+              for _ in range(4)]
+    agg = average_traces(traces)
+    fig = plot_average(agg, figsize=(5, 2.5))
+    assert fig.axes[0].get_yticklabels()[0].get_text() == "first subject token (4)"
+    pdf = save_figure(fig, tmp_path / "avg.pdf")
+    assert pdf.read_bytes().startswith(b"%PDF")
+    hidden = average_traces([make_trace(kind="hidden", scores=t.scores) for t in traces])
+    fig = plot_average_lines({"mlp": agg, "hidden": hidden}, figsize=(4, 3))
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["mlp", "hidden"]
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), agg.aie[2].numpy())
+    assert len(ax.collections) == 2  # one confidence band per line
+    fig = plot_average_lines(agg, token_class=None)
+    assert len(fig.axes[0].get_lines()) == 6
+    assert save_figure(fig, tmp_path / "lines.svg").exists()
+    with pytest.raises(ValueError, match="png"):
+        save_figure(fig, tmp_path / "lines.jpg")
+
+
+def test_log_figure_to_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    fig = plot_trace(make_trace(), figsize=(3, 2))
+    writer = SummaryWriter(tmp_path / "w")
+    log_figure(writer, "trace/mlp", fig, step=3)
+    writer.close()
+    logger = TensorBoardLogger(tmp_path, name="lg")
+    log_figure(logger, "trace/hidden", fig, step=5)
+    logger.experiment.flush()
+    for folder, tag, step in [(tmp_path / "w", "trace/mlp", 3),
+                              (logger.log_dir, "trace/hidden", 5)]:
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        assert acc.Tags()["images"] == [tag]
+        (event,) = acc.Images(tag)
+        assert (event.step, event.width, event.height) == (step, 300, 200)
+    with pytest.raises(TypeError, match="TensorBoardLogger or a SummaryWriter"):
+        log_figure(object(), "x", fig)
