@@ -5,6 +5,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,plot
 PY := $(VENV)/bin/python
+# The offline data beside the checkout (see ../shared/data/README.md); override to point elsewhere.
+LIGHTNING_ROME_DATA ?= $(abspath ../shared/data)
+export LIGHTNING_ROME_DATA
 PIP := $(PY) -m pip
 
 .PHONY: install demo test test-slow lint format bench clean

@@ -105,7 +105,8 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
 
     print("2. causal trace of one fact")
     for kind in ("hidden", "mlp", "attn"):
-        t = trace(model, tok, first.prompt, first.subject, kind=kind, samples=10)
+        t = trace(model, tok, first.prompt, first.subject, kind=kind, samples=10,
+                  window=min(10, model.config.n_layer))
         path = out / f"trace-{kind}.png"
         t.plot().savefig(path, bbox_inches="tight")
         written.append(path)
@@ -144,7 +145,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
           f"   (reverted at validation end: {not edit.applied})")
 
     print(f"4. MEMIT: {len(batch)} edits in one batch")
-    memit = MEMIT({"layers": [0, 1], "v_num_grad_steps": 30, "clamp_norm_factor": 12.0,
+    memit = MEMIT({"layers": [0, 1], "v_num_grad_steps": 25, "clamp_norm_factor": 12.0,
                    "v_weight_decay": 0.01, "mom2_update_weight": 100.0,
                    "context_template_lengths": [[5, 2]], "z_batch_size": 100},
                   second_moment=second_moment)
@@ -165,7 +166,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     from lightning_rome.editing import ROME
 
     rome = ROME("fact-model", second_moment=second_moment)
-    rome_cases = cases[: min(20, len(cases))]
+    rome_cases = cases[: min(10, len(cases))]
     for case in rome_cases:  # one ROME edit per case, reverted after scoring
         patch = rome.edit(model, tok, [case.request])
         patch.apply(model)

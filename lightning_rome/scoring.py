@@ -3,6 +3,8 @@ tracing share for probabilities and text."""
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -16,8 +18,10 @@ from lightning_rome.tokens import continuation_ids, encode_prompt
 
 __all__ = [
     "Batch",
+    "CandidateScore",
     "candidate_nll",
     "candidate_probs",
+    "candidate_scores",
     "forward_logits",
     "generate",
     "make_batch",
@@ -105,6 +109,141 @@ def forward_logits(model: nn.Module, batch: Batch) -> Tensor:
     return out.logits
 
 
+@dataclass
+class CandidateScore:
+    """Teacher-forced scores of one candidate continuation after its prompt.
+
+    Attributes:
+        nll: ``(n_c,)`` float32, ``-log P(c_j | prompt, c_<j)`` per candidate token.
+        argmax: ``(n_c,)`` the model's most likely token at each of those positions.
+        target: ``(n_c,)`` the candidate's token ids ``c_j``.
+    """
+
+    nll: Tensor
+    argmax: Tensor
+    target: Tensor
+
+    @property
+    def correct(self) -> Tensor:
+        """``(n_c,)`` bool: the argmax is the candidate token (zsRE's token accuracy)."""
+        return self.argmax == self.target
+
+    @property
+    def mean_nll(self) -> float:
+        """The mean per-token NLL, the papers' score."""
+        return float(self.nll.double().mean())
+
+    @property
+    def prob(self) -> float:
+        """``P = exp(-mean NLL)``, the papers' probability."""
+        return math.exp(-self.mean_nll)
+
+
+def _host_rows(seqs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Share rows between sequences that are prefixes of one another.
+
+    A causal LM's logits at position ``i`` depend only on tokens ``<= i``, so a sequence that is
+    a prefix of another is read off the longer one's row. In lexicographic order, a sequence is a
+    prefix of some other exactly when it is a prefix of the next distinct one, so one backward
+    sweep over the sorted sequences finds each one's longest extension.
+
+    Returns:
+        The distinct rows to run, and for each input sequence the index of its row.
+    """
+    order = sorted(set(seqs))
+    host: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for i in range(len(order) - 1, -1, -1):
+        s = order[i]
+        nxt = order[i + 1] if i + 1 < len(order) else None
+        host[s] = host[nxt] if nxt is not None and nxt[: len(s)] == s else s
+    rows = sorted(set(host.values()))
+    index = {r: k for k, r in enumerate(rows)}
+    return rows, [index[host[s]] for s in seqs]
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+        return False
+
+
+def _score_pairs(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    candidates: Sequence[str],
+    *,
+    batch_size: int | None,
+    side: Side | None,
+    fast: bool,
+) -> list[CandidateScore]:
+    """The shared teacher-forced scoring loop of :func:`candidate_nll` and
+    :func:`candidate_scores`.
+
+    Pair ``i`` runs as the token sequence ``prompt + candidate[:-1]``; candidate token ``c_j`` is
+    predicted at unpadded position ``len(prompt) - 1 + j``. With ``fast``, pairs whose sequences
+    are prefixes of one another share a row and the LM head runs only at the needed positions;
+    without it every pair has its own row and the full ``(B, T, V)`` log-softmax is taken (the
+    arithmetic :func:`candidate_nll` has always done).
+    """
+    if len(prompts) != len(candidates):
+        raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidates")
+    if not prompts:
+        return []
+    device = model_device(model)
+    p_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    c_ids = [continuation_ids(tokenizer, c) for c in candidates]
+    seqs = [tuple(p + c[:-1]) for p, c in zip(p_ids, c_ids)]
+    rows, row_of = _host_rows(seqs) if fast else (seqs, list(range(len(seqs))))
+    hosted: list[list[int]] = [[] for _ in rows]  # the pairs each row scores
+    for i, r in enumerate(row_of):
+        hosted[r].append(i)
+    keep = fast and _accepts_logits_to_keep(model)
+    out: list[CandidateScore | None] = [None] * len(prompts)
+    step = batch_size or len(rows)
+    for s in range(0, len(rows), step):
+        chunk = range(s, min(s + step, len(rows)))
+        batch = make_batch(tokenizer, [list(rows[r]) for r in chunk], side, device)
+        # Padded positions each row is read at: the union over the pairs it hosts.
+        pos = [sorted({batch.index(b, len(p_ids[i]) - 1 + j) for i in hosted[r]
+                       for j in range(len(c_ids[i]))}) for b, r in enumerate(chunk)]
+        if keep:
+            K = max(len(x) for x in pos)
+            at = torch.tensor([x + [x[-1]] * (K - len(x)) for x in pos], device=device)  # (B, K)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False,
+                           logits_to_keep=at).logits  # (B, K, V)
+            logp = F.log_softmax(logits.float(), dim=-1)  # (B, K, V)
+        else:
+            logp = F.log_softmax(forward_logits(model, batch).float(), dim=-1)  # (B, T, V)
+        # One gather for every (pair, token) of the chunk: row b, column k of logp (the slot
+        # among the kept positions, or the padded position itself), token t.
+        b_idx, k_idx, tok, owner = [], [], [], []
+        for b, r in enumerate(chunk):
+            slot = {q: (k if keep else q) for k, q in enumerate(pos[b])}
+            for i in hosted[r]:
+                for j, t in enumerate(c_ids[i]):
+                    b_idx.append(b)
+                    k_idx.append(slot[batch.index(b, len(p_ids[i]) - 1 + j)])
+                    tok.append(t)
+                    owner.append(i)
+        bi = torch.tensor(b_idx, device=device)
+        ki = torch.tensor(k_idx, device=device)
+        rows_lp = logp[bi, ki]  # (n_tokens, V)
+        tok_t = torch.tensor(tok, device=device)
+        nll = (-rows_lp.gather(1, tok_t[:, None])[:, 0]).cpu()  # (n_tokens,)
+        arg = rows_lp.argmax(-1).cpu()  # (n_tokens,)
+        start = 0
+        while start < len(owner):
+            i = owner[start]
+            n = len(c_ids[i])
+            out[i] = CandidateScore(nll=nll[start:start + n], argmax=arg[start:start + n],
+                                    target=torch.as_tensor(c_ids[i], dtype=torch.long))
+            start += n
+    return out  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def candidate_nll(
     model: nn.Module,
@@ -130,25 +269,47 @@ def candidate_nll(
         >>> bool(nll[0].mean() < nll[1].mean())
         True
     """
-    if len(prompts) != len(candidates):
-        raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidates")
-    if not prompts:
-        return []
-    device = model_device(model)
-    p_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    c_ids = [continuation_ids(tokenizer, c) for c in candidates]
-    step = batch_size or len(prompts)
-    out: list[Tensor] = []
-    for s in range(0, len(prompts), step):
-        pp, cc = p_ids[s:s + step], c_ids[s:s + step]
-        batch = make_batch(tokenizer, [p + c[:-1] for p, c in zip(pp, cc)], side, device)
-        logp = F.log_softmax(forward_logits(model, batch).float(), dim=-1)  # (B, T, V)
-        for i, (p, c) in enumerate(zip(pp, cc)):
-            # Token c_j is predicted at unpadded position len(p) - 1 + j.
-            rows = torch.arange(len(c), device=device) + batch.index(i, len(p) - 1)  # (n_c,)
-            target = torch.as_tensor(c, device=device)  # (n_c,)
-            out.append(-logp[i, rows, target].cpu())
-    return out
+    scores = _score_pairs(model, tokenizer, prompts, candidates, batch_size=batch_size, side=side,
+                          fast=False)
+    return [sc.nll for sc in scores]
+
+
+@torch.no_grad()
+def candidate_scores(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    candidates: Sequence[str],
+    *,
+    batch_size: int | None = None,
+    side: Side | None = None,
+    share_prefixes: bool = True,
+) -> list[CandidateScore]:
+    """Per-token NLL *and* argmax of each candidate after its prompt, teacher-forced.
+
+    The same scores as :func:`candidate_nll` (same tokenization, same positions), plus the
+    model's argmax at every candidate position (zsRE's token accuracy), computed with less work:
+
+    * pairs whose token sequences are prefixes of one another share one row (e.g. a one-token
+      candidate is read off the row of a longer candidate after the same prompt), and
+    * the LM head and the log-softmax run only at the candidate positions (through
+      ``logits_to_keep`` where the model accepts it).
+
+    Args:
+        batch_size: rows per forward pass (``None``: all in one pass).
+        side: padding side (default: the tokenizer's).
+        share_prefixes: share rows between prefix sequences (``False``: one row per pair).
+
+    Returns:
+        One :class:`CandidateScore` per pair, on the CPU.
+
+    Example:
+        >>> s = candidate_scores(model, tok, ["The capital of France is"], ["Paris"])[0]
+        >>> s.nll.shape == s.correct.shape
+        True
+    """
+    return _score_pairs(model, tokenizer, prompts, candidates, batch_size=batch_size, side=side,
+                        fast=share_prefixes)
 
 
 def candidate_probs(model: nn.Module, tokenizer: PreTrainedTokenizerBase,

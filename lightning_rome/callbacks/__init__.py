@@ -7,7 +7,8 @@ from lightning_rome.callbacks.edit import (
     ROMECallback,
     load_requests,
 )
+from lightning_rome.callbacks.evaluation import EditEvaluation
 from lightning_rome.callbacks.trace import CausalTraceCallback
 
-__all__ = ["CausalTraceCallback", "EditCallback", "EditorCallback", "MEMITCallback",
+__all__ = ["CausalTraceCallback", "EditCallback", "EditEvaluation", "EditorCallback", "MEMITCallback",
            "ROMECallback", "load_requests"]

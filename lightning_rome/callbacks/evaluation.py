@@ -87,8 +87,10 @@ class EditEvaluation(Callback):
 
     The weights are left bit-identical (every patch is reverted exactly) and the model's
     train/eval mode is restored. Under DDP the cases are split across ranks and the metrics
-    synchronised. The results of every evaluation are kept in :attr:`history` (and in
-    checkpoints).
+    synchronised; there, use an editor that does not backpropagate into the model's parameters
+    (ROME, MEMIT: they freeze them) or none, since gradients reaching DDP-wrapped parameters
+    outside a training step upset DDP's reducer (FT does). The results of every evaluation are
+    kept in :attr:`history` (and in checkpoints).
 
     Args:
         cases: :class:`~lightning_rome.data.EditCase` objects, :class:`EditRequest` objects or

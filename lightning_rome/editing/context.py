@@ -128,7 +128,7 @@ def read_keys(
                                        retain_output=outputs) as rec:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
               position_ids=batch.position_ids, use_cache=False)
-    k = rec[module_name].input[rows, pos].float()  # (n, d_in)
+    k = rec[module_name].input[rows, pos].float().detach()  # (n, d_in)
     v = rec[module_name].output[rows, pos].float() if outputs else None  # (n, d_out)
     return k, v
 

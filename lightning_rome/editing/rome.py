@@ -264,13 +264,13 @@ class ROME:
         k_star = compute_key(model, tokenizer, request, hp, layout=layout, contexts=contexts)
         u = self.C_inv_times(model, tokenizer, name, k_star) if hp.mom2_adjustment else k_star
         res = compute_value(model, tokenizer, request, hp, layout=layout, contexts=contexts)
-        v_star = res.v_star[0].to(k_star.device)  # (d_out,) v_init + δ at the bare prompt
+        v_star = res.v_star[0].detach().to(k_star.device)  # (d_out,) v_init + δ, bare prompt
         if hp.key_mode == "paper":
             if hp.v_mode == "add":
                 # δ was added to every context's own value, so the value to write at the
                 # averaged key is that key's own value plus δ: v* = W k* + b + δ (Λ = δ).
                 v_star = (_module_value(module, k_star).float()
-                          + (res.v_star[0] - res.v_init[0]).to(k_star.device))
+                          + (res.v_star[0] - res.v_init[0]).detach().to(k_star.device))
             delta = insert(module, k_star, v_star, u.to(k_star.device))
         else:
             k_bare, _ = read_keys(model, tokenizer, name, [request.prompt], [request.subject],

@@ -39,7 +39,7 @@ __all__ = ["generation_entropy", "ngram_entropy", "word_tokenize"]
 
 # Titles and short forms after which a period does not end a sentence.
 _TITLES = frozenset(
-    "mr mrs ms dr st jr sr prof gen col lt sgt rev gov sen rep mt ft vs no vol fig inc ltd co "  # noqa: SIM905
+    "mr mrs ms dr st jr sr prof gen col lt sgt rev gov sen rep mt ft vs no vol fig inc ltd co "
     "corp jan feb mar apr jun jul aug sep sept oct nov dec".split()
 )
 # A sentence-final mark: the mark, optional closing quotes/brackets, then whitespace and a

@@ -1,0 +1,1163 @@
+"""COUNTERFACT and zsRE evaluation of any editor: the per-case core and the ``EditEvaluator``.
+
+The core (:func:`evaluate_cases`, :func:`evaluate_sequential`, :func:`score_cases`,
+:func:`update_metrics`, :class:`CaseResultsFile`) needs no Trainer; :class:`EditEvaluator` runs it
+under ``Trainer.test`` with :class:`~lightning_rome.data.CounterFactDataModule` or
+:class:`~lightning_rome.data.ZsREDataModule`, and :class:`~lightning_rome.callbacks.EditEvaluation`
+runs it periodically during ``fit``.
+
+For each case the evaluation
+
+1. scores the unedited model (the ``pre/`` baseline; for a batch of cases in one forward pass);
+2. computes the edit with the editor (``editor.edit(model, tokenizer, [request]) -> WeightPatch``,
+   which leaves the model unchanged), applies it, and scores the rewrite, paraphrase,
+   neighborhood and attribute prompts for both targets in one batched forward pass
+   (:func:`lightning_rome.scoring.candidate_scores`), optionally generating text for GE and RS;
+3. reverts the patch, bit-exactly, whatever happened in step 2.
+
+What is scored, per prompt kind (``o*`` = ``target_new``, ``o^c`` = ``target_true``):
+
+=============  ======================================  ==========================================
+kind           prompts                                 the "true" candidate
+=============  ======================================  ==========================================
+rewrite        the edit prompt with the subject        ``o^c``
+paraphrase     ``paraphrase_prompts``                  ``o^c``
+neighborhood   ``neighborhood_prompts``                ``neighborhood_answers[i]`` (``o^c`` in
+                                                       COUNTERFACT; NQ's gold answer in zsRE)
+attribute      ``attribute_prompts``                   ``o^c`` (their true answer is ``o*``)
+=============  ======================================  ==========================================
+
+Every prompt is scored for ``o*`` and for its "true" candidate: the mean per-token NLL, ``P =
+exp(-mean NLL)``, and the per-token teacher-forced argmax correctness (zsRE's accuracy). A case's
+results are a JSON-serialisable *record* (see :func:`evaluate_cases`), from which the metrics are
+fed (:func:`update_metrics`), so results read back from a results file give exactly the numbers
+of a fresh run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
+
+from lightning_rome.data.records import CaseId, EditCase, RecordBatch
+from lightning_rome.metrics import CaseMean, counterfact_metrics, summary_table, zsre_metrics
+from lightning_rome.metrics.functional import MetricCI
+from lightning_rome.patches import WeightPatch
+from lightning_rome.scoring import candidate_scores, generate, model_device
+from lightning_rome.utils.io import atomic_path, atomic_write_json, tensor_checksum
+
+__all__ = [
+    "PROMPT_KINDS",
+    "RECORD_FORMAT",
+    "CaseResultsFile",
+    "EditEvaluator",
+    "compute_results",
+    "dataset_kind",
+    "editor_name",
+    "eval_mode",
+    "evaluate_cases",
+    "evaluate_sequential",
+    "load_results",
+    "make_metrics",
+    "model_checksum",
+    "record_checksum",
+    "resolve_editor",
+    "score_cases",
+    "update_metrics",
+]
+
+#: The prompt kinds of a case, in the order they are scored.
+PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood", "attribute")
+#: Version of the per-case record layout (the ``format`` field of every results line).
+RECORD_FORMAT = 1
+#: Generation defaults of ROME's GE/RS evaluation: top-k = 5 sampling of 100 new tokens.
+GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": 100, "top_k": 5}
+
+Kind = Literal["counterfact", "zsre"]
+OnError = Literal["raise", "skip"]
+Mode = Literal["independent", "sequential"]
+Record = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------- editors
+def resolve_editor(editor: Any, hparams: Any = None) -> Any:
+    """An editor object from what the user passed.
+
+    Args:
+        editor: ``None`` (or ``"none"``) for the unedited baseline; a method name
+            (``"rome"``, ``"memit"``, ``"ft"``, ``"ft-l"``, ``"kn"``, ... as
+            :func:`lightning_rome.editing.get_editor` knows them); or any object with
+            ``edit(model, tokenizer, requests) -> WeightPatch``.
+        hparams: the method's hyperparameters (only with a method name).
+
+    Raises:
+        ValueError: an unknown method name, or ``hparams`` given with an editor object.
+        TypeError: an object without an ``edit`` method.
+    """
+    if editor is None or (isinstance(editor, str) and editor.lower() in ("none", "baseline")):
+        if hparams is not None:
+            raise ValueError("hparams were given but no editor (editor=None evaluates the "
+                             "unedited model)")
+        return None
+    if isinstance(editor, str):
+        from lightning_rome.editing import get_editor
+
+        return get_editor(editor, hparams)
+    if not callable(getattr(editor, "edit", None)):
+        raise TypeError(f"editor must be None, a method name or an object with "
+                        f"edit(model, tokenizer, requests) -> WeightPatch; got "
+                        f"{type(editor).__name__}")
+    if hparams is not None:
+        raise ValueError(f"hparams are only used with a method name; the editor object "
+                         f"{type(editor).__name__} brings its own")
+    return editor
+
+
+def editor_name(editor: Any) -> str:
+    """A short name for results and tables: ``"none"``, the editor's ``method`` attribute, or
+    its class name in lower case."""
+    if editor is None:
+        return "none"
+    name = getattr(editor, "method", None)
+    return name if isinstance(name, str) and name else type(editor).__name__.lower()
+
+
+def _editor_hparams(editor: Any) -> Any:
+    hp = getattr(editor, "hparams", None)
+    if hp is None:
+        return None
+    if callable(getattr(hp, "to_dict", None)):
+        return hp.to_dict()
+    return hp
+
+
+def dataset_kind(case: EditCase) -> Kind:
+    """``"zsre"`` for zsRE cases, ``"counterfact"`` for the others."""
+    return "zsre" if case.source == "zsre" else "counterfact"
+
+
+def model_checksum(model: nn.Module) -> str:
+    """SHA-256 over the bits of every parameter and buffer of ``model`` (in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted([*model.named_parameters(), *model.named_buffers()],
+                          key=lambda x: x[0]):
+        h.update(f"{name}={tensor_checksum(t)};".encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode (no dropout) and restore each one's own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+# ---------------------------------------------------------------------------------- scoring
+def _kind_pairs(case: EditCase) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Per prompt kind: the prompts and the "true" candidate of each."""
+    true = case.request.target_true
+    if true is None:
+        raise ValueError(f"case {case.case_id!r} has no target_true: the evaluation compares "
+                         "o* with the true object o^c")
+    return {
+        "rewrite": (case.rewrite_prompts, (true,)),
+        "paraphrase": (case.paraphrase_prompts, (true,) * len(case.paraphrase_prompts)),
+        "neighborhood": (case.neighborhood_prompts, case.neighborhood_answers),
+        "attribute": (case.attribute_prompts, (true,) * len(case.attribute_prompts)),
+    }
+
+
+def score_cases(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cases: Sequence[EditCase],
+                *, batch_size: int | None = None) -> list[dict[str, dict[str, list[Any]]]]:
+    """Score every prompt of every case for ``o*`` and its true candidate, in one batched call.
+
+    All ``(prompt, candidate)`` pairs of all the cases go through one
+    :func:`~lightning_rome.scoring.candidate_scores` call (chunks of ``batch_size`` rows).
+
+    Returns:
+        Per case, per prompt kind with at least one prompt: ``{"nll_new", "nll_true"}`` (mean
+        per-token NLL per prompt), ``{"p_new", "p_true"}`` (``exp(-mean NLL)``) and
+        ``{"correct_new", "correct_true"}`` (per prompt, the per-token argmax correctness).
+    """
+    prompts: list[str] = []
+    cands: list[str] = []
+    where: list[tuple[int, str, str]] = []  # (case, kind, "new" | "true") per pair
+    for c_i, case in enumerate(cases):
+        for kind, (ps, trues) in _kind_pairs(case).items():
+            for p, t in zip(ps, trues):
+                prompts += [p, p]
+                cands += [case.request.target_new, t]
+                where += [(c_i, kind, "new"), (c_i, kind, "true")]
+    scores = candidate_scores(model, tokenizer, prompts, cands, batch_size=batch_size)
+    out: list[dict[str, dict[str, list[Any]]]] = [{} for _ in cases]
+    for (c_i, kind, which), sc in zip(where, scores):
+        entry = out[c_i].setdefault(kind, {f"{k}_{w}": [] for k in ("nll", "p", "correct")
+                                           for w in ("new", "true")})
+        nll = sc.mean_nll
+        entry[f"nll_{which}"].append(nll)
+        entry[f"p_{which}"].append(math.exp(-nll))
+        entry[f"correct_{which}"].append([bool(x) for x in sc.correct.tolist()])
+    return out
+
+
+def _generation_seed(seed: int, case_id: CaseId | None) -> int:
+    digest = hashlib.sha256(f"{seed}|{case_id!r}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
+
+
+def _generate_for(model: nn.Module, tokenizer: PreTrainedTokenizerBase, case: EditCase,
+                  phase: str, seed: int, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Texts from the case's generation prompts, sampled with a generator seeded by the case id:
+    a resumed run samples what a fresh run would, and the pre- and post-edit texts share their
+    random numbers (so GE's change is the edit's, not the sampling's). ``phase`` is unused by
+    the seed on purpose."""
+    if not case.generation_prompts:
+        return None
+    gen = torch.Generator(device=model_device(model))
+    gen.manual_seed(_generation_seed(seed, case.case_id))
+    texts = generate(model, tokenizer, list(case.generation_prompts), generator=gen,
+                     **dict(kwargs))
+    return {"prompts": list(case.generation_prompts), "texts": texts}
+
+
+# ---------------------------------------------------------------------------------- records
+def record_checksum(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a record's canonical JSON, without its ``checksum`` field."""
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _new_record(case: EditCase, method: str) -> Record:
+    return {
+        "format": RECORD_FORMAT,
+        "case_id": case.case_id,
+        "source": case.source,
+        "method": method,
+        "request": case.request.to_dict(),
+        "relation_id": case.relation_id,
+        "target_new_id": case.target_new_id,
+        "status": "ok",
+        "error": None,
+        "group": None,
+        "pre": None,
+        "post": None,
+        "patch_norm": None,
+        "patch_norms": None,
+        "edit_seconds": None,
+        "eval_seconds": None,
+    }
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class _Evaluation:
+    """Shared state of one evaluation call: the model, the editor and the options."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Any, *,
+                 hparams: Any, baseline: bool, generation: bool,
+                 generation_kwargs: Mapping[str, Any] | None, score_batch_size: int | None,
+                 seed: int, on_error: OnError, verify_revert: bool,
+                 metrics: Mapping[str, MetricCollection] | None,
+                 on_result: Callable[[Record], None] | None) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.model, self.tok = model, tokenizer
+        self.editor = resolve_editor(editor, hparams)
+        self.method = editor_name(self.editor)
+        self.baseline = baseline
+        self.generation = generation
+        self.gen_kwargs = {**GENERATION_DEFAULTS, **dict(generation_kwargs or {})}
+        self.batch_size = score_batch_size
+        self.seed = seed
+        self.on_error = on_error
+        self.verify = verify_revert
+        self.metrics = metrics
+        self.on_result = on_result
+        self.reference = model_checksum(model) if verify_revert else None
+
+    def check_restored(self, what: str) -> None:
+        if self.reference is not None and model_checksum(self.model) != self.reference:
+            raise RuntimeError(f"the model's weights were not restored exactly after {what}")
+
+    def measure(self, cases: Sequence[EditCase], phase: str) -> list[dict[str, Any]]:
+        """Scores (and generations) of ``cases`` on the model as it is now."""
+        scored = score_cases(self.model, self.tok, cases, batch_size=self.batch_size)
+        if self.generation:
+            for case, s in zip(cases, scored):
+                g = _generate_for(self.model, self.tok, case, phase, self.seed, self.gen_kwargs)
+                if g is not None:
+                    s["generation"] = g  # type: ignore[assignment]
+        return scored
+
+    def edit(self, case: EditCase) -> WeightPatch:
+        patch = self.editor.edit(self.model, self.tok, [case.request])
+        if not isinstance(patch, WeightPatch):
+            raise TypeError(f"{type(self.editor).__name__}.edit returned "
+                            f"{type(patch).__name__}, expected a WeightPatch")
+        return patch.to(model_device(self.model))
+
+    def finish(self, record: Record) -> Record:
+        if self.metrics is not None:
+            update_metrics(self.metrics, record)
+        if self.on_result is not None:
+            self.on_result(record)
+        return record
+
+
+def _with_norms(record: Record, patch: WeightPatch) -> None:
+    norms = patch.norms()
+    record["patch_norms"] = norms
+    record["patch_norm"] = math.sqrt(sum(v * v for v in norms.values()))
+
+
+def evaluate_cases(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cases: Sequence[EditCase],
+    editor: Any = None,
+    *,
+    hparams: Any = None,
+    baseline: bool = True,
+    generation: bool = False,
+    generation_kwargs: Mapping[str, Any] | None = None,
+    score_batch_size: int | None = None,
+    seed: int = 0,
+    on_error: OnError = "raise",
+    verify_revert: bool = False,
+    metrics: Mapping[str, MetricCollection] | None = None,
+    on_result: Callable[[Record], None] | None = None,
+) -> list[Record]:
+    """Evaluate each case on its own: edit, apply, score, (generate), revert.
+
+    The pre-edit scores of all the cases come from one batched forward pass (the model is the
+    same for all of them); each case's post-edit scores from one more. With ``editor=None`` the
+    unedited model is measured once and its scores are both ``pre`` and ``post``.
+
+    Args:
+        model: a Hugging Face causal LM (left in the state it was found in, bit for bit).
+        tokenizer: its tokenizer.
+        cases: the cases.
+        editor: ``None``, a method name, or an object with ``edit(model, tokenizer, requests)
+            -> WeightPatch`` (see :func:`resolve_editor`).
+        hparams: the method's hyperparameters, with a method name.
+        baseline: measure the unedited model too (``pre``).
+        generation: sample text from the generation prompts for GE and RS (COUNTERFACT).
+        generation_kwargs: passed to :func:`~lightning_rome.scoring.generate` (default
+            ``max_new_tokens=100, top_k=5``); the sampling is seeded per case.
+        score_batch_size: rows per scoring forward pass (``None``: all at once).
+        seed: the seed of the generation sampling.
+        on_error: ``"raise"`` (default): an exception in the editor, in applying the patch or in
+            scoring stops the evaluation (after the model is restored); ``"skip"``: the case is
+            recorded with ``status="error"`` and the error message, and the evaluation goes on.
+        verify_revert: check, with a checksum of every parameter and buffer, that the model is
+            bit-identical to its start after every case (costly for large models).
+        metrics: ``{"pre": collection, "post": collection}`` (either optional) to update with
+            each successful case (see :func:`make_metrics` and :func:`update_metrics`).
+        on_result: called with each case's record as soon as it is complete (e.g. to write it).
+
+    Returns:
+        One record per case, a JSON-serialisable dict: ``format``, ``case_id``, ``source``,
+        ``method``, ``request``, ``relation_id``, ``target_new_id``, ``status`` (``"ok"`` or
+        ``"error"``), ``error`` (the message), ``group`` (``None`` here), ``pre`` and ``post``
+        (per prompt kind the scores of :func:`score_cases`, plus ``generation``: ``{"prompts",
+        "texts"}``), ``patch_norm`` (the Frobenius norm of the whole patch), ``patch_norms``
+        (per parameter), ``edit_seconds`` and ``eval_seconds``.
+
+    Raises:
+        Whatever the editor raises, with ``on_error="raise"``; the model is restored first.
+        RuntimeError: ``verify_revert`` found the weights changed after a case.
+
+    Example:
+        >>> records = evaluate_cases(model, tok, cases, "rome", hparams="gpt2-xl")
+        >>> records[0]["post"]["rewrite"]["p_new"]   # doctest: +SKIP
+        [0.93]
+    """
+    ev = _Evaluation(model, tokenizer, editor, hparams=hparams, baseline=baseline,
+                     generation=generation, generation_kwargs=generation_kwargs,
+                     score_batch_size=score_batch_size, seed=seed, on_error=on_error,
+                     verify_revert=verify_revert, metrics=metrics, on_result=on_result)
+    cases = list(cases)
+    for case in cases:
+        _kind_pairs(case)  # every case must have a target_true; checked before any work
+    if not cases:
+        return []
+    with eval_mode(model):
+        return _independent(ev, cases)
+
+
+def _independent(ev: _Evaluation, cases: list[EditCase]) -> list[Record]:
+    model, baseline, on_error = ev.model, ev.baseline, ev.on_error
+    t0 = time.perf_counter()
+    pre = ev.measure(cases, "pre") if (baseline or ev.editor is None) else [None] * len(cases)
+    pre_seconds = (time.perf_counter() - t0) / len(cases)
+    records = []
+    for case, pre_scores in zip(cases, pre):
+        record = _new_record(case, ev.method)
+        record["pre"] = pre_scores if baseline else None
+        if ev.editor is None:
+            record["post"] = pre_scores
+            record["eval_seconds"] = pre_seconds
+            records.append(ev.finish(record))
+            continue
+        t1 = time.perf_counter()
+        patch: WeightPatch | None = None
+        try:
+            patch = ev.edit(case)
+            record["edit_seconds"] = time.perf_counter() - t1
+            _with_norms(record, patch)
+            patch.apply(model)  # all or nothing: a patch that cannot apply writes nothing
+            try:
+                t2 = time.perf_counter()
+                record["post"] = ev.measure([case], "post")[0]
+                record["eval_seconds"] = time.perf_counter() - t2
+            finally:
+                patch.revert(model)
+        except Exception as e:
+            if on_error == "raise":
+                raise
+            record.update(status="error", error=_error_text(e), post=None)
+            rank_zero_warn(f"evaluation of case {case.case_id!r} failed and is skipped: "
+                           f"{_error_text(e)}")
+        ev.check_restored(f"case {case.case_id!r}")
+        records.append(ev.finish(record))
+    return records
+
+
+def evaluate_sequential(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cases: Sequence[EditCase],
+    editor: Any = None,
+    *,
+    hparams: Any = None,
+    baseline: bool = True,
+    generation: bool = False,
+    generation_kwargs: Mapping[str, Any] | None = None,
+    score_batch_size: int | None = None,
+    seed: int = 0,
+    on_error: OnError = "raise",
+    verify_revert: bool = False,
+    metrics: Mapping[str, MetricCollection] | None = None,
+    on_result: Callable[[Record], None] | None = None,
+) -> list[Record]:
+    """ROME's multiple-rewrites experiment: apply the N edits one after another without
+    reverting (each computed on the model edited by the previous ones), then evaluate all N at
+    once on the model holding all of them, then revert them all.
+
+    Arguments and records are as in :func:`evaluate_cases`; each record's ``group`` lists the
+    case ids edited together, and ``pre`` is the unedited model. With ``on_error="skip"``, a
+    case whose edit fails is recorded as an error and the others go on. The model ends
+    bit-identical to its start, on success, on error and on interrupt.
+
+    Example:
+        >>> for n in (1, 10, 20):
+        ...     records = evaluate_sequential(model, tok, cases[:n], "rome", hparams="gpt2-xl")
+    """
+    ev = _Evaluation(model, tokenizer, editor, hparams=hparams, baseline=baseline,
+                     generation=generation, generation_kwargs=generation_kwargs,
+                     score_batch_size=score_batch_size, seed=seed, on_error=on_error,
+                     verify_revert=verify_revert, metrics=metrics, on_result=on_result)
+    cases = list(cases)
+    for case in cases:
+        _kind_pairs(case)
+    if not cases:
+        return []
+    with eval_mode(model):
+        return _sequential(ev, cases)
+
+
+def _sequential(ev: _Evaluation, cases: list[EditCase]) -> list[Record]:
+    model, baseline, on_error = ev.model, ev.baseline, ev.on_error
+    group = [c.case_id for c in cases]
+    records = [_new_record(c, ev.method) for c in cases]
+    for r in records:
+        r["group"] = group
+    pre = ev.measure(cases, "pre") if (baseline or ev.editor is None) else [None] * len(cases)
+    for r, p in zip(records, pre):
+        r["pre"] = p if baseline else None
+    applied: list[WeightPatch] = []
+    try:
+        if ev.editor is not None:
+            for case, r in zip(cases, records):
+                t1 = time.perf_counter()
+                try:
+                    patch = ev.edit(case)
+                    _with_norms(r, patch)
+                    patch.apply(model)
+                    applied.append(patch)
+                    r["edit_seconds"] = time.perf_counter() - t1
+                except Exception as e:
+                    if on_error == "raise":
+                        raise
+                    r.update(status="error", error=_error_text(e))
+                    rank_zero_warn(f"the edit of case {case.case_id!r} failed and is skipped "
+                                   f"(sequential group of {len(cases)}): {_error_text(e)}")
+        ok = [i for i, r in enumerate(records) if r["status"] == "ok"]
+        if ev.editor is None:
+            post = pre
+        else:
+            t2 = time.perf_counter()
+            scored = ev.measure([cases[i] for i in ok], "post") if ok else []
+            post = [None] * len(cases)
+            for i, s in zip(ok, scored):
+                post[i] = s
+            per_case = (time.perf_counter() - t2) / max(1, len(ok))
+            for i in ok:
+                records[i]["eval_seconds"] = per_case
+        for i in ok:
+            records[i]["post"] = post[i]
+    finally:
+        for p in reversed(applied):
+            p.revert(model)
+    ev.check_restored(f"the sequential group {group!r}")
+    return [ev.finish(r) for r in records]
+
+
+# ---------------------------------------------------------------------------------- metrics
+def make_metrics(kind: Kind, prefix: str = "", *, generation: bool = False, tfidf: Any = None,
+                 snippets: Any = None) -> MetricCollection:
+    """The metric collection of a dataset kind: :func:`~lightning_rome.metrics.counterfact_metrics`
+    (with GE, and RS when ``tfidf`` or ``snippets`` are given, if ``generation``) or
+    :func:`~lightning_rome.metrics.zsre_metrics`."""
+    if kind == "zsre":
+        return zsre_metrics(prefix=prefix)
+    if kind != "counterfact":
+        raise ValueError(f"dataset kind must be 'counterfact' or 'zsre', got {kind!r}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*reference score RS is left out.*")
+        return counterfact_metrics(prefix=prefix, generation=generation, score_type="nll",
+                                   tfidf=tfidf, snippets=snippets)
+
+
+# What each COUNTERFACT metric needs from a case (the prompt kinds, or generated text).
+_CF_NEEDS: dict[str, tuple[str, ...]] = {
+    "ES": ("rewrite",), "EM": ("rewrite",), "PS": ("paraphrase",), "PM": ("paraphrase",),
+    "NS": ("neighborhood",), "NM": ("neighborhood",),
+    "S": ("rewrite", "paraphrase", "neighborhood"), "GE": ("generation",),
+    "RS": ("generation", "rs_reference"),
+}
+
+
+def _cf_inputs(scores: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+    inputs: dict[str, Any] = {}
+    for kind in ("rewrite", "paraphrase", "neighborhood"):
+        if kind in scores:
+            inputs[f"{kind}_new"] = [list(scores[kind]["nll_new"])]
+            inputs[f"{kind}_true"] = [list(scores[kind]["nll_true"])]
+    if "generation" in scores:
+        inputs["generated_texts"] = [list(scores["generation"]["texts"])]
+        if record.get("relation_id") and record.get("target_new_id"):
+            inputs["relation_ids"] = [record["relation_id"]]
+            inputs["target_new_ids"] = [record["target_new_id"]]
+    return inputs
+
+
+def _zsre_inputs(scores: Mapping[str, Any]) -> dict[str, Any]:
+    """Token accuracy inputs: a case pools the answer tokens of all its prompts."""
+    inputs: dict[str, Any] = {}
+    for kind, which in (("rewrite", "new"), ("paraphrase", "new"), ("neighborhood", "true")):
+        if kind in scores:
+            flat = [x for row in scores[kind][f"correct_{which}"] for x in row]
+            inputs[f"{kind}_correct"] = [flat]
+    return inputs
+
+
+def _has(kind: str, scores: Mapping[str, Any], inputs: Mapping[str, Any]) -> bool:
+    if kind == "rs_reference":
+        return "relation_ids" in inputs
+    return kind in scores
+
+
+def _base_name(key: str, collection: MetricCollection) -> str:
+    prefix = getattr(collection, "prefix", None) or ""
+    postfix = getattr(collection, "postfix", None) or ""
+    name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+    return name[: len(name) - len(postfix)] if postfix and name.endswith(postfix) else name
+
+
+def update_metrics(metrics: Mapping[str, MetricCollection], record: Mapping[str, Any]) -> None:
+    """Feed one case's record into ``{"pre": collection, "post": collection}``.
+
+    Error records are skipped. Each metric gets only the inputs it needs, and a metric whose
+    prompts the case lacks (e.g. PS for a reduced COUNTERFACT record without a paraphrase, GE
+    without generation prompts) is not updated for this case.
+    """
+    if record.get("status") != "ok":
+        return
+    zsre = record.get("source") == "zsre"
+    for phase, collection in metrics.items():
+        scores = record.get(phase)
+        if scores is None or collection is None:
+            continue
+        if zsre:
+            inputs = _zsre_inputs(scores)
+            for key, metric in collection.items(keep_base=False):
+                base = _base_name(key, collection)
+                kind = {"efficacy": "rewrite", "paraphrase": "paraphrase",
+                        "specificity": "neighborhood"}.get(base)
+                if kind is not None and f"{kind}_correct" in inputs:
+                    metric.update(**{f"{kind}_correct": inputs[f"{kind}_correct"]})
+            continue
+        inputs = _cf_inputs(scores, record)
+        for key, metric in collection.items(keep_base=False):
+            needs = _CF_NEEDS.get(_base_name(key, collection))
+            if needs is None or not all(_has(n, scores, inputs) for n in needs):
+                continue
+            metric.update(**_filter_kwargs(metric, inputs))
+
+
+def _filter_kwargs(metric: Metric, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(metric.update).parameters
+    return {k: v for k, v in inputs.items() if k in params}
+
+
+def compute_results(collection: Mapping[str, Metric] | MetricCollection) -> dict[str, MetricCI]:
+    """``compute_with_ci()`` of every metric that saw at least one case (on any process).
+
+    Under DDP this is collective: call it on every rank. Metrics without cases are left out.
+    """
+    items = (collection.items(keep_base=False) if isinstance(collection, MetricCollection)
+             else collection.items())
+    out: dict[str, MetricCI] = {}
+    for key, metric in items:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                out[key] = metric.compute_with_ci()  # type: ignore[operator]
+        except ValueError as e:
+            if "no cases" not in str(e):
+                raise
+    return out
+
+
+# ---------------------------------------------------------------------------------- results file
+class CaseResultsFile:
+    """Per-case results of one process as JSON lines, written as they come.
+
+    Each line is one record (see :func:`evaluate_cases`) with a ``checksum`` field (the SHA-256
+    of the rest of the record, :func:`record_checksum`), so a truncated or altered line is
+    detected when read. Every line is flushed as soon as it is written.
+
+    Example:
+        >>> with CaseResultsFile("results/cases.rank0.jsonl") as f:
+        ...     f.append(record)
+        >>> records, problems = CaseResultsFile.read("results/cases.rank0.jsonl")
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fh: Any = None
+
+    def open(self) -> CaseResultsFile:
+        """Open for appending. A file whose last line was cut short gets a newline first, so
+        that the next record starts on a line of its own (the cut line stays invalid)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        cut = False
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                cut = fh.read(1) != b"\n"
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        if cut:
+            self._fh.write("\n")
+        return self
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> CaseResultsFile:
+        return self.open() if self._fh is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Write one record as a checksummed line and flush it."""
+        if self._fh is None:
+            self.open()
+        rec = dict(record)
+        rec.pop("checksum", None)
+        rec["checksum"] = record_checksum(rec)
+        self._fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
+        self._fh.flush()
+
+    @staticmethod
+    def read(path: str | os.PathLike[str]) -> tuple[list[Record], list[tuple[int, str]]]:
+        """The valid records of a file, and ``(line number, reason)`` for each invalid line
+        (unparseable, truncated, a failed checksum, an unknown format)."""
+        records: list[Record] = []
+        problems: list[tuple[int, str]] = []
+        path = Path(path)
+        if not path.is_file():
+            return records, problems
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    why = "truncated line" if not line.endswith("\n") else "not valid JSON"
+                    problems.append((n, why))
+                    continue
+                if not isinstance(rec, dict) or "checksum" not in rec:
+                    problems.append((n, "not a results record (no checksum)"))
+                elif rec["checksum"] != record_checksum(rec):
+                    problems.append((n, f"checksum mismatch (case {rec.get('case_id')!r})"))
+                elif rec.get("format") != RECORD_FORMAT or "case_id" not in rec:
+                    problems.append((n, f"unknown record format {rec.get('format')!r}"))
+                else:
+                    records.append(rec)
+        return records, problems
+
+
+def _group_complete(rec: Record, by_id: Mapping[Any, Record]) -> bool:
+    group = rec.get("group")
+    if not group:
+        return True
+    return all(_key(c) in by_id and by_id[_key(c)].get("group") == group for c in group)
+
+
+def _key(case_id: Any) -> str:
+    """A dict key that keeps ``1`` and ``"1"`` apart."""
+    return json.dumps(case_id)
+
+
+def load_results(folder: str | os.PathLike[str], pattern: str = "cases.rank*.jsonl", *,
+                 retry_errors: bool = False, repair: bool = True) -> dict[str, Record]:
+    """The valid per-case records of every results file in ``folder``, keyed by
+    ``json.dumps(case_id)``.
+
+    Invalid lines (a truncated last line, a failed checksum), duplicates (the first valid line
+    wins), error records (with ``retry_errors``) and the records of incomplete sequential groups
+    are dropped with a warning, so that their cases are evaluated again. With ``repair`` the
+    files are rewritten (atomically) without the dropped lines.
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob(pattern))
+    by_id: dict[str, Record] = {}
+    kept: dict[Path, list[Record]] = {}
+    dropped: dict[Path, int] = {}
+    for path in files:
+        records, problems = CaseResultsFile.read(path)
+        for n, why in problems:
+            rank_zero_warn(f"{path}, line {n}: {why}; that case will be evaluated again")
+        dropped[path] = len(problems)
+        kept[path] = []
+        for rec in records:
+            k = _key(rec["case_id"])
+            if k in by_id:
+                rank_zero_warn(f"{path}: case {rec['case_id']!r} appears more than once; keeping "
+                               "the first valid record")
+                dropped[path] += 1
+                continue
+            if retry_errors and rec.get("status") == "error":
+                rank_zero_warn(f"{path}: case {rec['case_id']!r} failed before "
+                               f"({rec.get('error')}); evaluating it again")
+                dropped[path] += 1
+                continue
+            by_id[k] = rec
+            kept[path].append(rec)
+    incomplete = {k for k, rec in by_id.items() if not _group_complete(rec, by_id)}
+    if incomplete:
+        rank_zero_warn(f"{folder}: {len(incomplete)} record(s) belong to incomplete sequential "
+                       "groups; those groups will be evaluated again")
+        for path in files:
+            before = len(kept[path])
+            kept[path] = [r for r in kept[path] if _key(r["case_id"]) not in incomplete]
+            dropped[path] += before - len(kept[path])
+        by_id = {k: v for k, v in by_id.items() if k not in incomplete}
+    if repair:
+        for path in files:
+            if dropped[path]:
+                with atomic_path(path) as tmp:
+                    tmp.write_text("".join(json.dumps(r, sort_keys=True, default=str) + "\n"
+                                           for r in kept[path]), encoding="utf-8")
+    return by_id
+
+
+# ---------------------------------------------------------------------------------- module
+def _strip(results: Mapping[str, MetricCI], prefix: str) -> dict[str, MetricCI]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in results.items()}
+
+
+class EditEvaluator(pl.LightningModule):
+    """Evaluate an editor on COUNTERFACT or zsRE with ``Trainer.test``.
+
+    Every test case is edited on its own (or, with ``mode="sequential"``, each test batch is
+    edited in sequence), scored before and after the edit in batched forward passes, and
+    reverted bit-exactly. The metrics of the papers' tables are logged to the Trainer's logger
+    as ``pre/ES``, ``post/ES``, ... (zsRE: ``pre/efficacy``, ``post/efficacy``, ...), with
+    ``edit/patch_norm``, ``edit/seconds`` and ``edit/error_rate``.
+
+    Results go to ``results_dir``:
+
+    * ``cases.rank{r}.jsonl``: one checksummed line per case per process, flushed as it is
+      written, with every probability, the token accuracies, generated texts and the patch
+      norm (see :func:`evaluate_cases`). A rerun with the same settings resumes: cases already
+      in the files are not evaluated again, their stored values go into the metrics, and a
+      truncated or corrupt line is dropped (with a warning) and its case redone.
+    * ``run.json``: the settings the results belong to; a rerun with different settings
+      (another editor or hyperparameters) is refused unless ``resume=False``.
+    * ``summary.json`` and ``summary.md`` (rank zero, atomically): the table in the published
+      layout (S, ES, PS, NS, EM, PM, NM, GE, RS, ± 95% intervals, × 100) and the raw numbers.
+
+    Under DDP, each rank evaluates its own cases (the DataModules shard the test split with no
+    repeats) on its own replica, and the metrics are synchronised at the end.
+
+    Args:
+        model: a Hugging Face causal LM, or its name or local path.
+        tokenizer: its tokenizer (default: the model's, when ``model`` is a name or path).
+        editor: ``None`` (the unedited model), a method name (``"rome"``, ``"memit"``, ``"ft"``,
+            ``"ft-l"``, ``"kn"``, ...) or any object with ``edit(model, tokenizer, requests) ->
+            WeightPatch`` (ROME, MEMIT, FT, FTL, KN, MEND, KE, ...).
+        hparams: the method's hyperparameters (a dataclass, dict, preset name or YAML path), with
+            a method name.
+        mode: ``"independent"`` (each case edited alone; the COUNTERFACT/zsRE tables) or
+            ``"sequential"`` (the cases of each test batch are edited one after another without
+            reverting and then evaluated together: set the DataModule's ``batch_size`` to the
+            number of edits N).
+        dataset: ``"counterfact"``, ``"zsre"`` or ``"auto"`` (from the DataModule, else the
+            cases' ``source``).
+        baseline: also measure the unedited model (``pre/`` metrics).
+        generation: generate text for GE (and RS with ``tfidf``/``snippets``).
+        generation_kwargs: for :func:`~lightning_rome.scoring.generate` (default 100 new
+            tokens, top-k 5).
+        tfidf, snippets: RS's IDF table and attribute snippets (see
+            :class:`~lightning_rome.metrics.ReferenceScore`).
+        results_dir: where the results go (default
+            ``{trainer.default_root_dir}/edit_eval/{label}``).
+        resume: continue from the results already in ``results_dir`` (``False``: start afresh,
+            deleting them).
+        retry_errors: when resuming, evaluate again the cases recorded as errors.
+        on_error: ``"raise"`` (default) or ``"skip"`` (record the error for the case and go on).
+            The model is restored in both cases.
+        score_batch_size: rows per scoring forward pass (``None``: a case's prompts at once).
+        seed: seeds the generation sampling (per case).
+        verify_revert: checksum every parameter before and after each case and raise if the
+            weights differ (slow for large models).
+        label: the row label of the summary table (default: the editor's name).
+        verbose: print the summary table at the end (rank zero).
+
+    Example:
+        >>> evaluator = EditEvaluator("gpt2-xl", editor="rome", hparams="gpt2-xl")
+        >>> dm = CounterFactDataModule(limit=100, batch_size=8)
+        >>> L.Trainer(devices=2, strategy="ddp").test(evaluator, datamodule=dm)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        tokenizer: PreTrainedTokenizerBase | str | None = None,
+        editor: Any = None,
+        hparams: Any = None,
+        *,
+        mode: Mode = "independent",
+        dataset: Literal["auto", "counterfact", "zsre"] = "auto",
+        baseline: bool = True,
+        generation: bool = False,
+        generation_kwargs: dict[str, Any] | None = None,
+        tfidf: Any = None,
+        snippets: Any = None,
+        results_dir: str | os.PathLike[str] | None = None,
+        resume: bool = True,
+        retry_errors: bool = False,
+        on_error: OnError = "raise",
+        score_batch_size: int | None = None,
+        seed: int = 0,
+        verify_revert: bool = False,
+        label: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        from lightning_rome.models.loading import resolve_model
+
+        if mode not in ("independent", "sequential"):
+            raise ValueError(f"mode must be 'independent' or 'sequential', got {mode!r}")
+        if dataset not in ("auto", "counterfact", "zsre"):
+            raise ValueError(f"dataset must be 'auto', 'counterfact' or 'zsre', got {dataset!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.model, self.tokenizer = resolve_model(model, tokenizer)
+        self.editor = resolve_editor(editor, hparams)
+        self.method = editor_name(self.editor)
+        self.mode = mode
+        self.dataset = dataset
+        self.baseline = baseline
+        self.generation = generation
+        self.generation_kwargs = dict(generation_kwargs or {})
+        self.tfidf, self.snippets = tfidf, snippets
+        self.results_dir = None if results_dir is None else Path(results_dir)
+        self.resume = resume
+        self.retry_errors = retry_errors
+        self.on_error = on_error
+        self.score_batch_size = score_batch_size
+        self.seed = seed
+        self.verify_revert = verify_revert
+        self.label = label or self.method
+        self.verbose = verbose
+        self.save_hyperparameters({
+            "editor": self.method, "mode": mode, "dataset": dataset, "baseline": baseline,
+            "generation": generation, "seed": seed, "on_error": on_error})
+        self.kind: Kind | None = None if dataset == "auto" else dataset  # type: ignore[assignment]
+        self.pre_metrics: MetricCollection | None = None
+        self.post_metrics: MetricCollection | None = None
+        self.edit_metrics = MetricCollection(
+            {"patch_norm": CaseMean(), "seconds": CaseMean(), "error_rate": CaseMean()},
+            prefix="edit/", compute_groups=False)
+        self.results: dict[str, Any] = {}
+        self._stored: dict[str, Record] = {}
+        self._file: CaseResultsFile | None = None
+        self._counts = {"evaluated": 0, "resumed": 0}
+
+    # ------------------------------------------------------------------ setup
+    def _signature(self) -> dict[str, Any]:
+        cfg = getattr(self.model, "config", None)
+        return json.loads(json.dumps({
+            "format": "lightning_rome.edit_eval", "version": RECORD_FORMAT,
+            "method": self.method, "hparams": _editor_hparams(self.editor), "mode": self.mode,
+            "baseline": self.baseline, "generation": self.generation,
+            "generation_kwargs": {**GENERATION_DEFAULTS, **self.generation_kwargs},
+            "seed": self.seed,
+            "model": getattr(cfg, "_name_or_path", None) or getattr(cfg, "model_type", None),
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+        }, sort_keys=True, default=str))
+
+    def _make_metrics(self, kind: Kind) -> None:
+        """Create the pre/post collections for ``kind`` (once per run)."""
+        if self.post_metrics is not None:
+            if kind != self.kind:
+                raise ValueError(f"EditEvaluator got {kind} cases in a {self.kind} evaluation; "
+                                 "evaluate one dataset per run")
+            return
+        self.kind = kind
+        opts = dict(generation=self.generation, tfidf=self.tfidf, snippets=self.snippets)
+        self.pre_metrics = make_metrics(kind, "pre/", **opts) if self.baseline else None
+        self.post_metrics = make_metrics(kind, "post/", **opts)
+        for m in (self.pre_metrics, self.post_metrics):
+            if m is not None:
+                m.to(self.device)
+
+    @override
+    def setup(self, stage: str) -> None:
+        name = type(self.trainer.strategy).__name__.lower()
+        if "fsdp" in name or "deepspeed" in name:
+            raise MisconfigurationException(
+                f"EditEvaluator does not support sharded strategies ({name}): edits need the "
+                "full parameters on each rank; use DDP or a single device")
+        if self.dataset == "auto":
+            from lightning_rome.data import CounterFactDataModule, ZsREDataModule
+
+            dm = getattr(self.trainer, "datamodule", None)
+            if isinstance(dm, ZsREDataModule):
+                self.kind = "zsre"
+            elif isinstance(dm, CounterFactDataModule):
+                self.kind = "counterfact"
+        else:
+            self.kind = self.dataset  # type: ignore[assignment]
+
+    def _resolve_dir(self) -> Path:
+        if self.results_dir is not None:
+            return self.results_dir
+        root = Path(self.trainer.default_root_dir)
+        safe = "".join(ch if ch.isalnum() or ch in "-_+." else "_" for ch in self.label)
+        return root / "edit_eval" / safe
+
+    @override
+    def on_test_start(self) -> None:
+        folder = self._resolve_dir()
+        self.results_dir = folder
+        strategy = self.trainer.strategy
+        sig = self._signature()
+        error: str | None = None
+        if self.trainer.is_global_zero:
+            try:
+                self._prepare_folder(folder, sig)
+            except Exception as e:  # raised on every rank below
+                error = _error_text(e)
+        error = strategy.broadcast(error, src=0)
+        if error is not None:
+            raise ValueError(f"EditEvaluator: {error}")
+        strategy.barrier("edit_eval_prepared")
+        self._stored = load_results(folder, retry_errors=False, repair=False) if self.resume \
+            else {}
+        self._file = CaseResultsFile(folder / f"cases.rank{self.global_rank}.jsonl").open()
+        self._counts = {"evaluated": 0, "resumed": 0}
+        self.pre_metrics = self.post_metrics = None  # fresh metrics for every run
+        if self.kind is not None:
+            self._make_metrics(self.kind)
+        self.edit_metrics.reset()
+
+    def _prepare_folder(self, folder: Path, sig: dict[str, Any]) -> None:
+        """Rank zero: check or write ``run.json``, repair the results files (or delete them)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        run = folder / "run.json"
+        files = sorted(folder.glob("cases.rank*.jsonl"))
+        if not self.resume:
+            for f in [*files, folder / "summary.json", folder / "summary.md"]:
+                if f.exists():
+                    f.unlink()
+        elif run.is_file():
+            try:
+                old = json.loads(run.read_text())
+            except ValueError:
+                old = None
+            if old != sig:
+                diff = sorted(k for k in set(sig) | set(old or {})
+                              if (old or {}).get(k) != sig.get(k))
+                raise ValueError(
+                    f"{folder} holds results of a different run (settings differing: {diff}); "
+                    "pass resume=False to start afresh, or another results_dir")
+        elif files:
+            raise ValueError(f"{folder} holds results files but no run.json; pass resume=False "
+                             "to start afresh, or another results_dir")
+        atomic_write_json(run, sig)
+        if self.resume:
+            load_results(folder, retry_errors=self.retry_errors, repair=True)
+
+    # ------------------------------------------------------------------ steps
+    def _feed(self, record: Record) -> None:
+        metrics = {"post": self.post_metrics}
+        if self.pre_metrics is not None:
+            metrics["pre"] = self.pre_metrics
+        update_metrics(metrics, record)  # type: ignore[arg-type]
+        failed = record.get("status") != "ok"
+        self.edit_metrics["error_rate"].update([float(failed)])
+        if not failed and self.editor is not None:
+            if record.get("patch_norm") is not None:
+                self.edit_metrics["patch_norm"].update([record["patch_norm"]])
+            if record.get("edit_seconds") is not None:
+                self.edit_metrics["seconds"].update([record["edit_seconds"]])
+
+    def _write(self, record: Record) -> None:
+        assert self._file is not None
+        self._file.append(record)
+
+    @override
+    def test_step(self, batch: RecordBatch, batch_idx: int) -> None:
+        cases = list(batch)
+        if not cases:
+            return
+        kinds = {dataset_kind(c) for c in cases}
+        if len(kinds) > 1:
+            raise ValueError("a test batch mixes zsRE and COUNTERFACT cases")
+        self._make_metrics(kinds.pop())
+        # Records read back from the results files are fed once, when their case comes up.
+        stored = [self._stored.pop(_key(c.case_id), None) for c in cases]
+        if self.mode == "sequential":
+            if all(s is not None for s in stored):
+                for s in stored:
+                    self._feed(s)  # type: ignore[arg-type]
+                self._counts["resumed"] += len(cases)
+                return
+            if any(s is not None for s in stored):
+                raise ValueError(
+                    f"test batch {batch_idx} is partly in the stored sequential results (cases "
+                    f"{[c.case_id for c, s in zip(cases, stored) if s is not None]}); the groups "
+                    "differ from the stored run (another batch_size?): use resume=False")
+            todo = cases
+        else:
+            todo = []
+            for c, s in zip(cases, stored):
+                if s is None:
+                    todo.append(c)
+                else:
+                    self._feed(s)
+                    self._counts["resumed"] += 1
+        if not todo:
+            return
+
+        def on_result(record: Record) -> None:
+            self._write(record)
+            self._feed(record)
+
+        run = evaluate_sequential if self.mode == "sequential" else evaluate_cases
+        with torch.inference_mode(False), torch.no_grad():
+            records = run(self.model, self.tokenizer, todo, self.editor,
+                          baseline=self.baseline, generation=self.generation,
+                          generation_kwargs=self.generation_kwargs,
+                          score_batch_size=self.score_batch_size, seed=self.seed,
+                          on_error=self.on_error, verify_revert=self.verify_revert,
+                          on_result=on_result)
+        self._counts["evaluated"] += len(records)
+        ok = [r for r in records if r["status"] == "ok" and r["post"] is not None]
+        if ok and self.kind == "counterfact":
+            es = [float(sum(a > b for a, b in zip(r["post"]["rewrite"]["p_new"],
+                                                  r["post"]["rewrite"]["p_true"]))
+                        / len(r["post"]["rewrite"]["p_new"])) for r in ok]
+            self.log("post/ES_batch", sum(es) / len(es), batch_size=len(ok), on_step=True,
+                     on_epoch=False)
+
+    # ------------------------------------------------------------------ summary
+    @override
+    def on_test_epoch_end(self) -> None:
+        if self.post_metrics is None:  # no batch on this rank and no DataModule to tell
+            self._make_metrics(self.kind or "counterfact")
+        pre = compute_results(self.pre_metrics) if self.pre_metrics is not None else {}
+        post = compute_results(self.post_metrics)  # type: ignore[arg-type]
+        edit = compute_results(self.edit_metrics)
+        n_cases = edit.get("edit/error_rate", {}).get("n", 0)
+        n_errors = round(edit.get("edit/error_rate", {}).get("mean", 0.0) * n_cases)
+        values = {k: v["mean"] for k, v in {**pre, **post, **edit}.items()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+            for k, v in values.items():
+                self.log(k, float(v), sync_dist=False)
+        rows: dict[str, dict[str, MetricCI]] = {}
+        if pre:
+            rows[f"{self.label} (pre-edit)" if self.editor is not None else self.label] = \
+                _strip(pre, "pre/")
+        if self.editor is not None or not pre:
+            rows[self.label] = _strip(post, "post/")
+        table = summary_table(rows) if any(rows.values()) else ""
+        self.results = {
+            "method": self.method, "label": self.label, "dataset": self.kind, "mode": self.mode,
+            "n_cases": int(n_cases), "n_errors": int(n_errors),
+            "pre": pre, "post": post, "edit": edit, "table": table,
+        }
+        if self.trainer.is_global_zero and self.results_dir is not None:
+            atomic_write_json(self.results_dir / "summary.json", self.results)
+            md = (f"# Edit evaluation: {self.label} on {self.kind} ({self.mode})\n\n"
+                  f"{n_cases} cases, {n_errors} errors. Values × 100, ± 95% CI.\n\n{table}\n")
+            with atomic_path(self.results_dir / "summary.md") as tmp:
+                tmp.write_text(md, encoding="utf-8")
+            if self.verbose:
+                print(f"\n{table}\n")
+
+    @override
+    def on_test_end(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @override
+    def teardown(self, stage: str) -> None:
+        self.on_test_end()

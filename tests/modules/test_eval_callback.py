@@ -1,0 +1,169 @@
+"""``EditEvaluation`` during ``fit``: the evaluator's per-case code, periodically, weights left
+bit-identical, metrics logged."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from test_evaluator import CASES, FixedEditor, fixed_delta, make_case, one_thread  # noqa: F401
+from tiny_factories import tiny_model
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_rome.callbacks.evaluation import EditEvaluation, load_cases
+from lightning_rome.modules.evaluator import evaluate_cases, make_metrics, model_checksum
+from lightning_rome.patches import LowRankDelta, WeightPatch
+from lightning_rome.requests import EditRequest
+
+PARAM = "transformer.h.1.mlp.c_proj.weight"
+
+
+class LM(pl.LightningModule):
+    """Language modelling on random token ids; ``lr=0`` keeps the weights fixed."""
+
+    def __init__(self, model, tokenizer, lr: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.lr = model.train(), tokenizer, lr
+        self.modes: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        self.modes.append(self.model.training)
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def validation_step(self, batch, batch_idx):
+        (ids,) = batch
+        self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def _loader(self):
+        ids = torch.randint(0, 1000, (4, 8), generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(ids), batch_size=2)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()
+
+
+@pytest.fixture
+def lm(gpt2_tokenizer):
+    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), initializer_range=0.2,
+                       n_positions=128)
+    return model, gpt2_tokenizer
+
+
+def fit(tmp_path, module, callbacks, epochs=2, **kw):
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=logger,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path,
+                         num_sanity_val_steps=1, callbacks=callbacks, **kw)
+    trainer.fit(module)
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    return trainer, rows
+
+
+def test_evaluates_every_epoch_and_leaves_weights_unchanged(lm, tmp_path):
+    model, tok = lm
+    start = model_checksum(model)
+    cb = EditEvaluation(CASES[:2], FixedEditor(scale=3.0), every_n_epochs=1)
+    module = LM(model, tok, lr=0.0)
+    _, rows = fit(tmp_path, module, [cb], epochs=2)
+    assert model_checksum(model) == start  # lr=0 and every edit reverted, bit for bit
+    assert all(module.modes)  # training mode restored after each evaluation
+    assert [h["epoch"] for h in cb.history] == [0, 1]  # not during the sanity check
+    # The logged values are those of the evaluator's per-case code on the same model.
+    metrics = {"pre": make_metrics("counterfact", "pre/"),
+               "post": make_metrics("counterfact", "post/")}
+    evaluate_cases(model, tok, CASES[:2], FixedEditor(scale=3.0), metrics=metrics)
+    logged = [r for r in rows if r.get("edit_eval/post/ES")]
+    assert len(logged) == 2
+    for key in ("ES", "EM", "PS", "NS", "S"):
+        want = float(metrics["post"][key].compute())
+        assert float(logged[-1][f"edit_eval/post/{key}"]) == pytest.approx(want, rel=1e-5)
+        assert cb.history[-1]["results"][f"post/{key}"]["mean"] == pytest.approx(want, rel=1e-6)
+    assert "edit_eval/pre/ES" in logged[-1]  # baseline on by default with an editor
+
+
+def test_every_n_epochs_and_checkpoint_state(lm, tmp_path):
+    model, tok = lm
+    cb = EditEvaluation(CASES[:1], None, every_n_epochs=2, when="train_epoch_end")
+    module = LM(model, tok)
+    fit(tmp_path, module, [cb], epochs=3)
+    assert [h["epoch"] for h in cb.history] == [1]
+    assert len(module.modes) == 6 and all(module.modes)  # train mode restored after it ran
+    other = EditEvaluation(CASES[:1], None)
+    other.load_state_dict(cb.state_dict())
+    assert json.dumps(other.history) == json.dumps(cb.history)  # (NaN intervals for one case)
+    assert cb.state_key != EditEvaluation(CASES[:2], None).state_key
+
+
+class ApplyAtStart(Callback):
+    """An edit made earlier in the run (as an edit callback would)."""
+
+    def __init__(self, patch_fn) -> None:
+        self.patch_fn = patch_fn
+
+    def on_fit_start(self, trainer, pl_module):
+        self.patch_fn(pl_module.model).apply(pl_module.model)
+
+
+def test_watches_an_earlier_edit_through_training(lm, tmp_path):
+    """editor=None measures the live model: an edit applied at fit start shows up in the first
+    evaluation, and further training (lr > 0) moves the numbers."""
+    model, tok = lm
+    case = CASES[0]
+
+    def patch_fn(m):
+        left, right = fixed_delta(case.request.subject, scale=3.0)
+        return WeightPatch.from_model(m, {PARAM: LowRankDelta(left, right)})
+
+    probe = tiny_model("gpt2", vocab_size=len(tok), initializer_range=0.2, n_positions=128)
+    probe.load_state_dict(model.state_dict())
+    patch_fn(probe).apply(probe)
+    (edited,) = evaluate_cases(probe, tok, [case], None)
+    cb = EditEvaluation([case], None, at_fit_start=True)
+    assert cb._baseline is False
+    fit(tmp_path, LM(model, tok, lr=0.5), [ApplyAtStart(patch_fn), cb], epochs=1)
+    first, last = cb.history[0]["results"], cb.history[-1]["results"]
+    p = edited["post"]["rewrite"]
+    want_em = p["p_new"][0] - p["p_true"][0]
+    assert first["post/EM"]["mean"] == pytest.approx(want_em, rel=1e-6)
+    assert last["post/EM"]["mean"] != first["post/EM"]["mean"]
+
+
+def test_load_cases_and_bad_settings(tmp_path):
+    cases = load_cases([EditRequest("{} plays the", "Toko Yasuda", "piano", "guitar"),
+                        {"prompt": "{} is in", "subject": "X", "target_new": "Y",
+                         "target_true": "Z"}])
+    assert [c.request.subject for c in cases] == ["Toko Yasuda", "X"]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([
+        {"case_id": i, "prompt": f"Subject{i} plays the", "subject": f"Subject{i}",
+         "target_new": "piano", "ground_truth": "guitar",
+         "rephrase_prompt": f"Subject{i} is good at the"} for i in range(4)]))
+    cf = load_cases(path, limit=3)
+    assert len(cf) == 3 and cf[0].source == "counterfact-reduced"
+    assert cf[2].paraphrase_prompts == ("Subject2 is good at the",)
+    with pytest.raises(MisconfigurationException, match="every_n_epochs"):
+        EditEvaluation(CASES[:1], every_n_epochs=0)
+    with pytest.raises(MisconfigurationException, match="when"):
+        EditEvaluation(CASES[:1], when="test_end")
+    with pytest.raises(TypeError, match="EditCase"):
+        load_cases([3])
+    with pytest.raises(ValueError, match="mix"):
+        zs = make_case(9, "Q", "What is {}?", "a", "b")
+        zs = type(zs)(zs.request, source="zsre")
+        EditEvaluation([CASES[0], zs])
