@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import GPT2_TOKENIZER, tiny_gpt2
+from testutils import GPT2_TOKENIZER, tiny_gpt2
 
 from lightning_rome import WeightPatch
 from lightning_rome.cli import main

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import GPT2_TOKENIZER, tiny_gpt2
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from testutils import GPT2_TOKENIZER, tiny_gpt2
 
 from lightning_rome import EditRequest, WeightPatch
 from lightning_rome.callbacks import ROMECallback

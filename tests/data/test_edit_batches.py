@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cf_fixtures import rome_cases, write_json
-from conftest import GPT2_TOKENIZER, tiny_gpt2
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from testutils import GPT2_TOKENIZER, tiny_gpt2
 
 from lightning_rome.data import (
     IGNORE_INDEX,

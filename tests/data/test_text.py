@@ -245,7 +245,7 @@ def test_datamodule_corpus_sharding_matches_one_rank(gpt2_tokenizer):
 
 def test_datamodule_trains_a_tiny_model(gpt2_tokenizer, tmp_path):
     import lightning as L
-    from conftest import tiny_gpt2
+    from testutils import tiny_gpt2
 
     class LM(L.LightningModule):
         def __init__(self):

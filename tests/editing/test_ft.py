@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_gpt2
+from testutils import tiny_gpt2
 
 from lightning_rome import EditRequest
 from lightning_rome.editing import FT, FTL

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2
 from test_mend import (
     REQ,
     REQ2,
@@ -16,6 +15,7 @@ from test_mend import (
     fit_quietly,
     train_and_evaluate,
 )
+from testutils import tiny_gpt2
 
 from lightning_rome.data import EditTrainingBatch, ZsREDataModule
 from lightning_rome.editing.ke import (

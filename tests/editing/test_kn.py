@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from testutils import tiny_gpt2
 
 from lightning_rome import EditRequest
 from lightning_rome.editing import get_editor

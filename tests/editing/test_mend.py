@@ -18,7 +18,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt2
+from testutils import tiny_gpt2
 from tiny_factories import tiny_model
 
 from lightning_rome.data import (

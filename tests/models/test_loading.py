@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import GPT2_TOKENIZER, tiny_gpt2
+from testutils import GPT2_TOKENIZER, tiny_gpt2
 from tiny_factories import tiny_model
 
 from lightning_rome.models import (

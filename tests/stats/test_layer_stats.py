@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt2
+from testutils import tiny_gpt2
 
 import lightning_rome.stats.collect as collect_mod
 from lightning_rome.data.text import as_corpus

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2_TOKENIZER, REPO, tiny_gpt2
 from safetensors import safe_open
+from testutils import GPT2_TOKENIZER, REPO, tiny_gpt2
 
 import lightning_rome.stats.collect as collect_mod
 from lightning_rome.data.text import IterableTextCorpus, as_corpus
@@ -280,7 +280,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
-    from conftest import tiny_gpt2, GPT2_TOKENIZER
+    from testutils import tiny_gpt2, GPT2_TOKENIZER
     from lightning_rome.data.text import IterableTextCorpus, as_corpus
     from lightning_rome.models import load_tokenizer
     from lightning_rome.stats import get_second_moment

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_gpt2
+from testutils import tiny_gpt2
 
 import lightning_rome.stats.collect as collect_mod
 from lightning_rome.data.text import as_corpus
