@@ -251,7 +251,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
 def _top_help() -> str:
     lines = ["usage: lightning-rome <command> [options]", "",
              "Knowledge editing of language models in PyTorch Lightning.", "",
-             "Lightning commands (YAML configs, see configs/):"]
+             "Lightning commands (LightningCLI with YAML configs):"]
     for c in LIGHTNING_SUBCOMMANDS:
         lines.append(f"  {c:<12} Trainer.{c} with --config FILE.yaml (see `lightning-rome {c} "
                      "--help`)")
