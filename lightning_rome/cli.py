@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,14 @@ from typing import Any
 __all__ = ["main"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: The package's classes that configs name in short form (``class_path: MENDModule``).
+_SHORT_NAMES = {
+    "modules": ("EditEvaluator", "FTModule", "MENDModule", "KEModule", "CausalTracerModule"),
+    "data": ("CounterFactDataModule", "ZsREDataModule", "KnownFactsDataModule",
+             "TextCorpusDataModule"),
+    "callbacks": ("ROMECallback", "MEMITCallback", "EditorCallback", "EditEvaluation",
+                  "CausalTraceCallback"),
+}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -255,35 +264,63 @@ def _top_help() -> str:
     for c in LIGHTNING_SUBCOMMANDS:
         lines.append(f"  {c:<12} Trainer.{c} with --config FILE.yaml (see `lightning-rome {c} "
                      "--help`)")
+    lines += ["  Presets of the papers' set-ups are in configs/ (configs/README.md); short class "
+              "paths:", "    modules: " + ", ".join(_SHORT_NAMES["modules"]),
+              "    data: " + ", ".join(_SHORT_NAMES["data"]),
+              "    callbacks: " + ", ".join(_SHORT_NAMES["callbacks"]),
+              "  e.g. lightning-rome test --config configs/rome-gpt2xl-counterfact.yaml",
+              "       lightning-rome test --model.help EditEvaluator"]
     lines += ["", "One-shot commands:"]
     lines += [f"  {name:<12} {desc}" for name, (_, _, desc) in COMMANDS.items()]
     lines += ["", "Set LIGHTNING_ROME_DEBUG=1 to see tracebacks for errors."]
     return "\n".join(lines)
 
 
-def _lightning_cli(argv: Sequence[str]) -> int:
+def _lightning_cli(argv: Sequence[str] | None) -> int:
+    """``fit``/``validate``/``test``/``predict`` through LightningCLI (``argv`` includes the
+    subcommand; ``None`` reads ``sys.argv``)."""
     from lightning.pytorch.cli import LightningCLI
 
-    # Register the package's classes so configs can name them in short form.
+    # Import the package's LightningModules, DataModules and callbacks so that jsonargparse
+    # resolves their short names (``class_path: EditEvaluator``, ``CounterFactDataModule``,
+    # ``ROMECallback``, ``CausalTracerModule``...).
     import lightning_rome.callbacks
+    import lightning_rome.callbacks.trace
     import lightning_rome.data
     import lightning_rome.modules  # noqa: F401
-    from lightning_rome.tracing import CausalTracer  # noqa: F401
 
-    LightningCLI(args=list(argv), subclass_mode_model=True, subclass_mode_data=True,
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    with warnings.catch_warnings():
+        # Called from Python with explicit args (tests, scripts): not a mistake.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        LightningCLI(args=None if argv is None else list(argv), subclass_mode_model=True,
+                     subclass_mode_data=True, save_config_kwargs={"overwrite": True},
+                     auto_configure_optimizers=False)
     return 0
+
+
+def _run_guarded(cmd: str, run: Callable[[], int]) -> int:
+    """Run a command; user mistakes become one line on stderr and exit status 2."""
+    try:
+        return run()
+    except _user_errors() as e:
+        if os.environ.get("LIGHTNING_ROME_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"lightning-rome {cmd}: error: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-rome`` console script."""
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_top_help())
         return 0 if argv else 2
     cmd = argv[0]
     if cmd in LIGHTNING_SUBCOMMANDS:
-        return _lightning_cli(argv)
+        # LightningCLI warns when given args while sys.argv holds others: let it read sys.argv.
+        return _run_guarded(cmd, lambda: _lightning_cli(None if from_sys else argv))
     if cmd not in COMMANDS:
         print(f"lightning-rome: error: unknown command {cmd!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
@@ -295,14 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"lightning-rome {cmd}", description=desc)
     build(parser)
     args = parser.parse_args(argv[1:])
-    try:
-        return run(args)
-    except _user_errors() as e:
-        if os.environ.get("LIGHTNING_ROME_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"lightning-rome {cmd}: error: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 2
+    return _run_guarded(cmd, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -118,6 +118,9 @@ def as_requests(requests: Any) -> list[EditRequest]:
     """Normalise one request, a dict, or a list of either into a list of :class:`EditRequest`."""
     if isinstance(requests, EditRequest | Mapping):
         requests = [requests]
+    if isinstance(requests, str | bytes) or not isinstance(requests, Iterable):
+        raise TypeError(f"expected an edit request, a mapping or a list of edit requests, got "
+                        f"{type(requests).__name__}: {requests!r:.80}")
     out: list[EditRequest] = []
     for r in requests:
         out.append(r if isinstance(r, EditRequest) else EditRequest.from_dict(r))

@@ -86,12 +86,24 @@ def _patch_from_state(state: dict[str, Any]) -> WeightPatch:
                        model_name=header["model_name"], checksums=header["checksums"])
 
 
+def _all_gather_objects(trainer: pl.Trainer, obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (a one-element list without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or trainer.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class EditCallback(Callback):
     """Apply an editor's patch to the model at a chosen moment of a Trainer run.
 
     Subclasses provide :meth:`make_editor`. Under DDP the patch is computed on rank 0 and
     broadcast, so every rank ends with identical weights (checked by comparing checksums); an
-    error on rank 0 is raised on every rank. Sharded strategies (FSDP, DeepSpeed) are refused.
+    error on any rank (computing the edit on rank 0, finding the model or tokenizer or applying
+    the patch on any) is raised on every rank, and no rank keeps the edit. Sharded strategies (FSDP, DeepSpeed) are refused.
 
     Args:
         requests: :class:`EditRequest` objects, dicts, or a path to a JSON/YAML list.
@@ -170,34 +182,63 @@ class EditCallback(Callback):
                 "needs full parameters on each rank; use DDP or a single device")
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compute the patch (rank 0), share it and apply it on every rank, all or nothing.
+
+        Under DDP every rank first reports whether its part succeeded (finding the model and
+        tokenizer; on rank 0, the edit itself), and again after applying the patch; if any rank
+        failed, every rank raises the same error and no rank keeps the edit (a rank that applied
+        it reverts it), instead of the others waiting forever in a collective.
+        """
         if self.applied:
             return
         self._check_strategy(trainer)
-        model = find_model(pl_module, self._model_attr)
-        tok = self._get_tokenizer(pl_module)
+        distributed = trainer.world_size > 1
+        model: nn.Module | None = None
+        tok: PreTrainedTokenizerBase | None = None
         patch: WeightPatch | None = None
         error: str | None = None
-        if trainer.is_global_zero:
-            try:
+        try:
+            model = find_model(pl_module, self._model_attr)
+            tok = self._get_tokenizer(pl_module)
+            if trainer.is_global_zero:
                 patch = self.make_editor().edit(model, tok, self._requests)
-            except Exception as e:  # re-raised on every rank below
-                error = f"{type(e).__name__}: {e}"
-                if trainer.world_size == 1:
-                    raise
-        if trainer.world_size > 1:
-            payload = trainer.strategy.broadcast(
-                (error, _patch_to_state(patch) if patch is not None else None), src=0)
-            error, state = payload
-            if error is not None:
-                raise RuntimeError(f"{type(self).__name__} failed on rank 0: {error}")
+        except Exception as e:
+            if not distributed:
+                raise
+            error = f"{type(e).__name__}: {e}"
+        if distributed:
+            self._raise_if_any_failed(trainer, error)
+            state = trainer.strategy.broadcast(
+                _patch_to_state(patch) if patch is not None else None, src=0)
             patch = _patch_from_state(state)
-        assert patch is not None
-        patch = patch.to(next(model.parameters()).device)
-        patch.apply(model)
+        assert patch is not None and model is not None and tok is not None
+        applied_here = False
+        try:
+            patch = patch.to(next(model.parameters()).device)
+            patch.apply(model)
+            applied_here = True
+        except Exception as e:
+            if not distributed:
+                raise
+            error = f"{type(e).__name__}: {e}"
+        if distributed:
+            try:
+                self._raise_if_any_failed(trainer, error)
+            except RuntimeError:
+                if applied_here:
+                    patch.revert(model)
+                raise
         self.patch, self.applied = patch, True
-        if trainer.world_size > 1:
+        if distributed:
             self._check_identical(trainer, model, patch)
         self._after_apply(trainer, pl_module, model, tok, patch)
+
+    def _raise_if_any_failed(self, trainer: pl.Trainer, error: str | None) -> None:
+        """Gather every rank's error (``None``: success); raise the first one on all ranks."""
+        errors = _all_gather_objects(trainer, error)
+        for rank, e in enumerate(errors):
+            if e is not None:
+                raise RuntimeError(f"{type(self).__name__} failed on rank {rank}: {e}")
 
     def _check_identical(self, trainer: pl.Trainer, model: nn.Module, patch: WeightPatch) -> None:
         mine = hashlib.sha256("".join(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.weights import canonical_weight, is_transposed, weight_param_name
 from lightning_rome.patches import WeightPatch
@@ -142,12 +143,19 @@ class FT:
 
         Raises:
             FloatingPointError: the loss became NaN/inf (the model is restored first).
+            TypeError: the tuned weights are float16.
+            IncompatibleInputError: a request does not fit the model (vocabulary, length).
         """
         hp = self.hparams
         reqs = as_requests(requests)
         for r in reqs:
             subject_span(tokenizer, r.prompt, r.subject)
+        check_requests(model, tokenizer, reqs)
         state = FTState(model, hp, get_layout(model, self.layout_override))
+        if any(p.dtype == torch.float16 for p in state.params):
+            # Adam's second moment underflows in float16 (eps = 1e-8 rounds to 0): 0/0 = NaN.
+            raise TypeError(f"{self.method}: cannot fine-tune float16 weights in place (Adam's "
+                            "state underflows); load the model in float32 or bfloat16")
         checksums_from = WeightPatch.from_model(model, {n: torch.zeros(0) for n in state.names})
         trainable = {id(p) for p in state.params}
         frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]

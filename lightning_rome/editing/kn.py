@@ -67,6 +67,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.editing.hparams import HyperParams
 from lightning_rome.hooks import module_hooks, replace_positions
+from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
@@ -516,6 +517,7 @@ class KN:
         for r in reqs:
             subject_span(tokenizer, r.prompt, r.subject)
             continuation_ids(tokenizer, r.target_new)
+        check_requests(model, tokenizer, reqs)
         self.last_results = []
         applied: list[WeightPatch] = []
         try:

@@ -38,6 +38,7 @@ from lightning_rome.editing.context import (
     wrap,
 )
 from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
@@ -307,6 +308,8 @@ class ROME:
         _module_name(model, self.hparams, layout)
         for r in reqs:
             _validate(tokenizer, r)
+        check_requests(model, tokenizer, reqs)  # before generating templates with the model
+        check_requests(model, tokenizer, reqs, _contexts(model, tokenizer, self.hparams))
         self.last_results = []
         applied: list[WeightPatch] = []
         try:

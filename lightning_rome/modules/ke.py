@@ -39,8 +39,10 @@ class KEModule(HypernetworkModule):
     (``C − m``), ``train/edit_acc``, ``train/loc_agree``, ``train/lambda``, ``train/margin``.
 
     Args:
-        model: the base causal LM (frozen; not part of the module's state).
-        tokenizer: its tokenizer (KE encodes the edit's text).
+        model: the base causal LM (frozen; not part of the module's state), or its name or
+            local path (as YAML configs give it).
+        tokenizer: its tokenizer or its path (KE encodes the edit's text; default: the
+            model's, when ``model`` is a name or path).
         hparams: :class:`~lightning_rome.editing.KEHyperParams`, a dict, a preset or a YAML path.
         layout, model_name, check_fingerprint: as for :class:`MENDModule`.
 
@@ -50,14 +52,15 @@ class KEModule(HypernetworkModule):
 
     method = "ke"
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+    def __init__(self, model: nn.Module | str,
+                 tokenizer: PreTrainedTokenizerBase | str | None = None,
                  hparams: KEHyperParams | dict[str, Any] | str | None = None, *,
                  layout: LayoutArg = None, model_name: str | None = None,
                  check_fingerprint: bool = True) -> None:
         super().__init__()
+        model, tokenizer = self._setup_base(model, tokenizer, check_fingerprint)
         if tokenizer is None:
             raise ValueError("KE needs the tokenizer: it encodes the text of every edit")
-        self._setup_base(model, tokenizer, check_fingerprint)
         hp = KEHyperParams.resolve(hparams)
         layout_obj = _layout_from_json(model, layout)
         hp = dataclasses.replace(hp, layers=resolve_layers(model, hp.layers, layout_obj))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from lightning_rome.editing.mend import (
     resolve_layers,
 )
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.loading import load_tokenizer, resolve_model
 from lightning_rome.patches import WeightPatch
 
 __all__ = ["HypernetworkModule", "MENDModule"]
@@ -61,8 +63,12 @@ class HypernetworkModule(pl.LightningModule):
 
     method = ""
 
-    def _setup_base(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None,
-                    check_fingerprint: bool) -> None:
+    def _setup_base(self, model: nn.Module | str, tokenizer: PreTrainedTokenizerBase | str | None,
+                    check_fingerprint: bool) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
+        if isinstance(model, str | os.PathLike):  # a name or path, as YAML configs give it
+            model, tokenizer = resolve_model(model, tokenizer)
+        elif isinstance(tokenizer, str | os.PathLike):
+            tokenizer = load_tokenizer(tokenizer)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         # Not a submodule: object.__setattr__ bypasses nn.Module's registration.
@@ -72,6 +78,7 @@ class HypernetworkModule(pl.LightningModule):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        return model, tokenizer
 
     # -------------------------------------------------------------------------- device
     def _base_to_device(self) -> None:
@@ -160,8 +167,11 @@ class MENDModule(HypernetworkModule):
     edited weights, which :meth:`load_from_checkpoint` checks against the model it is given.
 
     Args:
-        model: the base causal LM (frozen; not part of the module's state).
-        tokenizer: its tokenizer (needed for :meth:`edit` only).
+        model: the base causal LM (frozen; not part of the module's state), or its name or
+            local path (loaded with :func:`~lightning_rome.models.load_model`, as YAML configs
+            give it).
+        tokenizer: its tokenizer or its path (needed for :meth:`edit` only; default: the
+            model's, when ``model`` is a name or path).
         hparams: :class:`~lightning_rome.editing.MENDHyperParams`, a dict, a preset name or a
             YAML path; ``layers=None`` resolves to the model's last three layers.
         layout: a layout override (see :func:`lightning_rome.models.get_layout`).
@@ -184,12 +194,13 @@ class MENDModule(HypernetworkModule):
 
     method = "mend"
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None,
+    def __init__(self, model: nn.Module | str,
+                 tokenizer: PreTrainedTokenizerBase | str | None = None,
                  hparams: MENDHyperParams | dict[str, Any] | str | None = None, *,
                  layout: LayoutArg = None, model_name: str | None = None,
                  check_fingerprint: bool = True) -> None:
         super().__init__()
-        self._setup_base(model, tokenizer, check_fingerprint)
+        model, tokenizer = self._setup_base(model, tokenizer, check_fingerprint)
         hp = MENDHyperParams.resolve(hparams)
         layout_obj = _layout_from_json(model, layout)
         hp = dataclasses.replace(hp, layers=resolve_layers(model, hp.layers, layout_obj))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.models import ModelLayout, get_layout
+from lightning_rome.models.checks import check_token_ids
 from lightning_rome.tokens import (
     SubjectNotFoundError,
     continuation_ids,
@@ -183,10 +185,14 @@ def trace_all(
     _check_int("batch_tokens", batch_tokens, 1)
     engine = resolve_engine(model, layout, engine)
     noise_obj = resolve_noise(noise)
+    for name, value in (("prompt", prompt), ("subject", subject)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}: {value!r}")
     template = as_template(prompt, subject)
     text, _ = fill(template, subject)
     span = subject_span(tokenizer, template, subject)
     ids = encode_prompt(tokenizer, text)
+    check_token_ids(model, [ids], what=f"prompt {text[:60]!r}")
     if answer is None or isinstance(answer, str):
         answer_id = None if answer is None else continuation_ids(tokenizer, answer)[0]
     elif isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(tokenizer):
@@ -201,6 +207,10 @@ def trace_all(
                                     layout=layout)
         runs = run_clean_and_corrupted(model, layout, ids, span, corruption, answer_id,
                                        keep_kv=engine == "prefix")
+        if not (math.isfinite(float(runs.high_score)) and math.isfinite(float(runs.low_score))):
+            raise FloatingPointError(
+                f"the model's output on {text[:60]!r} is NaN or inf (clean P = "
+                f"{runs.high_score}, corrupted P = {runs.low_score}): check its weights and dtype")
         if answer is not None and runs.predicted_id != runs.answer_id:
             warnings.warn(
                 f"the model does not complete {text!r} with {answer!r}: its greedy prediction "
