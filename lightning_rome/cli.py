@@ -25,7 +25,7 @@ __all__ = ["main"]
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: The package's classes that configs name in short form (``class_path: MENDModule``).
 _SHORT_NAMES = {
-    "modules": ("EditEvaluator", "FTModule", "MENDModule", "KEModule", "CausalTracerModule"),
+    "modules": ("EditEvaluator", "FTModule", "MENDModule", "KEModule", "CausalTracer"),
     "data": ("CounterFactDataModule", "ZsREDataModule", "KnownFactsDataModule",
              "TextCorpusDataModule"),
     "callbacks": ("ROMECallback", "MEMITCallback", "EditorCallback", "EditEvaluation",
@@ -100,10 +100,12 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from lightning_rome import EditRequest
+    from lightning_rome.models.checks import check_texts
     from lightning_rome.scoring import top_predictions
 
     request = EditRequest(args.prompt, args.subject, args.target, args.target_true)
     model, tok = _load(args)
+    check_texts(model, tok, [request.text])  # before scoring it (the editor checks the rest)
     overrides = _stats_override(args)
     if args.layer is not None:
         overrides["layer"] = args.layer
@@ -133,11 +135,13 @@ def _apply_parser(p: argparse.ArgumentParser) -> None:
 
 def cmd_apply_patch(args: argparse.Namespace) -> int:
     from lightning_rome import WeightPatch
+    from lightning_rome.models.checks import check_texts
     from lightning_rome.scoring import top_predictions
 
     patch = WeightPatch.load(args.patch)  # validated before any tensor touches the model
     model, tok = _load(args)
     prompts = list(args.prompt) or [r.text for r in patch.requests]
+    check_texts(model, tok, prompts)  # before scoring them or touching the model
     before = top_predictions(model, tok, prompts, args.top_k) if prompts else []
     patch.apply(model, force=args.force)
     print(f"applied {patch!r}")
@@ -283,7 +287,7 @@ def _lightning_cli(argv: Sequence[str] | None) -> int:
 
     # Import the package's LightningModules, DataModules and callbacks so that jsonargparse
     # resolves their short names (``class_path: EditEvaluator``, ``CounterFactDataModule``,
-    # ``ROMECallback``, ``CausalTracerModule``...).
+    # ``ROMECallback``, ``CausalTracer``...).
     import lightning_rome.callbacks
     import lightning_rome.callbacks.trace
     import lightning_rome.data

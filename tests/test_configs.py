@@ -31,7 +31,7 @@ FULL = {
     "rome-gpt2xl-zsre.yaml": ("test", "EditEvaluator", "ZsREDataModule", "gpt2-xl"),
     "mend-cf-gpt2xl.yaml": ("fit", "MENDModule", "CounterFactDataModule", "gpt2-xl"),
     "ke-cf-gpt2xl.yaml": ("fit", "KEModule", "CounterFactDataModule", "gpt2-xl"),
-    "trace-gpt2xl-known.yaml": ("test", "CausalTracerModule", "KnownFactsDataModule", "gpt2-xl"),
+    "trace-gpt2xl-known.yaml": ("test", "CausalTracer", "KnownFactsDataModule", "gpt2-xl"),
 }
 #: the papers' hyperparameters each evaluation config must name (the preset, see presets/*.yaml)
 PRESET = {"rome-gpt2xl-counterfact.yaml": ("rome", "gpt2-xl"),
@@ -269,3 +269,16 @@ def test_tiny_causal_trace_of_known_facts(in_tmp, fact_model_path):
     logged = _scalars(out / "tb")
     assert logged["trace/mlp/ate"] == pytest.approx(aggs["mlp"]["ate"], rel=1e-5)
     assert 0 <= logged["trace/mlp/peak_layer"] < 4
+
+
+def test_causal_tracer_takes_a_model_path_and_the_old_name_still_works(fact_model_path):
+    from lightning_rome.callbacks.trace import CausalTracerModule
+    from lightning_rome.tracing import CausalTracer
+
+    assert CausalTracerModule is CausalTracer  # configs written for the former subclass
+    tracer = CausalTracer(fact_model_path, kinds=("hidden",), dtype="float64")
+    assert tracer.model.dtype == torch.float64
+    assert tracer.tokenizer("a b")["input_ids"]  # the model's own tokenizer was loaded
+    with pytest.raises(ValueError, match="tokenizer is required"):
+        CausalTracer(tracer.model)
+

@@ -11,14 +11,13 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
@@ -244,42 +243,6 @@ class CausalTraceCallback(Callback):
         rank_zero_info(f"CausalTraceCallback: traced {len(self._records)} prompt(s) at {moment}")
 
 
-class CausalTracerModule(CausalTracer):
-    """:class:`~lightning_rome.tracing.CausalTracer` that also takes the model by name or local
-    path (loaded with :func:`~lightning_rome.models.load_model`), so that a YAML config can
-    build it: ``lightning-rome test --config configs/trace-gpt2xl-known.yaml``.
-
-    Args:
-        model: a Hugging Face causal LM, or its name or local path.
-        tokenizer: its tokenizer or its path (default: the model's, for a name or path).
-        dtype: the dtype to load a named model in (``"float32"``, ``"bf16"``, ...; default: the
-            checkpoint's).
-        kinds, window, samples, noise, noise_subjects, answer, seed, engine, batch_tokens,
-            keep_traces, save_dir: as for :class:`~lightning_rome.tracing.CausalTracer`.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module | str,
-        tokenizer: PreTrainedTokenizerBase | str | None = None,
-        kinds: Sequence[str] = KINDS,
-        *,
-        dtype: str | None = None,
-        window: int = 10,
-        samples: int = 10,
-        noise: NoiseLike = None,
-        noise_subjects: Sequence[str] | None = None,
-        answer: Literal["greedy", "attribute"] = "greedy",
-        seed: int = 0,
-        engine: str = "auto",
-        batch_tokens: int = DEFAULT_BATCH_TOKENS,
-        keep_traces: bool = True,
-        save_dir: str | None = None,
-    ) -> None:
-        from lightning_rome.models.loading import resolve_model
-
-        kwargs = {"dtype": dtype} if isinstance(model, str) and dtype is not None else {}
-        model, tok = resolve_model(model, tokenizer, **kwargs)
-        super().__init__(model, tok, tuple(kinds), window=window, samples=samples, noise=noise,
-                         noise_subjects=noise_subjects, answer=answer, seed=seed, engine=engine,
-                         batch_tokens=batch_tokens, keep_traces=keep_traces, save_dir=save_dir)
+#: The former name of :class:`~lightning_rome.tracing.CausalTracer` in configs and code (it was
+#: a subclass that took the model by name; ``CausalTracer`` now does that itself).
+CausalTracerModule = CausalTracer

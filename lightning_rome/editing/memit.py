@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -39,6 +40,7 @@ from lightning_rome.editing.context import (
     wrap,
 )
 from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
@@ -139,6 +141,17 @@ class MEMIT:
             weakref.WeakKeyDictionary())
         self.last_stats: dict[str, Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The per-model cache of C holds weak references, which cannot be pickled (ddp_spawn
+        # pickles callbacks and modules); a copy starts with an empty cache.
+        state = self.__dict__.copy()
+        state["_C"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._C = weakref.WeakKeyDictionary()
+
     # ------------------------------------------------------------------ pieces
     def _C_of(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str) -> Tensor:
         per_model = self._C.setdefault(model, {})
@@ -200,9 +213,13 @@ class MEMIT:
         if path is None or not path.is_file():
             return None
         try:
-            z = load_file(str(path))["z"]
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                z = f.get_tensor("z")
             if z.shape != (d,) or not bool(torch.isfinite(z).all()):
                 raise CorruptFileError(f"bad z in {path}")
+            if meta.get("sha256") != tensor_checksum(z):
+                raise CorruptFileError(f"checksum mismatch in {path}")
             return z
         except Exception as e:
             import warnings
@@ -237,7 +254,8 @@ class MEMIT:
                 zs[i] = res.v_star[j].cpu()
                 if paths[i] is not None:
                     with atomic_path(paths[i]) as tmp:
-                        save_file({"z": zs[i].contiguous()}, str(tmp))
+                        z = zs[i].contiguous()
+                        save_file({"z": z}, str(tmp), metadata={"sha256": tensor_checksum(z)})
         self.last_stats["z_steps"] = steps_taken
         self.last_stats["z_cached"] = len(reqs) - len(todo)
         return torch.stack([z for z in zs if z is not None]).T  # (d, u)
@@ -254,6 +272,7 @@ class MEMIT:
         Raises:
             ValueError / SubjectNotFoundError: a bad request (checked before any work).
             IndexError: a layer of R is out of range.
+            IncompatibleInputError: the tokenizer does not fit the model, or a prompt is too long.
             ValueOptimisationError: NaN/inf while optimising z.
         """
         hp = self.hparams
@@ -263,7 +282,9 @@ class MEMIT:
             layout.check_layer(model, layer)
         for r in reqs:
             subject_span(tokenizer, r.prompt, r.subject)
+        check_requests(model, tokenizer, reqs)  # before generating templates with the model
         contexts = self._contexts(model, tokenizer)
+        check_requests(model, tokenizer, reqs, contexts)
         applied: list[WeightPatch] = []
         try:
             Z = self.compute_z(model, tokenizer, reqs)  # (d, u)

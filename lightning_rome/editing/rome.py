@@ -229,6 +229,17 @@ class ROME:
             weakref.WeakKeyDictionary())
         self.last_results: list[dict[str, Any]] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The per-model Cholesky cache holds weak references, which cannot be pickled (ddp_spawn
+        # pickles callbacks and modules); a copy starts with an empty cache.
+        state = self.__dict__.copy()
+        state["_chol"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._chol = weakref.WeakKeyDictionary()
+
     # C⁻¹ k via one Cholesky factorisation per (model, layer), reused across edits.
     def _cholesky(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str) -> Tensor:
         per_model = self._chol.setdefault(model, {})

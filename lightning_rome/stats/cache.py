@@ -3,8 +3,9 @@
 A statistics file is a safetensors file holding ``mom2_sum`` ``(d, d)`` and ``k_sum`` ``(d,)``,
 with JSON metadata: the cache key it was computed for, the token count, the number of texts
 read, whether it is complete or a checkpoint of an unfinished run, and a SHA-256 checksum of
-every tensor. Files are written atomically and checked when read; a file that fails a check
-raises :class:`~lightning_rome.utils.io.CorruptFileError`.
+every tensor; the metadata has a SHA-256 checksum of its own. Files are written atomically and
+checked when read; a file that fails a check raises
+:class:`~lightning_rome.utils.io.CorruptFileError`.
 
 What goes into a key (and why):
     - the model: ``config._name_or_path``, a hash of its config (architecture), the dtype of the
@@ -50,6 +51,7 @@ __all__ = [
 
 FORMAT = "lightning_rome.second_moment"
 VERSION = 1
+HEADER_CHECKSUM_KEY = "lightning_rome_sha256"  # the metadata entry holding the header's SHA-256
 _PROBE = "The Eiffel Tower is located in Paris. Ünïcödé 東京 1234 <|endoftext|>"
 _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
                     "_attn_implementation", "_attn_implementation_internal", "use_cache")
@@ -187,8 +189,10 @@ def save_second_moments(path: str | os.PathLike[str], moments: list[SecondMoment
         ],
         "checksums": {name: tensor_checksum(t) for name, t in tensors.items()},
     }
+    text = json.dumps(header)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"lightning_rome": json.dumps(header)})
+        save_file(tensors, str(tmp), metadata={"lightning_rome": text,
+                                               HEADER_CHECKSUM_KEY: _sha(text, 64)})
 
 
 def load_second_moments(path: str | os.PathLike[str],
@@ -212,6 +216,12 @@ def load_second_moments(path: str | os.PathLike[str],
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except Exception as err:  # truncated or garbled
         raise CorruptFileError(f"statistics file {path} cannot be read: {err}") from err
+    text, digest = metadata.get("lightning_rome"), metadata.get(HEADER_CHECKSUM_KEY)
+    # The header (counts, keys, tensor checksums) has a checksum of its own. A file without one
+    # (damaged, or written by an earlier version) is invalid, and a cache recomputes it.
+    if text is None or digest is None or _sha(text, 64) != digest:
+        raise CorruptFileError(f"statistics file {path}: its header is missing or fails its "
+                               "checksum")
     try:
         header = json.loads(metadata["lightning_rome"])
         entries = header["entries"]

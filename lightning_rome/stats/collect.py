@@ -392,7 +392,17 @@ def _memo_key(path: Path) -> tuple[str, int, int]:
     return str(path), st.st_mtime_ns, st.st_size
 
 
-def _load_one(path: Path, key: dict[str, Any], memory_cache: bool) -> SecondMoment | None:
+def _check_dims(path: Path, moments: Sequence[SecondMoment], dims: Sequence[int]) -> None:
+    """Raise :class:`CorruptFileError` unless each matrix is ``(d, d)`` for its module's ``d``
+    (a self-consistent file of the wrong size would otherwise be used)."""
+    for m, d in zip(moments, dims):
+        if tuple(m.mom2_sum.shape) != (d, d):
+            raise CorruptFileError(f"{path}: statistics of shape {tuple(m.mom2_sum.shape)}, but "
+                                   f"the module's input has dimension {d}")
+
+
+def _load_one(path: Path, key: dict[str, Any], memory_cache: bool, dim: int,
+              ) -> SecondMoment | None:
     """The cached statistics for ``key``, or ``None`` when absent or invalid (with a warning)."""
     if not path.is_file():
         return None
@@ -402,6 +412,7 @@ def _load_one(path: Path, key: dict[str, Any], memory_cache: bool) -> SecondMome
             _MEMO[mk] = _MEMO.pop(mk)  # most recently used last
             return _MEMO[mk]
         (moment,) = load_second_moments(path, [key], complete=True)
+        _check_dims(path, [moment], [dim])
     except (CorruptFileError, ValueError, FileNotFoundError) as err:
         warnings.warn(f"ignoring the invalid statistics file {path} ({err}); recomputing it",
                       stacklevel=3)
@@ -465,7 +476,7 @@ def get_second_moments(
             paths = {n: stats_path(root, keys[n]) for n in names}
             if not recompute:
                 for n in names:
-                    found = _load_one(paths[n], keys[n], memory_cache)
+                    found = _load_one(paths[n], keys[n], memory_cache, key_dim(model, n))
                     if found is not None:
                         results[n] = found
     missing = [n for n in names if n not in results]
@@ -477,6 +488,7 @@ def get_second_moments(
             if not recompute and ckpt.is_file():
                 try:
                     loaded = load_second_moments(ckpt, ckpt_keys, complete=False)
+                    _check_dims(ckpt, loaded, [key_dim(model, n) for n in missing])
                     start = dict(zip(missing, loaded))
                 except CorruptFileError as err:
                     warnings.warn(f"ignoring the invalid checkpoint {ckpt} ({err}); starting "

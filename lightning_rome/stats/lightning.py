@@ -304,7 +304,8 @@ def compute_second_moments_distributed(
         keys = module.cache_keys()
         if keys is not None and not recompute:
             root = stats_root(cache)
-            found = {n: _load_one(stats_path(root, keys[n]), keys[n], True) for n in names}
+            found = {n: _load_one(stats_path(root, keys[n]), keys[n], True, key_dim(model, n))
+                     for n in names}
             if all(m is not None for m in found.values()):
                 return found  # type: ignore[return-value]
         if trainer is None:

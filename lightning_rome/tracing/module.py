@@ -12,8 +12,9 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -122,8 +123,11 @@ class CausalTracer(L.LightningModule):
     does a plain ``DataLoader`` over a list of dicts.
 
     Args:
-        model: the Hugging Face causal LM to trace.
-        tokenizer: its tokenizer.
+        model: the Hugging Face causal LM to trace, or its hub name or local folder (loaded
+            with :func:`~lightning_rome.models.load_model`, so that a YAML config can say
+            ``class_path: CausalTracer`` and ``model: gpt2-xl``).
+        tokenizer: its tokenizer, or a tokenizer name or folder (default: the model's own,
+            which is only available when the model is given by name or folder).
         kinds: the traces per prompt (see :func:`~lightning_rome.tracing.trace_all`).
         window: layers restored together for ``mlp``/``attn``.
         samples: noise samples per prompt.
@@ -139,6 +143,8 @@ class CausalTracer(L.LightningModule):
         keep_traces: keep this rank's traces in :attr:`traces` (``predict_step`` returns them
             anyway).
         save_dir: rank 0 writes ``aggregate-<kind>.json`` here at the end of each epoch.
+        dtype: the dtype to load a model given by name in (``"float32"``, ``"bf16"``, ...;
+            default: the checkpoint's); ignored for a model object.
 
     After an epoch, :attr:`aggregates` maps each trace label to its
     :class:`TraceAggregate` and :attr:`suggested_layer` is the MLP peak at the last subject
@@ -153,29 +159,32 @@ class CausalTracer(L.LightningModule):
 
     def __init__(
         self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
+        model: nn.Module | str,
+        tokenizer: PreTrainedTokenizerBase | str | None = None,
         kinds: Sequence[str] = KINDS,
         *,
         window: int = 10,
         samples: int = 10,
         noise: NoiseLike = None,
         noise_subjects: Sequence[str] | None = None,
-        answer: str = "greedy",
+        answer: Literal["greedy", "attribute"] = "greedy",
         seed: int = 0,
         engine: str = "auto",
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         keep_traces: bool = True,
         save_dir: str | None = None,
+        dtype: str | None = None,
     ) -> None:
+        from lightning_rome.models.loading import resolve_model
+
         super().__init__()
         if answer not in ("greedy", "attribute"):
             raise ValueError(f"answer must be 'greedy' or 'attribute', got {answer!r}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.specs = [parse_spec(k) for k in kinds]
+        self.specs = [parse_spec(k) for k in kinds]  # checked before a model is loaded
         if not self.specs:
             raise ValueError("kinds is empty")
+        load_kwargs = {"dtype": dtype} if isinstance(model, str | PathLike) and dtype else {}
+        self.model, self.tokenizer = resolve_model(model, tokenizer, **load_kwargs)
         self.labels = [s.label for s in self.specs]
         self.window, self.samples, self.seed = window, samples, seed
         self.noise = resolve_noise(noise)

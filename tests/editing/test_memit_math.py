@@ -141,3 +141,18 @@ def test_bad_input(model, gpt2_tokenizer):
     assert MEMITHyperParams.from_preset("gpt-j-6b").layers == [3, 4, 5, 6, 7, 8]
     assert MEMITHyperParams.from_preset("gpt-j-6b").mom2_update_weight == 15000
     assert MEMITHyperParams.from_preset("gpt2-xl").layers == [13, 14, 15, 16, 17]
+
+
+def test_editors_pickle_without_their_per_model_caches(model):
+    """ddp_spawn pickles callbacks holding editors: the weak per-model caches must not travel."""
+    import pickle
+
+    from lightning_rome.editing import ROME
+
+    memit, rome = MEMIT({"layers": [1]}), ROME({"layer": 1})
+    memit._C[model] = {"x": torch.eye(2)}
+    rome._chol[model] = {"x": torch.eye(2)}
+    for editor, cache in ((memit, "_C"), (rome, "_chol")):
+        copy = pickle.loads(pickle.dumps(editor))
+        assert len(getattr(copy, cache)) == 0 and len(getattr(editor, cache)) == 1
+        assert copy.hparams == editor.hparams

@@ -230,10 +230,8 @@ CLI_CASES = [
     ("blank-target", ["--prompt", "{} plays", "--subject", "A", "--target", "  "], r"target"),
     ("layer", ["--prompt", "{} plays", "--subject", "A", "--target", "x", "--layer", "9"],
      r"out of range"),
-    pytest.param("too-long", ["--prompt", "{} plays" + " very" * 200, "--subject", "A",
-                              "--target", "x", "--layer", "1"], r"tokens long",
-                 marks=pytest.mark.xfail(reason="cli.py scores the 'before' predictions before "
-                                                "the editor checks the length: IndexError")),
+    ("too-long", ["--prompt", "{} plays" + " very" * 200, "--subject", "A", "--target", "x",
+                  "--layer", "1"], r"tokens long"),
     ("missing-hparams", ["--prompt", "{} plays", "--subject", "A", "--target", "x",
                          "--hparams", "/nonexistent/h.yaml"], r"h\.yaml|No such file|not found"),
 ]
