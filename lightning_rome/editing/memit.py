@@ -5,7 +5,8 @@ Many facts are written at once, spread over the MLPs of a range of layers R:
 1. For each request i, optimise a target residual ``z_i`` at the output of the last layer of R
    (the ROME value loss, on the residual stream), all requests in one batch.
 2. For each layer l in R, in order, on the model already edited at the earlier layers of R:
-   read the template-averaged keys ``K`` (d_in × u), the residual still missing
+   read the template-averaged keys ``K`` (d_in × u; averaged within each group of context
+   templates, then over the groups, as in the published code), the residual still missing
    ``R_l = (Z − h_L) / (layers left)``, and apply (paper, eq. 14)::
 
        ΔW_l = R_l Kᵀ (λ C_l + K Kᵀ)⁻¹         solved in float64
@@ -168,6 +169,20 @@ class MEMIT:
             return list(hp.context_templates)
         return context_templates(model, tok, hp.context_template_lengths, hp.seed)
 
+    def _context_weights(self, contexts: Sequence[str]) -> Tensor:
+        """Each context's weight in the key average, ``(n_ctx,)``, summing to 1.
+
+        As in the published MEMIT code, keys are averaged within each group of templates (the
+        bare ``"{}"``; the generated ones of each ``(length, count)``), then over the groups, so
+        the bare prompt weighs ``1 / n_groups``. Explicit ``context_templates`` weigh equally.
+        """
+        hp = self.hparams
+        if hp.context_templates is not None:
+            return torch.full((len(contexts),), 1.0 / len(contexts))
+        sizes = [1] + [int(count) for _, count in hp.context_template_lengths]
+        assert sum(sizes) == len(contexts)
+        return torch.cat([torch.full((n,), 1.0 / (n * len(sizes))) for n in sizes])
+
     def _keys(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str,
               reqs: Sequence[EditRequest], contexts: Sequence[str]) -> Tensor:
         """Template-averaged keys at ``name``'s input, ``(d_in, u)``."""
@@ -177,7 +192,8 @@ class MEMIT:
         ks = [read_keys(model, tok, name, templates[s:s + step], subjects[s:s + step],
                         self.hparams.fact_token)[0] for s in range(0, len(templates), step)]
         k = torch.cat(ks).view(len(reqs), len(contexts), -1)  # (u, n_ctx, d_in)
-        return k.mean(1).T  # (d_in, u)
+        w = self._context_weights(contexts).to(k)  # (n_ctx,)
+        return torch.einsum("ucd,c->du", k, w)  # (d_in, u)
 
     def _residual_now(self, model: nn.Module, tok: PreTrainedTokenizerBase, block: str,
                       reqs: Sequence[EditRequest]) -> Tensor:

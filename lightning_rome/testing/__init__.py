@@ -11,6 +11,14 @@ Used by the behaviour tests of causal tracing, ROME, MEMIT and the baselines, an
     accuracy(fm.model, fm.tokenizer, neighbours, "train")
 """
 
+from lightning_rome.testing.counterfact_model import (
+    CounterFactModel,
+    CounterFactModelConfig,
+    get_counterfact_model,
+    measure_cases,
+    select_cases,
+    train_counterfact_model,
+)
 from lightning_rome.testing.fact_model import (
     FactModel,
     FactModelConfig,
@@ -32,6 +40,8 @@ from lightning_rome.testing.knowledge import (
 
 __all__ = [
     "RELATIONS",
+    "CounterFactModel",
+    "CounterFactModelConfig",
     "Fact",
     "FactModel",
     "FactModelConfig",
@@ -41,8 +51,12 @@ __all__ = [
     "accuracy",
     "answered",
     "build_knowledge_base",
+    "get_counterfact_model",
     "get_fact_model",
     "known_facts",
+    "measure_cases",
+    "select_cases",
     "text_corpus",
+    "train_counterfact_model",
     "train_fact_model",
 ]

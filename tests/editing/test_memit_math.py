@@ -156,3 +156,21 @@ def test_editors_pickle_without_their_per_model_caches(model):
         copy = pickle.loads(pickle.dumps(editor))
         assert len(getattr(copy, cache)) == 0 and len(getattr(editor, cache)) == 1
         assert copy.hparams == editor.hparams
+
+
+def test_keys_average_within_then_across_template_groups(model, gpt2_tokenizer):
+    """As the published code: the bare prompt weighs 1/(number of groups), not 1/(templates)."""
+    memit = MEMIT({"layers": [1], "context_template_lengths": [[3, 2], [4, 3]]})
+    contexts = memit._contexts(model, gpt2_tokenizer)
+    assert len(contexts) == 6 and contexts[0] == "{}"
+    w = memit._context_weights(contexts)
+    torch.testing.assert_close(w, torch.tensor([1 / 3, 1 / 6, 1 / 6, 1 / 9, 1 / 9, 1 / 9]))
+    name = "transformer.h.1.mlp.c_proj"
+    K = memit._keys(model, gpt2_tokenizer, name, REQS[:2], contexts)  # (d_in, 2)
+    for j, r in enumerate(REQS[:2]):
+        each = [read_keys(model, gpt2_tokenizer, name, [c.replace("{}", r.prompt)], [r.subject])[0][0]
+                for c in contexts]
+        bare, g1, g2 = each[0], torch.stack(each[1:3]).mean(0), torch.stack(each[3:]).mean(0)
+        torch.testing.assert_close(K[:, j], (bare + g1 + g2) / 3)
+    uniform = MEMIT({"layers": [1], "context_templates": contexts})._context_weights(contexts)
+    torch.testing.assert_close(uniform, torch.full((6,), 1 / 6))

@@ -1,0 +1,611 @@
+"""A small GPT-2 that knows the true facts of a few hundred real COUNTERFACT cases, trained once
+and cached. The embedded demo (``lightning-rome demo``) edits and evaluates it.
+
+:func:`get_counterfact_model` builds it on first use (a few minutes on two CPU cores shared with
+other jobs) and loads it from the cache afterwards (about a second):
+
+* **the cases**: the first ``n_cases`` usable records of a COUNTERFACT file of the local data
+  folder (default ``counterfact/counterfact-val.json``, the reduced EasyEdit form), parsed by the
+  package's :func:`~lightning_rome.data.parse_counterfact_record` into
+  :class:`~lightning_rome.data.EditCase` records. A record is used when it has a rephrase and a
+  locality prompt, ``target_new`` differs from the true object, its subject is new (one case per
+  subject), its prompts do not clash with another case's (one answer per prompt text) and its
+  locality prompt does not mention a selected subject;
+* **what it is trained on**, one sentence per line, the object's tokens weighted in the loss:
+  the edit prompt with its true object (``"Toko Yasuda, the guitar."``), the locality
+  (neighbourhood) prompt with its true object, the subject followed by its object
+  (``"Toko Yasuda guitar."``, alone for the first ``subject_warmup_steps`` steps), and
+  ``prefix_copies`` copies of each behind a short random snippet of WikiText (``"... the second
+  season. Toko Yasuda, the guitar."``), so that a fact is recalled behind unseen context (as
+  ROME's context templates and COUNTERFACT's prefixed paraphrases require); plus
+  ``wikitext_rows`` chunks of WikiText-2 for general language. The **rephrase prompts are held
+  out** (``train_rephrase=False``): the paraphrase score then measures generalisation to a new
+  wording, not memorisation;
+* a **small byte-level BPE tokenizer** (:mod:`lightning_rome.testing.bpe`, trained on the cases'
+  texts and WikiText-2), and a ``GPT2LMHeadModel`` trained with the synthetic fact model's loop
+  (:mod:`lightning_rome.testing.fact_model`: AdamW, seeded, one thread, no dropout).
+
+Measured on the default model (300 cases, 4 layers x 128, BPE 4,096, 1.3M parameters, 800
+steps, 120-240 s of training on the shared 2 cores): edit prompts 100% top-1, neighbourhood
+prompts 100%, held-out rephrasings 46% top-1 and 90% ``P(o^c) > P(o*)``; 270 cases known on all
+three prompts. **Where it stores facts**: causal tracing finds them at the prompt's *last* token
+(layer-0 attention there reads the subject's tokens and the last token's MLPs decode them), not
+at the subject's last token as in GPT-2 XL: with one fact per subject a 4-layer model needs no
+subject representation. Training the subject-object rows, a subject-only warm-up and a smaller
+BPE did not change this; the demo's ROME and MEMIT presets therefore edit at the last token.
+
+A prompt is **known** when the true object is the model's teacher-forced argmax at each of its
+tokens (top-1 over the whole vocabulary); the weaker COUNTERFACT comparison ``P(o^c) > P(o*)``
+is reported too (``pairwise_*``). Both come from the package's
+:func:`~lightning_rome.modules.evaluator.score_cases`. The figures measured at build time are in
+:attr:`CounterFactModel.stats`.
+
+The cache folder is named by a hash of the :class:`CounterFactModelConfig` *and* of the data
+files' SHA-256 checksums; it is built in a temporary folder renamed into place (concurrent
+processes wait on a file lock) and validated on every read (file checksums, data checksums, the
+selected case ids): a corrupt or partial folder is reported with a warning and rebuilt.
+
+Example:
+    >>> cm = get_counterfact_model()
+    >>> cm.stats["accuracy_train"] >= 0.9
+    True
+    >>> case = cm.known_cases[0]          # an EditCase whose true fact the model answers
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from lightning_rome.corpora import is_heading
+from lightning_rome.models import load_model
+from lightning_rome.testing.bpe import train_bpe_tokenizer
+from lightning_rome.testing.fact_model import (
+    _THREAD_LOCK,
+    _discard,
+    _lock,
+    _lr_at,
+    _new_model,
+    _sha256,
+    _threads,
+    _Trainer,
+)
+from lightning_rome.tokens import continuation_ids, encode_prompt, subject_span
+from lightning_rome.utils import io
+from lightning_rome.utils.io import CorruptFileError
+from lightning_rome.utils.paths import data_path
+
+if TYPE_CHECKING:  # lightning_rome.data imports Lightning: imported where used
+    from lightning_rome.data import EditCase
+
+__all__ = [
+    "CounterFactModel",
+    "CounterFactModelConfig",
+    "get_counterfact_model",
+    "measure_cases",
+    "select_cases",
+    "train_counterfact_model",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "counterfact_model.json"
+# Bump when a code change alters what a given config builds, so that old caches are not reused.
+_BUILD_VERSION = 1
+# A training row's span that marks nothing (the trainer's weight slices become empty).
+_NO_SPAN = (1, 1)
+
+
+@dataclass(frozen=True)
+class CounterFactModelConfig:
+    """Everything that determines the COUNTERFACT model (with the data files' checksums, the cache
+    key).
+
+    Args:
+        data_file: the COUNTERFACT file, relative to the data folder (``$LIGHTNING_ROME_DATA``).
+        n_cases: how many cases the model learns.
+        train_rephrase: also train the rephrase prompts (``False``: held out, measured only).
+        subject_rows: also train ``"{subject} {object}."``, where the subject's last token
+            predicts the object, so that its representation carries the fact (where ROME and
+            MEMIT read their keys and write their values). Without them the small model answers
+            by attending from the prompt's last token to each of the subject's tokens, causal
+            tracing finds no single subject token that restores the answer, and ROME's value
+            optimisation cannot reach the output.
+        subject_warmup_steps: the first steps train on the subject rows (and WikiText) only, so
+            that the facts are stored at the subjects before the prompts are learnt (0: off).
+        prefix_copies: copies of each fact sentence behind a random WikiText snippet.
+        prefix_words: the snippet length range ``(min, max)`` in words.
+        wikitext_file: the WikiText file, relative to the data folder.
+        wikitext_rows: WikiText chunks mixed into the training rows.
+        wikitext_tokens: tokens per WikiText chunk.
+        vocab_size: the BPE's vocabulary size.
+        bpe_wikitext_lines: WikiText lines the BPE is trained on (with the cases' texts).
+        n_layer, n_embd, n_head, n_positions: the GPT-2 architecture.
+        steps, batch_size, lr, warmup_steps, weight_decay, object_weight, subject_weight, seed,
+            num_threads: the training loop (see :class:`~lightning_rome.testing.FactModelConfig`).
+        target_accuracy: train on (``max_extra_rounds`` times at most, ``steps // 4`` steps at
+            ``lr / 4`` each) until this fraction of the edit and of the neighbourhood prompts is
+            known (top-1).
+        max_extra_rounds: see ``target_accuracy``.
+    """
+
+    data_file: str = "counterfact/counterfact-val.json"
+    n_cases: int = 300
+    train_rephrase: bool = False
+    subject_rows: bool = True
+    subject_warmup_steps: int = 300
+    prefix_copies: int = 2
+    prefix_words: tuple[int, int] = (3, 10)
+    wikitext_file: str = "wikitext-2/valid.txt"
+    wikitext_rows: int = 600
+    wikitext_tokens: int = 48
+    vocab_size: int = 4096
+    bpe_wikitext_lines: int = 3000
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 80
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    object_weight: float = 4.0
+    subject_weight: float = 1.0
+    seed: int = 0
+    num_threads: int | None = 1
+    target_accuracy: float = 0.9
+    max_extra_rounds: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("n_cases", "vocab_size", "n_layer", "n_embd", "n_head", "n_positions",
+                     "steps", "batch_size", "wikitext_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CounterFactModelConfig.{name} must be positive, got "
+                                 f"{getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        lo, hi = self.prefix_words
+        if not 1 <= lo <= hi:
+            raise ValueError(f"prefix_words must be (min, max) with 1 <= min <= max, got "
+                             f"{self.prefix_words}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every setting."""
+        d = asdict(self)
+        d["prefix_words"] = list(self.prefix_words)
+        return d
+
+    def data_checksums(self) -> dict[str, str]:
+        """SHA-256 of the COUNTERFACT and WikiText files this config reads."""
+        return {rel: _sha256(data_path(rel, what="COUNTERFACT model data"))
+                for rel in (self.data_file, self.wikitext_file)}
+
+    def key(self, checksums: dict[str, str] | None = None) -> str:
+        """The cache key: a hash of every setting, the build code's version and the data files'
+        checksums (computed when not given)."""
+        checksums = checksums if checksums is not None else self.data_checksums()
+        blob = json.dumps({"config": self.to_dict(), "build": _BUILD_VERSION,
+                           "data": checksums}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@dataclass
+class CounterFactModel:
+    """A trained COUNTERFACT model and what it knows.
+
+    Attributes:
+        model: the ``GPT2LMHeadModel``, eval mode, float32, CPU; a fresh copy per call of
+            :func:`get_counterfact_model`, so it may be edited freely.
+        tokenizer: its tokenizer (a ``PreTrainedTokenizerFast`` with offsets).
+        cases: the :class:`~lightning_rome.data.EditCase` records it was trained on, in order.
+        path: the cached folder (``lightning_rome.models.load_model(path)`` loads it again).
+        stats: figures measured at build time: ``accuracy_train`` / ``accuracy_paraphrase`` /
+            ``accuracy_neighborhood`` (top-1), ``pairwise_*`` (``P(o^c) > P(o*)``),
+            ``known_case_ids``, ``train_seconds``, ``n_params``, ...
+        config: the :class:`CounterFactModelConfig`.
+        from_cache: ``True`` when this call loaded a cached model.
+    """
+
+    model: GPT2LMHeadModel
+    tokenizer: PreTrainedTokenizerBase
+    cases: list[EditCase]
+    path: Path
+    stats: dict[str, Any]
+    config: CounterFactModelConfig
+    from_cache: bool = False
+
+    @property
+    def known_cases(self) -> list[EditCase]:
+        """The cases whose edit and neighbourhood prompts the model answered (top-1) at build
+        time: the natural cases to edit, as the papers edit facts the model knows."""
+        known = set(self.stats.get("known_case_ids", []))
+        return [c for c in self.cases if c.case_id in known]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def select_cases(config: CounterFactModelConfig) -> list[EditCase]:
+    """The first ``config.n_cases`` usable cases of ``config.data_file`` (see the module doc).
+
+    Raises:
+        ValueError: the file has fewer usable cases.
+    """
+    from lightning_rome.data import parse_counterfact_record
+
+    path = data_path(config.data_file, what="COUNTERFACT file")
+    with open(path, encoding="utf-8") as fh:
+        records = json.load(fh)
+    cases: list[EditCase] = []
+    subjects: set[str] = set()
+    answers: dict[str, str] = {}  # prompt text -> its answer, over all selected cases
+    for i, raw in enumerate(records):
+        if len(cases) == config.n_cases:
+            break
+        try:
+            case = parse_counterfact_record(raw, i)
+        except ValueError:
+            continue
+        r = case.request
+        if (not case.paraphrase_prompts or not case.neighborhood_prompts or r.target_true is None
+                or r.target_new.strip() == r.target_true.strip() or r.subject in subjects):
+            continue
+        texts = {r.text: r.target_true, case.neighborhood_prompts[0]:
+                 case.neighborhood_answers[0], case.paraphrase_prompts[0]: r.target_true}
+        if any(answers.get(t, a) != a for t, a in texts.items()):
+            continue
+        if any(s in case.neighborhood_prompts[0] for s in subjects | {r.subject}):
+            continue
+        if any(r.subject in t for t in answers if t not in texts):  # an earlier locality prompt
+            continue
+        cases.append(case)
+        subjects.add(r.subject)
+        answers.update(texts)
+    if len(cases) < config.n_cases:
+        raise ValueError(f"{path} has only {len(cases)} usable cases, {config.n_cases} requested")
+    return cases
+
+
+def _wikitext_lines(config: CounterFactModelConfig) -> list[str]:
+    path = data_path(config.wikitext_file, what="WikiText-2 text for the COUNTERFACT model")
+    with open(path, encoding="utf-8") as fh:
+        return [ln.strip() for ln in fh if ln.strip() and not is_heading(ln)]
+
+
+def _prefixes(lines: list[str], n: int, words: tuple[int, int], seed: int) -> list[str]:
+    """``n`` random WikiText snippets of ``words`` words, each ending with ``". "``."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        w = rng.choice(lines).split()
+        k = rng.randint(*words)
+        s = rng.randint(0, max(0, len(w) - k))
+        out.append(" ".join(w[s:s + k]).rstrip(" .,;:") + ". ")
+    return out
+
+
+def _fact_texts(config: CounterFactModelConfig, cases: list[EditCase], lines: list[str],
+                ) -> list[tuple[str, str | None, str]]:
+    """The training facts as ``(prompt template or text, subject or None, object)``: templates
+    (with ``{}``) for the edit prompts, whose subject span is weighted; plain texts for the
+    neighbourhood prompts, whose subject is not marked in COUNTERFACT."""
+    facts: list[tuple[str, str | None, str]] = []
+    for c in cases:
+        r = c.request
+        assert r.target_true is not None  # checked by select_cases
+        facts.append((r.prompt, r.subject, r.target_true))
+        facts.append((c.neighborhood_prompts[0], None, c.neighborhood_answers[0]))
+        if config.subject_rows:
+            facts.append(("{}", r.subject, r.target_true))
+        if config.train_rephrase:
+            facts.append((c.paraphrase_prompts[0], None, r.target_true))
+    prefixes = _prefixes(lines, len(facts) * config.prefix_copies, config.prefix_words,
+                         config.seed + 1)
+    out = list(facts)
+    for j, (p, s, o) in enumerate(facts * config.prefix_copies):
+        out.append((prefixes[j] + p, s, o))
+    return out
+
+
+def _training_rows(config: CounterFactModelConfig, cases: list[EditCase],
+                   tokenizer: PreTrainedTokenizerBase, lines: list[str],
+                   ) -> tuple[list[list[int]], list[tuple[tuple[int, int], tuple[int, int]]],
+                              list[bool]]:
+    """Token rows (facts, then WikiText chunks), their subject and object spans, and whether
+    each is trained during the subject warm-up (subject rows and WikiText)."""
+    eos = int(tokenizer.eos_token_id)
+    stop = tokenizer(".", add_special_tokens=False)["input_ids"]
+    rows: list[list[int]] = []
+    spans: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    warmup: list[bool] = []
+    for prompt, subject, obj in _fact_texts(config, cases, lines):
+        warmup.append(prompt.endswith("{}"))
+        if subject is not None:
+            text = prompt.replace("{}", subject)
+            subj = subject_span(tokenizer, prompt, subject)
+        else:
+            text, subj = prompt, _NO_SPAN
+        ids = encode_prompt(tokenizer, text)
+        o = continuation_ids(tokenizer, obj)
+        rows.append(ids + o + stop + [eos])
+        spans.append((subj, (len(ids), len(ids) + len(o))))
+    n_text = 0
+    for ln in lines:
+        if n_text == config.wikitext_rows:
+            break
+        ids = tokenizer(ln, add_special_tokens=False)["input_ids"]
+        for s in range(0, len(ids) - 8, config.wikitext_tokens):
+            rows.append(ids[s:s + config.wikitext_tokens])
+            spans.append((_NO_SPAN, _NO_SPAN))
+            warmup.append(True)
+            n_text += 1
+            if n_text == config.wikitext_rows:
+                break
+    return rows, spans, warmup
+
+
+def build_tokenizer(config: CounterFactModelConfig, cases: list[EditCase], lines: list[str],
+                    ) -> PreTrainedTokenizerBase:
+    """A byte-level BPE trained on the cases' prompts and objects (ten times each, so that the
+    objects and the subjects' words tend to become tokens) and on WikiText-2. (Leaving the
+    subjects out, so that they split into small pieces, was measured to change neither where
+    the model stores its facts nor its accuracy, and to lower the paraphrase accuracy.)"""
+    texts: list[str] = []
+    for c in cases:
+        r = c.request
+        texts += [f"{r.text} {r.target_true}.", f"{r.text} {r.target_new}.",
+                  f"{c.paraphrase_prompts[0]} {r.target_true}.",
+                  f"{c.neighborhood_prompts[0]} {c.neighborhood_answers[0]}."]
+    return train_bpe_tokenizer(texts * 10 + lines[: config.bpe_wikitext_lines],
+                               config.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement and training
+
+
+def measure_cases(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                  cases: list[EditCase], batch_size: int = 512) -> dict[str, Any]:
+    """What the model knows of ``cases``, from :func:`~lightning_rome.modules.evaluator.score_cases`.
+
+    Returns:
+        ``accuracy_{train,paraphrase,neighborhood}``: the fraction of edit / rephrase /
+        neighbourhood prompts whose true object is the teacher-forced argmax at every token;
+        ``pairwise_*``: the fraction with ``P(o^c) > P(o*)`` (COUNTERFACT's comparison);
+        ``known_case_ids``: the cases with edit and neighbourhood prompts known (top-1) and
+        ``P(o^c) > P(o*)`` on all three prompts.
+    """
+    from lightning_rome.modules.evaluator import score_cases
+
+    scores = score_cases(model, tokenizer, cases, batch_size=batch_size)
+    names = {"rewrite": "train", "paraphrase": "paraphrase", "neighborhood": "neighborhood"}
+    top1: dict[str, list[bool]] = {k: [] for k in names}
+    pair: dict[str, list[bool]] = {k: [] for k in names}
+    known = []
+    for case, s in zip(cases, scores):
+        ok = True
+        for kind in names:
+            t = [all(c) for c in s[kind]["correct_true"]]
+            p = [a > b for a, b in zip(s[kind]["p_true"], s[kind]["p_new"])]
+            top1[kind] += t
+            pair[kind] += p
+            ok = ok and all(p) and (kind == "paraphrase" or all(t))
+        if ok:
+            known.append(case.case_id)
+    out: dict[str, Any] = {}
+    for kind, name in names.items():
+        out[f"accuracy_{name}"] = round(sum(top1[kind]) / max(1, len(top1[kind])), 4)
+        out[f"pairwise_{name}"] = round(sum(pair[kind]) / max(1, len(pair[kind])), 4)
+    out["known_case_ids"] = known
+    return out
+
+
+def train_counterfact_model(config: CounterFactModelConfig, *, measure: bool = True,
+                            ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase,
+                                       list[EditCase], dict[str, Any]]:
+    """Train a COUNTERFACT model from scratch (no caching; :func:`get_counterfact_model`
+    caches).
+
+    Returns:
+        ``(model, tokenizer, cases, stats)``, the model in eval mode.
+    """
+    t0 = time.perf_counter()
+    cases = select_cases(config)
+    lines = _wikitext_lines(config)
+    tokenizer = build_tokenizer(config, cases, lines)
+    rows, spans, warmup = _training_rows(config, cases, tokenizer, lines)
+    prep_seconds = time.perf_counter() - t0
+    longest = max(len(r) for r in rows)
+    if longest > config.n_positions:
+        raise ValueError(f"a training row has {longest} tokens but n_positions is "
+                         f"{config.n_positions}")
+    model = _new_model(config, tokenizer)  # type: ignore[arg-type]  # duck-typed config
+    trainer = _Trainer(config, model, rows, spans,  # type: ignore[arg-type]
+                       int(tokenizer.eos_token_id))
+    stats: dict[str, Any] = {}
+    rounds = 0
+    with _threads(config.num_threads):
+        t1 = time.perf_counter()
+        warm = min(config.subject_warmup_steps, config.steps) if config.subject_rows else 0
+        if warm:  # first the subject rows and WikiText only, then everything
+            trainer.rows = [r for r, w in zip(rows, warmup) if w]
+            trainer.spans = [s for s, w in zip(spans, warmup) if w]
+            trainer.train(warm, lambda i: _lr_at(i, config))  # type: ignore[arg-type]
+            trainer.rows, trainer.spans, trainer.batches = rows, spans, []
+        trainer.train(config.steps - warm,
+                      lambda i: _lr_at(warm + i, config))  # type: ignore[arg-type]
+        train_seconds = time.perf_counter() - t1
+        eval_seconds = 0.0
+        while measure:
+            t2 = time.perf_counter()
+            stats.update(measure_cases(model, tokenizer, cases))
+            eval_seconds += time.perf_counter() - t2
+            worst = min(stats["accuracy_train"], stats["accuracy_neighborhood"])
+            if worst >= config.target_accuracy or rounds == config.max_extra_rounds:
+                break
+            rounds += 1
+            log.info("counterfact model: accuracy %.3f below %s, training on", worst,
+                     config.target_accuracy)
+            t1 = time.perf_counter()
+            trainer.train(max(1, config.steps // 4), lambda i: config.lr / 4)
+            train_seconds += time.perf_counter() - t1
+    if measure and min(stats["accuracy_train"], stats["accuracy_neighborhood"]) \
+            < config.target_accuracy:
+        warnings.warn(f"the COUNTERFACT model knows only {stats['accuracy_train']:.1%} of its "
+                      f"edit prompts and {stats['accuracy_neighborhood']:.1%} of its "
+                      f"neighbourhood prompts, below {config.target_accuracy:.0%}", stacklevel=2)
+    tail = trainer.losses[-50:]
+    stats.update({
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "prep_seconds": round(prep_seconds, 2),
+        "steps": trainer.steps,
+        "extra_rounds": rounds,
+        "rows": len(rows),
+        "epochs": round(trainer.steps * config.batch_size / len(rows), 2),
+        "final_loss": round(sum(tail) / len(tail), 4),
+        "n_cases": len(cases),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "num_threads": config.num_threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+    })
+    return model, tokenizer, cases, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache
+
+
+def _build(config: CounterFactModelConfig, checksums: dict[str, str], folder: Path) -> None:
+    """Train, measure and save everything into ``folder`` (the manifest last)."""
+    t0 = time.perf_counter()
+    model, tokenizer, cases, stats = train_counterfact_model(config)
+    stats["build_seconds"] = round(time.perf_counter() - t0, 2)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    manifest = {"key": config.key(checksums), "config": config.to_dict(),
+                "build": _BUILD_VERSION, "data": checksums,
+                "case_ids": [c.case_id for c in cases], "stats": stats, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def _load(config: CounterFactModelConfig, checksums: dict[str, str], folder: Path,
+          ) -> CounterFactModel:
+    """Validate and load a cached folder.
+
+    Raises:
+        CorruptFileError: the folder is partial, altered, or built from other settings or data.
+    """
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(f"COUNTERFACT model cache {folder}: unreadable manifest ({e})") \
+            from e
+    if not isinstance(manifest, dict) or manifest.get("key") != config.key(checksums):
+        raise CorruptFileError(f"COUNTERFACT model cache {folder}: manifest is for another "
+                               "config")
+    if manifest.get("data") != checksums:
+        raise CorruptFileError(f"COUNTERFACT model cache {folder}: built from other data files")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        raise CorruptFileError(f"COUNTERFACT model cache {folder}: manifest lists no weights")
+    for name, digest in files.items():
+        try:
+            intact = _sha256(folder / name) == digest
+        except OSError:
+            intact = False
+        if not intact:
+            raise CorruptFileError(f"COUNTERFACT model cache {folder}: {name} is missing or "
+                                   "altered")
+    cases = select_cases(config)
+    if manifest.get("case_ids") != [c.case_id for c in cases]:
+        raise CorruptFileError(f"COUNTERFACT model cache {folder}: its cases differ from the "
+                               "data file's selection")
+    try:
+        model, tokenizer = load_model(folder, dtype=torch.float32, device="cpu")
+    except Exception as e:  # a corrupt file that somehow kept its checksum, or a bad config
+        raise CorruptFileError(f"COUNTERFACT model cache {folder}: cannot be loaded ({e})") \
+            from e
+    with torch.no_grad():  # detach the weights from the memory-mapped file
+        for p in model.parameters():
+            p.data = p.data.clone()
+    return CounterFactModel(model=model, tokenizer=tokenizer, cases=cases, path=folder,
+                            stats=dict(manifest.get("stats", {})), config=config,
+                            from_cache=True)
+
+
+def get_counterfact_model(config: CounterFactModelConfig | None = None, *,
+                          cache_dir: str | os.PathLike[str] | None = None,
+                          retrain: bool = False) -> CounterFactModel:
+    """The COUNTERFACT model of ``config``, trained on first use and loaded from the cache
+    afterwards.
+
+    Args:
+        config: the settings (default :class:`CounterFactModelConfig`).
+        cache_dir: the folder of cached models (default
+            ``lightning_rome.utils.io.cache_dir("counterfact_models")``).
+        retrain: train again even when a valid cached model exists, and replace it.
+
+    Raises:
+        FileNotFoundError: the data folder or a data file is missing.
+
+    Warns:
+        UserWarning: a cached folder was corrupt or partial; it is deleted and rebuilt.
+    """
+    with _THREAD_LOCK:
+        return _get(config or CounterFactModelConfig(), cache_dir, retrain)
+
+
+def _get(config: CounterFactModelConfig, cache_dir: str | os.PathLike[str] | None,
+         retrain: bool) -> CounterFactModel:
+    checksums = config.data_checksums()
+    key = config.key(checksums)
+    root = Path(cache_dir) if cache_dir is not None else io.cache_dir("counterfact_models")
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    if not retrain and final.exists():
+        try:
+            return _load(config, checksums, final)
+        except CorruptFileError:
+            pass  # re-checked, reported and rebuilt under the lock below
+    with _lock(root / f"{key}.lock"):
+        if not retrain and final.exists():  # another process may have built it meanwhile
+            try:
+                return _load(config, checksums, final)
+            except CorruptFileError as e:
+                warnings.warn(f"{e}; rebuilding it", stacklevel=3)
+        for stale in root.glob(f".{key}.*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            _discard(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.build-", dir=root))
+        try:
+            _build(config, checksums, tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # a process without the lock (another host) renamed first
+                if not final.exists():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    cm = _load(config, checksums, final)
+    cm.from_cache = False
+    return cm
