@@ -33,6 +33,7 @@ from lightning_rome.modules.evaluator import score_cases
 from lightning_rome.stats import get_second_moments
 from lightning_rome.testing import get_counterfact_model
 
+
 def _score(model: Any, tok: Any, cases: list[Any]) -> dict[str, Any]:
     """COUNTERFACT probability metrics (ES, PS, NS, S and magnitudes) over ``cases``."""
     metrics = counterfact_metrics(generation=False)

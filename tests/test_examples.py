@@ -53,7 +53,6 @@ def test_tensorboard_example_logs_edit_metrics_and_trace_images(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_trace_dataset_example_suggests_the_mlp_peak(tmp_path):
-    import torch
     import trace_dataset
 
     out = trace_dataset.main(["--facts", "3", "--samples", "2", "--out", str(tmp_path)])

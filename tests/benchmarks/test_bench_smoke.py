@@ -31,3 +31,32 @@ def test_runner_quick_tiny_prints_tables(capsys):
         assert re.search(rf"^{re.escape(header)}.*\|\n\|-+\|", out, re.M), header
     # The in-benchmark correctness checks passed (fast and naive paths agree).
     assert out.count("correctness") >= 3 and "FAIL" not in out
+
+
+def test_samples_study_quick_tiny(capsys):
+    """The reduced-sample C study on the fact model with tiny settings: C from fewer tokens than
+    its dimension is singular (rank ≤ tokens), so its plain row fails and the shrunk one runs;
+    the reference row is C itself (zero difference)."""
+    import pytest
+
+    from benchmarks.bench_samples import run
+    from benchmarks.common import Settings, fact_model_or_none
+
+    if fact_model_or_none()[0] is None:
+        pytest.skip("fact model not cached")
+    res = run(Settings(quick=True, runs=1, warmup=0, threads=1), samples=[100, 20],
+              n_requests=1, n_neighbours=2, steps=3)
+    out = capsys.readouterr().out
+    assert "| C from " in out and "efficacy" in out
+    d = res["d"]
+    by = {(r["label"], r["variant"]): r for r in res["rows"]}
+    ref = by[("all", "plain")]
+    assert ref["dW_rel"] == 0.0
+    for n in (100, 20):
+        plain = by[(f"N = {n}", "plain")]
+        shrunk = next(r for (lab, v), r in by.items() if lab == f"N = {n}" and v != "plain")
+        assert "efficacy" in shrunk and 0.0 <= shrunk["specificity"] <= 1.0
+        # The plain estimate is rejected exactly when it comes from fewer tokens than d.
+        assert ("error" in plain) == (shrunk["tokens"] < d), (n, shrunk["tokens"], d)
+    assert "error" in by[("N = 20", "plain")]  # 20 sentences are ~240 tokens < d = 384
+    assert by[("no C (identity)", "mom2_adjustment=False")]["efficacy"] >= 0.0
