@@ -242,12 +242,13 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/demo", help="where the demo writes its results")
     p.add_argument("--cases", type=int, default=None, help="COUNTERFACT cases the model learns")
     p.add_argument("--retrain", action="store_true", help="retrain the demo model")
+    p.add_argument("--memit", type=int, default=100, help="MEMIT edits in the one batch")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_rome.demo import run_demo
 
-    run_demo(out=args.out, n_cases=args.cases, retrain=args.retrain)
+    run_demo(out=args.out, n_cases=args.cases, retrain=args.retrain, n_memit=args.memit)
     return 0
 
 

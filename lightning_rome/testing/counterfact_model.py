@@ -59,8 +59,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -75,13 +73,12 @@ from lightning_rome.models import load_model
 from lightning_rome.testing.bpe import train_bpe_tokenizer
 from lightning_rome.testing.fact_model import (
     _THREAD_LOCK,
-    _discard,
-    _lock,
     _lr_at,
     _new_model,
     _sha256,
     _threads,
     _Trainer,
+    cached_folder,
 )
 from lightning_rome.tokens import continuation_ids, encode_prompt, subject_span
 from lightning_rome.utils import io
@@ -576,36 +573,9 @@ def get_counterfact_model(config: CounterFactModelConfig | None = None, *,
 def _get(config: CounterFactModelConfig, cache_dir: str | os.PathLike[str] | None,
          retrain: bool) -> CounterFactModel:
     checksums = config.data_checksums()
-    key = config.key(checksums)
     root = Path(cache_dir) if cache_dir is not None else io.cache_dir("counterfact_models")
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / key
-    if not retrain and final.exists():
-        try:
-            return _load(config, checksums, final)
-        except CorruptFileError:
-            pass  # re-checked, reported and rebuilt under the lock below
-    with _lock(root / f"{key}.lock"):
-        if not retrain and final.exists():  # another process may have built it meanwhile
-            try:
-                return _load(config, checksums, final)
-            except CorruptFileError as e:
-                warnings.warn(f"{e}; rebuilding it", stacklevel=3)
-        for stale in root.glob(f".{key}.*"):  # left by a killed build (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            _discard(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.build-", dir=root))
-        try:
-            _build(config, checksums, tmp)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # a process without the lock (another host) renamed first
-                if not final.exists():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    cm = _load(config, checksums, final)
-    cm.from_cache = False
+    cm, from_cache = cached_folder(root, config.key(checksums),
+                                   lambda f: _load(config, checksums, f),
+                                   lambda f: _build(config, checksums, f), retrain)
+    cm.from_cache = from_cache
     return cm

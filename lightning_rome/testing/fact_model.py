@@ -59,7 +59,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,8 @@ from lightning_rome.tokens import continuation_ids, encode_prompt, fill, subject
 from lightning_rome.utils import io
 from lightning_rome.utils.io import CorruptFileError
 from lightning_rome.utils.paths import data_path
+
+T = TypeVar("T")
 
 __all__ = ["FactModel", "FactModelConfig", "get_fact_model", "train_fact_model"]
 
@@ -558,39 +560,37 @@ def get_fact_model(config: FactModelConfig | None = None, *,
         return _get_fact_model(config or FactModelConfig(), cache_dir, retrain)
 
 
-def _get_fact_model(config: FactModelConfig, cache_dir: str | os.PathLike[str] | None,
-                    retrain: bool) -> FactModel:
-    kb = KnowledgeBase(config.kb)
-    root = Path(cache_dir) if cache_dir is not None else io.cache_dir("fact_models")
+def cached_folder(root: Path, key: str, load: Callable[[Path], T],
+                  build: Callable[[Path], None], retrain: bool = False) -> tuple[T, bool]:
+    """Load the folder ``root / key`` with ``load``, or build it with ``build`` and load it.
+
+    ``build`` writes into a fresh temporary folder under ``root`` that is renamed into place only
+    when complete, under an inter-process lock (a process that waited finds the folder built). A
+    folder that ``load`` rejects with :class:`CorruptFileError` is reported, discarded and rebuilt.
+
+    Returns:
+        what ``load`` returned, and whether it came from the cache.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    final = root / config.key()
-
-    def try_load() -> FactModel | None:
-        if not final.exists():
-            return None
-        try:
-            return _load(config, kb, final)
-        except CorruptFileError as e:
-            warnings.warn(f"{e}; rebuilding it", stacklevel=4)
-            return None
-
+    final = root / key
     if not retrain and final.exists():
         try:
-            return _load(config, kb, final)
+            return load(final), True
         except CorruptFileError:
             pass  # re-checked, reported and rebuilt under the lock below
-    with _lock(root / f"{config.key()}.lock"):
-        if not retrain:
-            loaded = try_load()  # another process may have built it while we waited
-            if loaded is not None:
-                return loaded
-        for stale in root.glob(f".{final.name}.*"):  # left by a killed build (we hold the lock)
+    with _lock(root / f"{key}.lock"):
+        if not retrain and final.exists():  # another process may have built it meanwhile
+            try:
+                return load(final), True
+            except CorruptFileError as e:
+                warnings.warn(f"{e}; rebuilding it", stacklevel=4)
+        for stale in root.glob(f".{key}.*"):  # left by a killed build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():
             _discard(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.build-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.build-", dir=root))
         try:
-            _build(config, kb, tmp)
+            build(tmp)
             try:
                 os.rename(tmp, final)
             except OSError:  # a process without the lock (another host) renamed first
@@ -599,6 +599,14 @@ def _get_fact_model(config: FactModelConfig, cache_dir: str | os.PathLike[str] |
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    fm = _load(config, kb, final)
-    fm.from_cache = False
+    return load(final), False
+
+
+def _get_fact_model(config: FactModelConfig, cache_dir: str | os.PathLike[str] | None,
+                    retrain: bool) -> FactModel:
+    kb = KnowledgeBase(config.kb)
+    root = Path(cache_dir) if cache_dir is not None else io.cache_dir("fact_models")
+    fm, from_cache = cached_folder(root, config.key(), lambda f: _load(config, kb, f),
+                                   lambda f: _build(config, kb, f), retrain)
+    fm.from_cache = from_cache
     return fm
