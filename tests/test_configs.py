@@ -282,3 +282,24 @@ def test_causal_tracer_takes_a_model_path_and_the_old_name_still_works(fact_mode
     with pytest.raises(ValueError, match="tokenizer is required"):
         CausalTracer(tracer.model)
 
+
+
+@pytest.mark.timeout(300)
+def test_predict_and_validate_subcommands_run_the_same_configs(in_tmp, fact_model_path):
+    """``predict`` traces the known facts (CausalTracer.predict_step) and writes the same
+    aggregates as ``test``; ``validate`` runs MEND-CF's validation loop."""
+    rc = main(["predict", "--config", str(CONFIGS / "trace-gpt2xl-known.yaml"),
+               "--config", str(CONFIGS / "tiny" / "trace-known.yaml"),
+               "--model.init_args.model", fact_model_path,
+               "--trainer.limit_predict_batches", "3"])
+    assert rc == 0
+    out = in_tmp / "outputs" / "trace-gpt2xl-known"
+    agg = json.loads((out / "aggregate-hidden.json").read_text())
+    assert agg["n_prompts"] == 3 and agg["ate"] == pytest.approx(agg["high_score"] - agg["low_score"])
+    rc = main(["validate", "--config", str(CONFIGS / "mend-cf-gpt2xl.yaml"),
+               "--config", str(CONFIGS / "tiny" / "mend-cf.yaml"),
+               "--model.init_args.model", fact_model_path,
+               "--data.init_args.tokenizer", fact_model_path])
+    assert rc == 0
+    logged = _scalars(in_tmp / "outputs" / "mend-cf-gpt2xl" / "tb")
+    assert math.isfinite(logged["val/loss"])

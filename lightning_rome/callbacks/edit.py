@@ -103,7 +103,8 @@ class EditCallback(Callback):
     Subclasses provide :meth:`make_editor`. Under DDP the patch is computed on rank 0 and
     broadcast, so every rank ends with identical weights (checked by comparing checksums); an
     error on any rank (computing the edit on rank 0, finding the model or tokenizer or applying
-    the patch on any) is raised on every rank, and no rank keeps the edit. Sharded strategies (FSDP, DeepSpeed) are refused.
+    the patch on any) is raised on every rank, and no rank keeps the edit. Sharded strategies
+    (FSDP, DeepSpeed) are refused.
 
     Args:
         requests: :class:`EditRequest` objects, dicts, or a path to a JSON/YAML list.
