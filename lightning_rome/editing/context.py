@@ -166,7 +166,6 @@ def _optimise_values(
     early_stop_loss: float = 0.05,
     mode: Literal["add", "replace"] = "add",
     essence_template: str = "{} is a",
-    logits_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> ValueResult:
     """Optimise, for each request, a vector ``v = v_init + δ`` at the output of ``module_name``
     (ROME: the MLP's ``W_out`` at layer l*; MEMIT: the block output at the last edited layer)
@@ -236,21 +235,49 @@ def _optimise_values(
         [i * (len(contexts) + 1) + list(contexts).index("{}") if "{}" in contexts
          else i * (len(contexts) + 1) for i in range(n)], device=device)  # (n,)
 
-    def logits_of(out: object) -> Tensor:
-        return out.logits  # type: ignore[attr-defined]
+    # Only the target positions and the essence prompts' lookup positions are scored: the LM
+    # head and the log-softmax run on those G rows, not on every position of the batch.
+    G_nll = pos.numel()
+    g_rows = torch.cat([nll_rows_t[:, None].expand_as(pos).reshape(-1), kl_rows])  # (G,)
+    g_pos = torch.cat([pos.reshape(-1), look[kl_rows]])  # (G,)
+    body, head = model.base_model, model.get_output_embeddings()
+    if body is model or head is None:
+        raise TypeError(f"{type(model).__name__} has no separate base model and LM head")
 
-    # Read v_init (at the bare prompt) and the unedited essence distribution.
-    with torch.no_grad(), module_hooks(model, [module_name], retain_output=True) as rec:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, use_cache=False)
-    base_vals = rec[module_name].output[rows, look].float().clone()  # (R, d)
-    v_init = base_vals[bare_rows]  # (n, d)
-    kl_logits = logits_of(out)[kl_rows, look[kl_rows]].float()
-    kl_logp_init = F.log_softmax(kl_logits, -1).detach()  # (n, V)
+    def scored_logp(edit: Callable[[Tensor, str], Tensor] | None,
+                    retain: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Log-probabilities at the scored positions ``(G, V)`` with ``edit`` applied at the
+        module, and (if ``retain``) the module's output at the lookup tokens ``(R, d)``."""
+        with module_hooks(model, [module_name], retain_output=retain, edit_output=edit) as rec:
+            hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, use_cache=False)[0]  # (R, T, d)
+        vals = rec[module_name].output[rows, look].detach().float() if retain else None
+        return F.log_softmax(head(hidden[g_rows, g_pos]).float(), -1), vals
 
-    delta = torch.zeros_like(v_init, requires_grad=True)  # (n, d)
+    d_model = int(model.config.hidden_size)
+    delta = torch.zeros((n, d_model), device=device, requires_grad=True)  # (n, d)
+
+    def edit(x: Tensor, name: str) -> Tensor:  # x: (R, T, d)
+        x = x.clone()
+        if mode == "add":
+            new = x[rows, look] + delta[own].to(x.dtype)  # (R, d)
+        else:
+            new = (v_init + delta)[own].to(x.dtype)  # (R, d)
+        x[rows, look] = new
+        return x
+
+    def start(logp: Tensor, vals: Tensor) -> None:
+        """v_init (the value at each bare prompt) and the unedited essence distribution."""
+        nonlocal v_init, kl_logp_init, max_norm
+        v_init = vals[bare_rows]  # (n, d)
+        kl_logp_init = logp[G_nll:].detach()  # (n, V)
+        max_norm = clamp_norm_factor * v_init.norm(dim=-1)  # (n,)
+
+    v_init = kl_logp_init = max_norm = torch.empty(0)
+    if mode == "replace":  # the unedited values are needed before the first edited pass
+        with torch.no_grad():
+            start(*scored_logp(None, retain=True))  # type: ignore[arg-type]
     opt = torch.optim.Adam([delta], lr=lr)
-    max_norm = clamp_norm_factor * v_init.norm(dim=-1)  # (n,)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -259,28 +286,19 @@ def _optimise_values(
     try:
         for step in range(num_steps):
             steps = step + 1
-
-            def edit(x: Tensor, name: str) -> Tensor:  # x: (R, T, d)
-                x = x.clone()
-                if mode == "add":
-                    new = x[rows, look] + delta[own].to(x.dtype)  # (R, d)
-                else:
-                    new = (v_init + delta)[own].to(x.dtype)  # (R, d)
-                x[rows, look] = new
-                return x
-
-            with module_hooks(model, [module_name], edit_output=edit):
-                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, use_cache=False)
-            logits = logits_of(out)
-            if logits_fn is not None:
-                logits = logits_fn(logits)
-            logp = F.log_softmax(logits.float(), -1)  # (R, T, V)
-            tok_logp = logp[nll_rows_t[:, None], pos, ids]  # (R_nll, T_max)
+            last = step == num_steps - 1
+            if step == 0 and mode == "add":
+                # δ = 0: step 0's pass is the unedited pass, so it also gives v_init and the
+                # essence baseline (no separate forward pass for them).
+                logp, vals = scored_logp(edit, retain=True)
+                start(logp, vals)  # type: ignore[arg-type]
+            else:
+                logp, _ = scored_logp(edit)  # (G, V)
+            tok_logp = logp[:G_nll].view(*pos.shape, -1).gather(-1, ids[..., None])[..., 0]
             nll_each = -(tok_logp * msk).sum(1) / msk.sum(1)  # (R_nll,)
             nll = torch.zeros(n, device=device).index_add(0, nll_owner, nll_each)
             nll = nll / torch.bincount(nll_owner, minlength=n).float()  # (n,)
-            kl_logp = logp[kl_rows, look[kl_rows]]  # (n, V)
+            kl_logp = logp[G_nll:]  # (n, V)
             kl = (kl_logp.exp() * (kl_logp - kl_logp_init)).sum(-1)  # (n,) KL(new ‖ orig)
             wd = delta.norm(dim=-1) / v_init.norm(dim=-1).pow(2)  # (n,)
             loss_each = nll + kl_factor * kl + weight_decay * wd  # (n,)
@@ -291,7 +309,7 @@ def _optimise_values(
                     f"step {step} (NLL {nll.tolist()}, KL {kl.tolist()}); the model was not "
                     "modified")
             losses.append(float(loss.detach()))
-            if bool((loss_each < early_stop_loss).all()) or step == num_steps - 1:
+            if bool((loss_each < early_stop_loss).all()) or last:
                 break
             opt.zero_grad()
             loss.backward()
