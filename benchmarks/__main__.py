@@ -7,7 +7,7 @@ Usage::
     python -m benchmarks --only rome memit  # some of them
     python -m benchmarks --device cuda --dtype bf16
 
-The suite's own benchmarks (rome, memit, stats, memory) take every common option, and so does
+The suite's own benchmarks (rome, memit, stats, memory, samples) take every common option, and so does
 any other built on ``benchmarks.common.add_common_args``. The rest are called with ``--quick``
 only. Others are called through their ``run(quick=...)`` or ``main(argv)`` when they have one,
 else as a subprocess. A benchmark whose file does not exist is
@@ -33,13 +33,16 @@ SUITE: tuple[tuple[str, str], ...] = (
     ("memit", "bench_memit"),
     ("stats", "bench_stats"),
     ("memory", "bench_memory"),
+    ("samples", "bench_samples"),
     ("tracing", "bench_tracing"),
     ("evaluation", "bench_evaluation"),
 )
 #: The benchmarks that accept the common options (``benchmarks/common.py``).
-OWN = frozenset({"rome", "memit", "stats", "memory"})
+OWN = frozenset({"rome", "memit", "stats", "memory", "samples"})
 #: Own benchmarks that also take ``--no-fact``.
 FACT_ROWS = frozenset({"rome", "memory"})
+#: Own benchmarks that run on the fact model only (skipped with ``--no-fact``).
+FACT_ONLY = frozenset({"samples"})
 
 
 def _common_argv(args: argparse.Namespace) -> list[str]:
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         path = REPO / "benchmarks" / f"{module_name}.py"
         if not path.is_file():
             rows.append([name, "missing (no benchmarks/" + path.name + ")", "-"])
+            continue
+        if args.no_fact and name in FACT_ONLY:
+            rows.append([name, "skipped (--no-fact)", "-"])
             continue
         print(f"\n##### {name} ({module_name}) #####", flush=True)
         t0 = time.perf_counter()

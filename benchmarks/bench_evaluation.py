@@ -195,14 +195,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(ap)
     ap.add_argument("--cases", type=int, default=None,
-                    help="cases per timed run (default 8; 3 with --quick)")
+                    help="cases per timed run (default 8; 2 with --quick)")
     ap.add_argument("--batch-cases", type=int, default=8,
                     help="cases per evaluator call, like a test batch (default 8)")
     args = ap.parse_args(argv)
     s: Settings = settings_from_args(args)
     if args.quick and args.runs == 5:
-        s.runs = 3
-    n = args.cases or (3 if s.quick else 8)
+        s.runs = 1  # --quick: a smoke-sized run within the suite's 2 minutes
+    n = args.cases or (2 if s.quick else 8)
     print(machine_line(s.device))
     bm = build_model(s.model, s.device, s.dtype, s.seed)
     print(f"model: {bm.description}")

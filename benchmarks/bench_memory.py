@@ -219,7 +219,7 @@ def run(s: Settings, *, in_process: bool | None = None, memit_batch: int | None 
     if in_process is None:
         in_process = s.quick or s.model == "tiny"
     if memit_batch is None:
-        memit_batch = 10 if s.model == "tiny" else (32 if s.quick else 100)
+        memit_batch = 10 if s.model == "tiny" else (8 if s.quick else 100)
     models = [s.model]
     if with_fact and s.model != "fact":
         fm, note = fact_model_or_none()
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-process", action="store_true", default=None,
                     help="measure in this process (default with --quick and --model tiny)")
     ap.add_argument("--memit-batch", type=int, default=None,
-                    help="requests in the MEMIT batch (default 100; 32 with --quick, 10 for "
+                    help="requests in the MEMIT batch (default 100; 8 with --quick, 10 for "
                          "--model tiny)")
     ap.add_argument("--no-fact", action="store_true", help="skip the fact-model row")
     ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)

@@ -7,6 +7,10 @@ Two comparisons on WikiText-2 texts (the local copy), cache off:
    time, a full forward pass with a hook, and a float64 outer product per token. The two C are
    checked to agree.
 2. Several layers in one pass (:func:`get_second_moments`) against one pass per layer.
+3. The Lightning job (:func:`lightning_rome.stats.lightning.compute_second_moments_distributed`,
+   ``Trainer.predict`` on the CPU) with 1 process and with 2 (``ddp_spawn``, one corpus shard per
+   rank, one thread each): tokens/s per rank, and the check that both C agree (``--no-ddp``
+   skips it; it is skipped with ``--quick``).
 
 Usage::
 
@@ -31,6 +35,7 @@ from benchmarks.common import (
     print_table,
     section,
     settings_from_args,
+    time_interleaved,
     time_runs,
     write_json,
 )
@@ -79,8 +84,47 @@ def _fast(bm: BenchModel, texts: list[str], layer: int) -> Any:
                              cache=False, progress=False, checkpoint_every=None)
 
 
+def lightning_rows(bm: BenchModel, texts: list[str], layer: int, s: Settings
+                   ) -> tuple[list[list[str]], dict[str, Any]]:
+    """The Lightning statistics job with 1 and 2 CPU processes: tokens/s per rank (the job's
+    own ``meta["tokens_per_sec_per_rank"]``), wall time, and the largest relative difference
+    between the two C."""
+    import os
+    import tempfile
+    import time
+
+    import lightning as L
+
+    from lightning_rome.stats.lightning import compute_second_moments_distributed
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # the spawned ranks share the cores
+    out, rows = {}, []
+    for devices in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = L.Trainer(accelerator="cpu", devices=devices, logger=False,
+                                strategy="ddp_spawn" if devices > 1 else "auto",
+                                enable_checkpointing=False, enable_model_summary=False,
+                                enable_progress_bar=False, default_root_dir=tmp)
+            t0 = time.perf_counter()
+            res = compute_second_moments_distributed(
+                bm.model, bm.tokenizer, [layer], trainer=trainer, corpus=texts,
+                n_samples=len(texts), cache=False)
+            wall = time.perf_counter() - t0
+        m = next(iter(res.values()))
+        tps = m.meta["tokens_per_sec_per_rank"]
+        out[devices] = {"tokens": m.count, "wall_s": wall, "tokens_per_sec_per_rank": tps,
+                        "mom2": m.mom2}
+        rows.append([f"Trainer.predict, {devices} process{'es' if devices > 1 else ''}",
+                     m.count, fmt_s(wall), ", ".join(f"{v:,.0f}" for v in tps),
+                     f"{sum(tps):,.0f}"])
+    rel = float((out[2]["mom2"] - out[1]["mom2"]).norm() / out[1]["mom2"].norm())
+    for v in out.values():
+        del v["mom2"]
+    return rows, {"runs": out, "rel": rel, "ok": rel < 1e-9}
+
+
 def run(s: Settings, *, texts: int | None = None, naive_texts: int | None = None,
-        multi_texts: int | None = None) -> dict[str, Any]:
+        multi_texts: int | None = None, ddp: bool = True) -> dict[str, Any]:
     """Run both comparisons and print their tables; returns the figures."""
     print(machine_line(s.device), flush=True)
     small = s.quick or s.model == "tiny"
@@ -98,9 +142,9 @@ def run(s: Settings, *, texts: int | None = None, naive_texts: int | None = None
     with section("second moment: package vs naive loop"):
         fast_t, m = time_runs(lambda: _fast(bm, corpus[:texts], layer), s)
         sub_fast = _fast(bm, corpus[:naive_texts], layer)
-        sub_t, _ = time_runs(lambda: _fast(bm, corpus[:naive_texts], layer), s)
-        naive_t, (C_naive, n_naive) = time_runs(
-            lambda: naive_second_moment(bm, corpus[:naive_texts], name), s)
+        (sub_t, _), (naive_t, (C_naive, n_naive)) = time_interleaved(
+            [lambda: _fast(bm, corpus[:naive_texts], layer),
+             lambda: naive_second_moment(bm, corpus[:naive_texts], name)], s)
         C_fast = sub_fast.mom2.to(C_naive)
         rel = float((C_fast - C_naive).norm() / C_naive.norm())
         tol = 1e-6 if s.dtype == torch.float32 else 2e-2  # batched vs one-by-one rounding
@@ -125,14 +169,12 @@ def run(s: Settings, *, texts: int | None = None, naive_texts: int | None = None
     layers = MULTI_LAYERS.get(bm.name, [0])
     with section("several layers: one pass vs one pass per layer"):
         sub = corpus[:multi_texts]
-        one_t, both = time_runs(lambda: get_second_moments(
-            bm.model, bm.tokenizer, layers, corpus=sub, n_samples=len(sub), cache=False,
-            progress=False, checkpoint_every=None), s)
-
         def per_layer() -> list[Any]:
             return [_fast(bm, sub, layer) for layer in layers]
 
-        sep_t, sep = time_runs(per_layer, s)
+        (one_t, both), (sep_t, sep) = time_interleaved([lambda: get_second_moments(
+            bm.model, bm.tokenizer, layers, corpus=sub, n_samples=len(sub), cache=False,
+            progress=False, checkpoint_every=None), per_layer], s)
         rel_multi = max(float((a.mom2 - b.mom2).norm() / b.mom2.norm())
                         for a, b in zip(both.values(), sep))
     tokens = sep[0].count
@@ -147,6 +189,15 @@ def run(s: Settings, *, texts: int | None = None, naive_texts: int | None = None
           f"the one-pass and per-layer C: {rel_multi:.1e}")
     results["multi"] = {"layers": layers, "one_pass_s": one_t.times, "per_layer_s": sep_t.times,
                         "rel": rel_multi, "ok": ok_multi}
+    if ddp and not small:
+        with section("Lightning job: 1 process vs 2 (ddp_spawn), one run each"):
+            lrows, lres = lightning_rows(bm, corpus[:texts], layer, s)
+        print_table(["path", "tokens", "wall (incl. start-up)", "tokens/s per rank",
+                     "tokens/s, all ranks"], lrows,
+                    title=f"Lightning statistics job over {texts} texts (CPU, 1 thread per rank)")
+        print(f"correctness: {'PASS' if lres['ok'] else 'FAIL'}: |C_2 − C_1|/|C_1| = "
+              f"{lres['rel']:.1e}")
+        results["lightning"] = lres
     write_json(s.json_out, "stats", results)
     return results
 
@@ -159,10 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="texts for the naive loop (default 6; 2 with --quick)")
     ap.add_argument("--multi-texts", type=int, default=None,
                     help="texts for the multi-layer comparison (default 16; 4 with --quick)")
+    ap.add_argument("--no-ddp", action="store_true",
+                    help="skip the Lightning job with 1 and 2 processes")
     args = ap.parse_args(argv)
     s = settings_from_args(args)
-    r = run(s, texts=args.texts, naive_texts=args.naive_texts, multi_texts=args.multi_texts)
-    return 0 if r["single"]["ok"] and r["multi"]["ok"] else 1
+    r = run(s, texts=args.texts, naive_texts=args.naive_texts, multi_texts=args.multi_texts,
+            ddp=not args.no_ddp)
+    ok = r["single"]["ok"] and r["multi"]["ok"] and r.get("lightning", {}).get("ok", True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

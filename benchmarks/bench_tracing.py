@@ -11,7 +11,7 @@ checks that their grids agree.
 Usage::
 
     python benchmarks/bench_tracing.py            # median of 5 timed runs per engine
-    python benchmarks/bench_tracing.py --quick    # a 4-layer model, 5 samples, one timed run
+    python benchmarks/bench_tracing.py --quick    # 2 layers, 3 samples, naive vs prefix, 1 run
     python benchmarks/bench_tracing.py --threads 1 --engines naive prefix
 
 It prints a Markdown table (median, min and max wall time per engine, the speed-up over the
@@ -61,23 +61,27 @@ def build(seed: int, n_layer: int | None = None) -> tuple[GPT2LMHeadModel, objec
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="4 layers, 5 samples, window 4, one timed run (about a minute)")
+                    help="2 layers, 3 samples, window 2, naive and prefix engines only, one "
+                         "timed run (a fraction of the 2-minute quick suite)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per engine (default 5)")
     ap.add_argument("--samples", type=int, default=None, help="noise samples (default 10)")
     ap.add_argument("--window", type=int, default=None, help="MLP/attn window (default 10)")
     ap.add_argument("--layers", type=int, default=None,
                     help="override the config's 12 layers (default: 12)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--engines", nargs="+", default=["naive", "prefix", "batched"])
+    ap.add_argument("--engines", nargs="+", default=None,
+                    help="default naive prefix batched (--quick: naive prefix)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     runs = 1 if args.quick else args.runs
-    samples = args.samples or (5 if args.quick else 10)
-    window = args.window or (4 if args.quick else 10)
+    samples = args.samples or (3 if args.quick else 10)
+    window = args.window or (2 if args.quick else 10)
+    if args.engines is None:
+        args.engines = ["naive", "prefix"] if args.quick else ["naive", "prefix", "batched"]
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tok = build(args.seed, args.layers or (4 if args.quick else None))
+    model, tok = build(args.seed, args.layers or (2 if args.quick else None))
     noise = GaussianNoise.from_subjects(model, tok, [SUBJECT, "Vinson Massif", "Beats Music"])
     kw = dict(window=window, samples=samples, noise=noise, seed=args.seed)
     n_tokens = len(tok(PROMPT.format(SUBJECT))["input_ids"])

@@ -66,6 +66,7 @@ __all__ = [
     "random_second_moment",
     "settings_from_args",
     "sync",
+    "time_interleaved",
     "time_runs",
 ]
 
@@ -107,7 +108,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                     help="model dtype (statistics and solves stay in float32/float64)")
     ap.add_argument("--runs", type=int, default=5,
-                    help="timed runs per measurement; the median is reported (default 5)")
+                    help="timed runs per measurement; the median is reported (default 5; 3 "
+                         "with --quick unless given)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
     ap.add_argument("--model", choices=MODELS, default=None,
                     help="gpt2-small (default), gpt2-mini (default with --quick), tiny, fact")
@@ -137,7 +139,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
               "--threads to choose)", flush=True)
     model = args.model or ("gpt2-mini" if args.quick else "gpt2-small")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    s = Settings(quick=args.quick, device=device, dtype=dtype, runs=args.runs,
+    runs = 3 if args.quick and args.runs == 5 else args.runs  # --quick: 3 unless chosen
+    s = Settings(quick=args.quick, device=device, dtype=dtype, runs=runs,
                  warmup=max(0, args.warmup), model=model, seed=args.seed, threads=args.threads,
                  json_out=args.json_out)
     return s
@@ -341,6 +344,27 @@ def time_runs(fn: Callable[[], Any], settings: Settings, *, runs: int | None = N
         sync(settings.device)
         times.append(time.perf_counter() - t0)
     return Timing(times), result
+
+
+def time_interleaved(fns: Sequence[Callable[[], Any]], settings: Settings, *,
+                     runs: int | None = None, warmup: int | None = None
+                     ) -> list[tuple[Timing, Any]]:
+    """Like :func:`time_runs` for several functions, run in turn (``a b a b ...``) so that a
+    change of load on a shared machine hits them alike and their ratio stays meaningful.
+    Returns ``(timing, last result)`` per function, in order."""
+    results: list[Any] = [None] * len(fns)
+    for _ in range(settings.warmup if warmup is None else warmup):
+        for i, fn in enumerate(fns):
+            results[i] = fn()
+    sync(settings.device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(settings.runs if runs is None else runs):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            results[i] = fn()
+            sync(settings.device)
+            times[i].append(time.perf_counter() - t0)
+    return [(Timing(t), r) for t, r in zip(times, results)]
 
 
 def _status_kb(field_name: str) -> int:
