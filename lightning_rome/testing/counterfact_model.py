@@ -69,7 +69,6 @@ import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from lightning_rome.corpora import is_heading
-from lightning_rome.models import load_model
 from lightning_rome.testing.bpe import train_bpe_tokenizer
 from lightning_rome.testing.fact_model import (
     _THREAD_LOCK,
@@ -79,6 +78,9 @@ from lightning_rome.testing.fact_model import (
     _threads,
     _Trainer,
     cached_folder,
+    load_folder,
+    read_manifest,
+    save_folder,
 )
 from lightning_rome.tokens import continuation_ids, encode_prompt, subject_span
 from lightning_rome.utils import io
@@ -494,13 +496,10 @@ def _build(config: CounterFactModelConfig, checksums: dict[str, str], folder: Pa
     t0 = time.perf_counter()
     model, tokenizer, cases, stats = train_counterfact_model(config)
     stats["build_seconds"] = round(time.perf_counter() - t0, 2)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
-    manifest = {"key": config.key(checksums), "config": config.to_dict(),
-                "build": _BUILD_VERSION, "data": checksums,
-                "case_ids": [c.case_id for c in cases], "stats": stats, "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    save_folder(folder, model, tokenizer,
+                {"key": config.key(checksums), "config": config.to_dict(),
+                 "build": _BUILD_VERSION, "data": checksums,
+                 "case_ids": [c.case_id for c in cases], "stats": stats}, MANIFEST)
 
 
 def _load(config: CounterFactModelConfig, checksums: dict[str, str], folder: Path,
@@ -510,39 +509,15 @@ def _load(config: CounterFactModelConfig, checksums: dict[str, str], folder: Pat
     Raises:
         CorruptFileError: the folder is partial, altered, or built from other settings or data.
     """
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise CorruptFileError(f"COUNTERFACT model cache {folder}: unreadable manifest ({e})") \
-            from e
-    if not isinstance(manifest, dict) or manifest.get("key") != config.key(checksums):
-        raise CorruptFileError(f"COUNTERFACT model cache {folder}: manifest is for another "
-                               "config")
+    what = "COUNTERFACT model"
+    manifest = read_manifest(folder, MANIFEST, config.key(checksums), what)
     if manifest.get("data") != checksums:
-        raise CorruptFileError(f"COUNTERFACT model cache {folder}: built from other data files")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or "model.safetensors" not in files:
-        raise CorruptFileError(f"COUNTERFACT model cache {folder}: manifest lists no weights")
-    for name, digest in files.items():
-        try:
-            intact = _sha256(folder / name) == digest
-        except OSError:
-            intact = False
-        if not intact:
-            raise CorruptFileError(f"COUNTERFACT model cache {folder}: {name} is missing or "
-                                   "altered")
+        raise CorruptFileError(f"{what} cache {folder}: built from other data files")
     cases = select_cases(config)
     if manifest.get("case_ids") != [c.case_id for c in cases]:
-        raise CorruptFileError(f"COUNTERFACT model cache {folder}: its cases differ from the "
-                               "data file's selection")
-    try:
-        model, tokenizer = load_model(folder, dtype=torch.float32, device="cpu")
-    except Exception as e:  # a corrupt file that somehow kept its checksum, or a bad config
-        raise CorruptFileError(f"COUNTERFACT model cache {folder}: cannot be loaded ({e})") \
-            from e
-    with torch.no_grad():  # detach the weights from the memory-mapped file
-        for p in model.parameters():
-            p.data = p.data.clone()
+        raise CorruptFileError(f"{what} cache {folder}: its cases differ from the data file's "
+                               "selection")
+    model, tokenizer = load_folder(folder, manifest, what)
     return CounterFactModel(model=model, tokenizer=tokenizer, cases=cases, path=folder,
                             stats=dict(manifest.get("stats", {})), config=config,
                             from_cache=True)

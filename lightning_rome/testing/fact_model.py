@@ -463,17 +463,70 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def save_folder(folder: Path, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerBase,
+                manifest: dict[str, Any], manifest_name: str) -> None:
+    """Save a model and its tokenizer into ``folder``, then the manifest (last): ``manifest``
+    plus the SHA-256 of every file written."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / manifest_name).write_text(json.dumps({**manifest, "files": files}, indent=1,
+                                                   sort_keys=True))
+
+
+def read_manifest(folder: Path, manifest_name: str, key: str, what: str) -> dict[str, Any]:
+    """The manifest of a cached folder, checked to be for ``key``.
+
+    Raises:
+        CorruptFileError: unreadable, or written for another key.
+    """
+    try:
+        manifest = json.loads((folder / manifest_name).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(f"{what} cache {folder}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        raise CorruptFileError(f"{what} cache {folder}: manifest is for another config")
+    return manifest
+
+
+def load_folder(folder: Path, manifest: dict[str, Any], what: str,
+                ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
+    """Check every file against the manifest's checksums, then load the model (float32, CPU)
+    and its tokenizer.
+
+    Raises:
+        CorruptFileError: a file is missing or altered, or the model cannot be loaded.
+    """
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        raise CorruptFileError(f"{what} cache {folder}: manifest lists no weights")
+    for name, digest in files.items():
+        try:
+            intact = _sha256(folder / name) == digest
+        except OSError:
+            intact = False
+        if not intact:
+            raise CorruptFileError(f"{what} cache {folder}: {name} is missing or altered")
+    try:
+        model, tokenizer = load_model(folder, dtype=torch.float32, device="cpu")
+    except Exception as e:  # a corrupt file that somehow kept its checksum, or a bad config
+        raise CorruptFileError(f"{what} cache {folder}: cannot be loaded ({e})") from e
+    # ``from_pretrained`` memory-maps the safetensors file; copy the weights into ordinary memory
+    # so that the model does not depend on the cache file (which may be replaced or deleted).
+    with torch.no_grad():
+        for p in model.parameters():  # tied weights are one parameter: they stay tied
+            p.data = p.data.clone()
+    return model, tokenizer
+
+
 def _build(config: FactModelConfig, kb: KnowledgeBase, folder: Path) -> None:
     """Train, measure and save everything into ``folder`` (the manifest last)."""
     t0 = time.perf_counter()
     model, tokenizer, stats = train_fact_model(config, kb)
     stats["build_seconds"] = round(time.perf_counter() - t0, 2)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
-    manifest = {"key": config.key(), "config": config.to_dict(), "build": _BUILD_VERSION,
-                "kb_fingerprint": kb.fingerprint(), "stats": stats, "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    save_folder(folder, model, tokenizer,
+                {"key": config.key(), "config": config.to_dict(), "build": _BUILD_VERSION,
+                 "kb_fingerprint": kb.fingerprint(), "stats": stats}, MANIFEST)
 
 
 def _load(config: FactModelConfig, kb: KnowledgeBase, folder: Path) -> FactModel:
@@ -482,33 +535,10 @@ def _load(config: FactModelConfig, kb: KnowledgeBase, folder: Path) -> FactModel
     Raises:
         CorruptFileError: the folder is partial, altered or from another config.
     """
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise CorruptFileError(f"fact model cache {folder}: unreadable manifest ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("key") != config.key():
-        raise CorruptFileError(f"fact model cache {folder}: manifest is for another config")
+    manifest = read_manifest(folder, MANIFEST, config.key(), "fact model")
     if manifest.get("kb_fingerprint") != kb.fingerprint():
         raise CorruptFileError(f"fact model cache {folder}: built from a different knowledge base")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or "model.safetensors" not in files:
-        raise CorruptFileError(f"fact model cache {folder}: manifest lists no weights")
-    for name, digest in files.items():
-        try:
-            intact = _sha256(folder / name) == digest
-        except OSError:
-            intact = False
-        if not intact:
-            raise CorruptFileError(f"fact model cache {folder}: {name} is missing or altered")
-    try:
-        model, tokenizer = load_model(folder, dtype=torch.float32, device="cpu")
-    except Exception as e:  # a corrupt file that somehow kept its checksum, or a bad config
-        raise CorruptFileError(f"fact model cache {folder}: cannot be loaded ({e})") from e
-    # ``from_pretrained`` memory-maps the safetensors file; copy the weights into ordinary memory
-    # so that the model does not depend on the cache file (which may be replaced or deleted).
-    with torch.no_grad():
-        for p in model.parameters():  # tied weights are one parameter: they stay tied
-            p.data = p.data.clone()
+    model, tokenizer = load_folder(folder, manifest, "fact model")
     return FactModel(model=model, tokenizer=tokenizer, kb=kb, path=folder,
                      stats=dict(manifest.get("stats", {})), config=config, from_cache=True)
 
