@@ -20,6 +20,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Every test runs with the suite's thread count (OMP_NUM_THREADS, 1 by default), restored
+    after code under test (e.g. the demo) changes it."""
+    n = int(os.environ["OMP_NUM_THREADS"])
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     return SHARED_DATA

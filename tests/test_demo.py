@@ -17,14 +17,6 @@ from lightning_rome.testing import get_counterfact_model
 from lightning_rome.tokens import continuation_ids, encode_prompt
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _logprob(model, tok, prompt: str, target: str) -> float:
     """Mean log-probability of ``target``'s tokens after ``prompt``: one plain forward pass."""
     p = encode_prompt(tok, prompt)

@@ -31,14 +31,6 @@ TINY = CounterFactModelConfig(n_cases=8, prefix_copies=1, wikitext_rows=16, voca
                               batch_size=8, warmup_steps=2, target_accuracy=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def cm():
     return get_counterfact_model()

@@ -47,15 +47,6 @@ TINY = FactModelConfig(kb=KBConfig(n_subjects=6, relations_per_subject=2), vocab
                        batch_size=8, warmup_steps=2, target_accuracy=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a CPU shared with other jobs, two threads are many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def fm():
     return get_fact_model()
