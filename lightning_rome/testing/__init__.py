@@ -20,6 +20,7 @@ from lightning_rome.testing.counterfact_model import (
     train_counterfact_model,
 )
 from lightning_rome.testing.fact_model import (
+    DEEP_FACT_MODEL,
     FactModel,
     FactModelConfig,
     get_fact_model,
@@ -39,6 +40,7 @@ from lightning_rome.testing.knowledge import (
 )
 
 __all__ = [
+    "DEEP_FACT_MODEL",
     "RELATIONS",
     "CounterFactModel",
     "CounterFactModelConfig",

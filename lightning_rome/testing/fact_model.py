@@ -87,7 +87,8 @@ from lightning_rome.utils.paths import data_path
 
 T = TypeVar("T")
 
-__all__ = ["FactModel", "FactModelConfig", "get_fact_model", "train_fact_model"]
+__all__ = ["DEEP_FACT_MODEL", "FactModel", "FactModelConfig", "get_fact_model",
+           "train_fact_model"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,13 @@ class FactModelConfig:
         """The cache key: a hash of every setting and of the build code's version."""
         blob = json.dumps({"config": self.to_dict(), "build": _BUILD_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+# A deeper and wider fact model (8 layers, width 192, 4M parameters; about 4 minutes to train on
+# one core, then cached) for mass editing. On the default 4-layer model, 100 MEMIT edits at the
+# prompt's last token trade efficacy against specificity along a poor frontier (0.98 / 0.81 or
+# 0.20 / 0.98); this one reaches 0.93 / 0.947 (see tests/editing/test_memit_behaviour.py).
+DEEP_FACT_MODEL = FactModelConfig(n_layer=8, n_embd=192, n_head=6)
 
 
 @dataclass
