@@ -2,13 +2,15 @@
 
 Used by the behaviour tests of causal tracing, ROME, MEMIT and the baselines, and by the demo::
 
-    from lightning_rome.testing import get_fact_model, accuracy
+    from lightning_rome.testing import DEEP_FACT_MODEL, accuracy, get_fact_model
 
     fm = get_fact_model()                      # trained once (about a minute), then cached
     requests = fm.kb.edit_requests(4, seed=0)  # counterfactual rewrites of known facts
     fact = fm.kb.fact_of(requests[0])
     neighbours = fm.kb.neighbor_facts(requests[0], 5)
     accuracy(fm.model, fm.tokenizer, neighbours, "train")
+
+    deep = get_fact_model(DEEP_FACT_MODEL)     # 8 layers × 192, for mass-editing tests
 """
 
 from lightning_rome.testing.counterfact_model import (
