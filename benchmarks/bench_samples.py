@@ -49,34 +49,11 @@ from benchmarks.common import (
 from lightning_rome.editing.rome import ROME, ROMEHyperParams
 from lightning_rome.models import get_layout
 from lightning_rome.models.weights import weight_param_name
-from lightning_rome.scoring import candidate_nll
 from lightning_rome.stats import get_second_moment
+from lightning_rome.testing import predicted_objects, prefers
 
 FULL_SAMPLES = [2000, 1000, 500, 200, 100, 50, 20]
 QUICK_SAMPLES = [500, 20]
-
-
-def _wins(model: Any, tok: Any, prompts: list[str], new: str, true: str) -> list[float]:
-    """1.0 where the new object is more likely than the true one (mean token NLL)."""
-    a = candidate_nll(model, tok, prompts, [new] * len(prompts))
-    b = candidate_nll(model, tok, prompts, [true] * len(prompts))
-    return [float(x.mean() < y.mean()) for x, y in zip(a, b)]
-
-
-def _predictions(model: Any, tok: Any, kb: Any, facts: list[Any]) -> list[str]:
-    """Each fact's most likely object among its relation's objects (one padded pass)."""
-    prompts, cands, owner = [], [], []
-    for i, f in enumerate(facts):
-        for o in kb.objects(f.relation):
-            prompts.append(f.prompts("train")[0].replace("{}", f.subject))
-            cands.append(o)
-            owner.append(i)
-    nll = torch.stack([x.mean() for x in candidate_nll(model, tok, prompts, cands)])  # (P,)
-    out = []
-    for i in range(len(facts)):
-        idx = [j for j, o in enumerate(owner) if o == i]
-        out.append(cands[idx[int(nll[idx].argmin())]])
-    return out
 
 
 def score(fm: Any, requests: list[Any], patches: list[Any], neighbours: dict[int, list[Any]],
@@ -88,9 +65,9 @@ def score(fm: Any, requests: list[Any], patches: list[Any], neighbours: dict[int
         paraphrases = [t.replace("{}", r.subject) for t in kb.fact_of(r).prompts("paraphrase")]
         p.apply(m)
         try:
-            eff += _wins(m, tok, [r.text], r.target_new, r.target_true)
-            para += _wins(m, tok, paraphrases, r.target_new, r.target_true)
-            after = _predictions(m, tok, kb, neighbours[i])
+            eff += prefers(m, tok, [r.text], r.target_new, r.target_true)
+            para += prefers(m, tok, paraphrases, r.target_new, r.target_true)
+            after = predicted_objects(m, tok, neighbours[i])
         finally:
             p.revert(m)
         spec += [float(a == b) for a, b in zip(before[i], after)]
@@ -127,7 +104,7 @@ def run(s: Settings, *, samples: list[int] | None = None, n_requests: int | None
           f"(edit_requests(seed=0)), {n_neighbours} neighbours each; C from a seeded random "
           f"subset of the {len(corpus)} training sentences; shrinkage α in {list(alphas)}")
     neighbours = {i: kb.neighbor_facts(r, n_neighbours) for i, r in enumerate(requests)}
-    before = {i: _predictions(model, tok, kb, f) for i, f in neighbours.items()}
+    before = {i: predicted_objects(model, tok, f) for i, f in neighbours.items()}
 
     def collect(n: int) -> tuple[torch.Tensor, int, float]:
         texts = random.Random(s.seed + n).sample(corpus, min(n, len(corpus)))

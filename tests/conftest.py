@@ -30,6 +30,18 @@ def torch_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A folder with a random 3-layer GPT-2 and the real GPT-2 tokenizer, loadable by name
+    through ``from_pretrained`` (the CLI's and the loaders' path)."""
+    from lightning_rome.models import load_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_gpt2(n_layer=3).save_pretrained(d)
+    load_tokenizer(GPT2_TOKENIZER).save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     return SHARED_DATA

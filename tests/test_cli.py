@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from testutils import GPT2_TOKENIZER, tiny_gpt2
+from testutils import tiny_gpt2
 
 from lightning_rome import WeightPatch
 from lightning_rome.cli import main
-from lightning_rome.models import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_gpt2(n_layer=3).save_pretrained(d)
-    load_tokenizer(GPT2_TOKENIZER).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

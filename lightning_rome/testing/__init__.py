@@ -38,6 +38,8 @@ from lightning_rome.testing.knowledge import (
     answered,
     build_knowledge_base,
     known_facts,
+    predicted_objects,
+    prefers,
     text_corpus,
 )
 
@@ -59,6 +61,8 @@ __all__ = [
     "get_fact_model",
     "known_facts",
     "measure_cases",
+    "predicted_objects",
+    "prefers",
     "select_cases",
     "text_corpus",
     "train_counterfact_model",

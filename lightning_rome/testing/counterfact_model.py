@@ -437,7 +437,7 @@ def train_counterfact_model(config: CounterFactModelConfig, *, measure: bool = T
     trainer = _Trainer(config, model, rows, spans,  # type: ignore[arg-type]
                        int(tokenizer.eos_token_id))
     stats: dict[str, Any] = {}
-    rounds = 0
+    rounds, eval_seconds = 0, 0.0
     with _threads(config.num_threads):
         t1 = time.perf_counter()
         warm = min(config.subject_warmup_steps, config.steps) if config.subject_rows else 0
@@ -449,20 +449,11 @@ def train_counterfact_model(config: CounterFactModelConfig, *, measure: bool = T
         trainer.train(config.steps - warm,
                       lambda i: _lr_at(warm + i, config))  # type: ignore[arg-type]
         train_seconds = time.perf_counter() - t1
-        eval_seconds = 0.0
-        while measure:
-            t2 = time.perf_counter()
-            stats.update(measure_cases(model, tokenizer, cases))
-            eval_seconds += time.perf_counter() - t2
-            worst = min(stats["accuracy_train"], stats["accuracy_neighborhood"])
-            if worst >= config.target_accuracy or rounds == config.max_extra_rounds:
-                break
-            rounds += 1
-            log.info("counterfact model: accuracy %.3f below %s, training on", worst,
-                     config.target_accuracy)
-            t1 = time.perf_counter()
-            trainer.train(max(1, config.steps // 4), lambda i: config.lr / 4)
-            train_seconds += time.perf_counter() - t1
+        if measure:
+            stats, rounds, extra_seconds, eval_seconds = trainer.train_to_target(
+                lambda: measure_cases(model, tokenizer, cases),
+                ("accuracy_train", "accuracy_neighborhood"))
+            train_seconds += extra_seconds
     if measure and min(stats["accuracy_train"], stats["accuracy_neighborhood"]) \
             < config.target_accuracy:
         warnings.warn(f"the COUNTERFACT model knows only {stats['accuracy_train']:.1%} of its "

@@ -56,7 +56,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -370,6 +370,32 @@ class _Trainer:
                          sum(self.losses[-100:]) / 100, time.perf_counter() - t0)
         self.model.eval()
 
+    def train_to_target(self, measure: Callable[[], dict[str, Any]], keys: Sequence[str],
+                        ) -> tuple[dict[str, Any], int, float, float]:
+        """Measure; while the lowest of the accuracies ``keys`` is below
+        ``config.target_accuracy``, train ``config.steps // 4`` more steps at ``lr / 4`` and
+        measure again (at most ``config.max_extra_rounds`` times).
+
+        Returns:
+            The last measurement, the extra rounds trained, and the seconds spent training and
+            measuring.
+        """
+        config = self.config
+        stats: dict[str, Any] = {}
+        rounds, train_seconds, eval_seconds = 0, 0.0, 0.0
+        while True:
+            t0 = time.perf_counter()
+            stats = measure()
+            eval_seconds += time.perf_counter() - t0
+            worst = min(stats[k] for k in keys)
+            if worst >= config.target_accuracy or rounds == config.max_extra_rounds:
+                return stats, rounds, train_seconds, eval_seconds
+            rounds += 1
+            log.info("accuracy %.3f below %s, training on", worst, config.target_accuracy)
+            t0 = time.perf_counter()
+            self.train(max(1, config.steps // 4), lambda i: config.lr / 4)
+            train_seconds += time.perf_counter() - t0
+
 
 def _measure(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerBase, kb: KnowledgeBase,
              ) -> dict[str, Any]:
@@ -415,25 +441,16 @@ def train_fact_model(config: FactModelConfig, kb: KnowledgeBase | None = None,
     model = _new_model(config, tokenizer)
     trainer = _Trainer(config, model, rows, spans, int(tokenizer.eos_token_id))
     stats: dict[str, Any] = {}
+    rounds, eval_seconds = 0, 0.0
     with _threads(config.num_threads):
         t1 = time.perf_counter()
         trainer.train(config.steps, lambda i: _lr_at(i, config))
         train_seconds = time.perf_counter() - t1
-        eval_seconds = 0.0
-        rounds = 0
-        while measure:
-            t2 = time.perf_counter()
-            stats.update(_measure(model, tokenizer, kb))
-            eval_seconds += time.perf_counter() - t2
-            if (min(stats["accuracy_train"], stats["accuracy_paraphrase"])
-                    >= config.target_accuracy or rounds == config.max_extra_rounds):
-                break
-            rounds += 1
-            log.info("fact model: accuracy %s below %s, training on", stats,
-                     config.target_accuracy)
-            t1 = time.perf_counter()
-            trainer.train(max(1, config.steps // 4), lambda i: config.lr / 4)
-            train_seconds += time.perf_counter() - t1
+        if measure:
+            stats, rounds, extra_seconds, eval_seconds = trainer.train_to_target(
+                lambda: _measure(model, tokenizer, kb),
+                ("accuracy_train", "accuracy_paraphrase"))
+            train_seconds += extra_seconds
     if measure and min(stats["accuracy_train"], stats["accuracy_paraphrase"]) \
             < config.target_accuracy:
         warnings.warn(f"the fact model answers only {stats['accuracy_train']:.1%} of its facts "

@@ -45,6 +45,8 @@ __all__ = [
     "answered",
     "build_knowledge_base",
     "known_facts",
+    "predicted_objects",
+    "prefers",
     "text_corpus",
 ]
 
@@ -497,3 +499,32 @@ def known_facts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Seq
     """The facts answered under *every* prompt of ``which`` set (default: all six)."""
     rows = answered(model, tokenizer, facts, which, **kwargs)
     return [f for f, r in zip(facts, rows) if all(r)]
+
+
+def prefers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+            better: str | Sequence[str], worse: str | Sequence[str]) -> list[bool]:
+    """Whether ``better`` is more likely than ``worse`` after each prompt: a strictly lower mean
+    per-token NLL, the papers' ``P(o) > P(o')`` behind efficacy, paraphrase and neighbourhood
+    scores. ``better`` and ``worse`` are one string for every prompt or one per prompt."""
+    n = len(prompts)
+    a = candidate_nll(model, tokenizer, prompts, [better] * n if isinstance(better, str) else better)
+    b = candidate_nll(model, tokenizer, prompts, [worse] * n if isinstance(worse, str) else worse)
+    return [bool(x.mean() < y.mean()) for x, y in zip(a, b)]
+
+
+def predicted_objects(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                      facts: Sequence[Fact]) -> list[str]:
+    """Each fact's most likely object among its candidates (lowest mean per-token NLL) after its
+    first training prompt, all scored in one batch."""
+    prompts, cands, owner = [], [], []
+    for i, f in enumerate(facts):
+        for o in f.candidates:
+            prompts.append(fill(f.train_prompts[0], f.subject)[0])
+            cands.append(o)
+            owner.append(i)
+    nll = torch.stack([x.mean() for x in candidate_nll(model, tokenizer, prompts, cands)])  # (P,)
+    out = []
+    for i in range(len(facts)):
+        idx = [j for j, o in enumerate(owner) if o == i]
+        out.append(cands[idx[int(nll[idx].argmin())]])
+    return out

@@ -56,9 +56,8 @@ import pytest
 import torch
 
 from lightning_rome.editing import MEMIT, ROME
-from lightning_rome.scoring import candidate_nll
 from lightning_rome.stats import get_second_moment
-from lightning_rome.testing import DEEP_FACT_MODEL, get_fact_model
+from lightning_rome.testing import DEEP_FACT_MODEL, get_fact_model, prefers
 
 pytestmark = [pytest.mark.timeout(1800)]
 
@@ -91,25 +90,22 @@ def second_moment(fm):
     return _second_moment_fn(fm)
 
 
-def _wins(model, tok, prompts, better, worse) -> float:
-    """Fraction of prompts where ``better`` is more likely than ``worse`` (mean token NLL)."""
-    a = candidate_nll(model, tok, prompts, better)
-    b = candidate_nll(model, tok, prompts, worse)
-    return sum(float(x.mean() < y.mean()) for x, y in zip(a, b)) / len(prompts)
+def _fraction(wins: list[bool]) -> float:
+    return sum(wins) / len(wins)
 
 
 def measure(fm, reqs) -> tuple[float, float]:
     """(efficacy, specificity) over ``reqs`` on the model as it is now."""
     model, tok, kb = fm.model, fm.tokenizer, fm.kb
-    eff = _wins(model, tok, [r.text for r in reqs], [r.target_new for r in reqs],
-                [r.target_true for r in reqs])
+    eff = _fraction(prefers(model, tok, [r.text for r in reqs], [r.target_new for r in reqs],
+                            [r.target_true for r in reqs]))
     prompts, true, new = [], [], []
     for r in reqs:
         for f in kb.neighbor_facts(r, 3):
             prompts.append(f.prompts("train")[0].replace("{}", f.subject))
             true.append(f.object)
             new.append(r.target_new)
-    return eff, _wins(model, tok, prompts, true, new)
+    return eff, _fraction(prefers(model, tok, prompts, true, new))
 
 
 @pytest.mark.slow

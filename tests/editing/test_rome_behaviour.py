@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from lightning_rome.editing import FT, ROME
-from lightning_rome.scoring import candidate_nll
 from lightning_rome.stats import get_second_moment
-from lightning_rome.testing import get_fact_model
+from lightning_rome.testing import get_fact_model, predicted_objects, prefers
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -33,30 +32,8 @@ def requests_(fm):
     return fm.edit_requests(10, seed=0)
 
 
-def _wins(model, tok, prompts, new, true):
-    a = candidate_nll(model, tok, prompts, [new] * len(prompts))
-    b = candidate_nll(model, tok, prompts, [true] * len(prompts))
-    return [float(x.mean() < y.mean()) for x, y in zip(a, b)]
-
-
 def _paraphrases(kb, r):
     return [t.replace("{}", r.subject) for t in kb.fact_of(r).prompts("paraphrase")]
-
-
-def _neighbour_predictions(model, tok, kb, facts):
-    """Each fact's most likely object among its relation's objects (one batched pass)."""
-    prompts, cands, owner = [], [], []
-    for i, f in enumerate(facts):
-        for o in kb.objects(f.relation):
-            prompts.append(f.prompts("train")[0].replace("{}", f.subject))
-            cands.append(o)
-            owner.append(i)
-    nll = torch.stack([x.mean() for x in candidate_nll(model, tok, prompts, cands)])
-    out = []
-    for i in range(len(facts)):
-        idx = [j for j, o in enumerate(owner) if o == i]
-        out.append(cands[idx[int(nll[idx].argmin())]])
-    return out
 
 
 def _measure(fm, reqs, patches):
@@ -65,12 +42,12 @@ def _measure(fm, reqs, patches):
     eff, para, spec = [], [], []
     for r, p in zip(reqs, patches):
         neigh = kb.neighbor_facts(r, 5)
-        before = _neighbour_predictions(m, tok, kb, neigh)
+        before = predicted_objects(m, tok, neigh)
         p.apply(m)
         try:
-            eff += _wins(m, tok, [r.text], r.target_new, r.target_true)
-            para += _wins(m, tok, _paraphrases(kb, r), r.target_new, r.target_true)
-            after = _neighbour_predictions(m, tok, kb, neigh)
+            eff += prefers(m, tok, [r.text], r.target_new, r.target_true)
+            para += prefers(m, tok, _paraphrases(kb, r), r.target_new, r.target_true)
+            after = predicted_objects(m, tok, neigh)
         finally:
             p.revert(m)
         spec += [float(a == b) for a, b in zip(before, after)]
@@ -95,9 +72,9 @@ def rome_patches(fm, requests_):
 
 def test_unedited_model_knows_the_true_facts(fm, requests_):
     m, tok, kb = fm.model, fm.tokenizer, fm.kb
-    eff = [w for r in requests_ for w in _wins(m, tok, [r.text], r.target_new, r.target_true)]
+    eff = [w for r in requests_ for w in prefers(m, tok, [r.text], r.target_new, r.target_true)]
     para = [w for r in requests_
-            for w in _wins(m, tok, _paraphrases(kb, r), r.target_new, r.target_true)]
+            for w in prefers(m, tok, _paraphrases(kb, r), r.target_new, r.target_true)]
     assert sum(eff) == 0 and sum(para) <= 1
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testutils import GPT2_TOKENIZER, tiny_gpt2
+from testutils import tiny_gpt2
 
 from lightning_rome.data import (
     CounterFactDataModule,
@@ -213,16 +213,6 @@ def test_metric_class_rejects_nan_without_corrupting_state():
 
 
 # ----------------------------------------------------------------------------- CLI
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from lightning_rome.models import load_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_gpt2(n_layer=3).save_pretrained(d)
-    load_tokenizer(GPT2_TOKENIZER).save_pretrained(d)
-    return d
-
-
 CLI_CASES = [
     ("no-braces", ["--prompt", "plays the", "--subject", "A", "--target", "x"], r"exactly once"),
     ("two-braces", ["--prompt", "{} and {}", "--subject", "A", "--target", "x"], r"exactly once"),

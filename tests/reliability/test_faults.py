@@ -347,19 +347,31 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines(keepends=True)
 
 
+def _evaluator_tests():
+    """``tests/modules/test_evaluator.py`` (its editors, cases and runner), imported from its
+    folder."""
+    sys.path.insert(0, str(REPO / "tests" / "modules"))
+    try:
+        import test_evaluator
+    finally:
+        sys.path.pop(0)
+    return test_evaluator
+
+
+def _evaluator_model(tok):
+    """The random tiny GPT-2 the evaluator tests run on."""
+    from tiny_factories import tiny_model
+
+    return tiny_model("gpt2", vocab_size=len(tok), initializer_range=0.2, n_positions=128)
+
+
 def test_evaluation_results_damage_is_detected_and_redone(gpt2_tokenizer, tmp_path):
     """Damaged lines of cases.rank0.jsonl (garbage in the middle, bytes that are not UTF-8, a
     duplicate with other values, a line cut mid-write) are dropped with a warning and their
     cases evaluated again; the results equal an undamaged run's."""
-    sys.path.insert(0, str(REPO / "tests" / "modules"))
-    try:
-        from test_evaluator import CountingEditor, FixedEditor, _run
-    finally:
-        sys.path.pop(0)
-    from tiny_factories import tiny_model
-
-    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), initializer_range=0.2,
-                       n_positions=128)
+    ev = _evaluator_tests()
+    CountingEditor, FixedEditor, _run = ev.CountingEditor, ev.FixedEditor, ev._run
+    model = _evaluator_model(gpt2_tokenizer)
     clean = _run(model, gpt2_tokenizer, tmp_path / "clean", FixedEditor())
     path = tmp_path / "clean" / "res" / "cases.rank0.jsonl"
     lines = _lines(path)
@@ -389,15 +401,9 @@ def test_evaluation_results_damage_is_detected_and_redone(gpt2_tokenizer, tmp_pa
 
 
 def test_evaluation_damaged_run_file_is_a_clear_error(gpt2_tokenizer, tmp_path):
-    sys.path.insert(0, str(REPO / "tests" / "modules"))
-    try:
-        from test_evaluator import CASES, FixedEditor, _run
-    finally:
-        sys.path.pop(0)
-    from tiny_factories import tiny_model
-
-    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), initializer_range=0.2,
-                       n_positions=128)
+    ev = _evaluator_tests()
+    CASES, FixedEditor, _run = ev.CASES, ev.FixedEditor, ev._run
+    model = _evaluator_model(gpt2_tokenizer)
     _run(model, gpt2_tokenizer, tmp_path, FixedEditor(), cases=CASES[:2])
     run = tmp_path / "res" / "run.json"
     run.write_text(run.read_text()[:-10])  # cut mid-write

@@ -34,6 +34,8 @@ from lightning_rome.testing import (
     answered,
     get_fact_model,
     known_facts,
+    predicted_objects,
+    prefers,
     text_corpus,
     train_fact_model,
 )
@@ -441,3 +443,32 @@ def test_trains_on_until_the_target_then_warns():
         _, _, stats = train_fact_model(cfg)
     assert stats["extra_rounds"] == 1 and stats["steps"] == TINY.steps + TINY.steps // 4
     assert min(stats["accuracy_train"], stats["accuracy_paraphrase"]) < 1.0
+
+
+def _direct_mean_nll(model, tok, prompt: str, obj: str) -> float:
+    """The object's mean per-token NLL after the prompt, from one unpadded forward pass."""
+    p, t = encode_prompt(tok, prompt), continuation_ids(tok, obj)
+    with torch.no_grad():
+        logp = model(torch.tensor([p + t])).logits[0].log_softmax(-1)  # (T, V)
+    rows = logp[len(p) - 1: len(p) - 1 + len(t)]  # (len(t), V): the positions predicting t
+    return float(-rows.gather(1, torch.tensor(t)[:, None]).mean())
+
+
+def test_prefers_and_predicted_objects_agree_with_direct_forward_passes(fm, sample):
+    """The shared comparison helpers of the behaviour tests against one unpadded forward pass
+    per (prompt, object): the batched, padded scoring must pick the same winners."""
+    model, tok = fm.model, fm.tokenizer
+    facts = sample[:8]
+    prompts = [fill(f.train_prompts[0], f.subject)[0] for f in facts]
+    nll = [{o: _direct_mean_nll(model, tok, p, o) for o in f.candidates}
+           for f, p in zip(facts, prompts)]
+    assert predicted_objects(model, tok, facts) == [min(n, key=n.get) for n in nll]
+    rivals = [next(o for o in f.candidates if o != f.object) for f in facts]
+    expected = [n[f.object] < n[r] for f, n, r in zip(facts, nll, rivals)]
+    assert prefers(model, tok, prompts, [f.object for f in facts], rivals) == expected
+    assert prefers(model, tok, prompts, rivals, [f.object for f in facts]) == [
+        not e for e in expected]
+    # One string stands for every prompt.
+    assert prefers(model, tok, prompts[:2], "Paris", "London") == [
+        _direct_mean_nll(model, tok, p, "Paris") < _direct_mean_nll(model, tok, p, "London")
+        for p in prompts[:2]]
