@@ -22,6 +22,7 @@ from lightning_rome.patches import LowRankDelta, PatchMismatchError, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import candidate_probs
 from lightning_rome.utils.io import tensor_checksum
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["EditCallback", "EditorCallback", "MEMITCallback", "ROMECallback", "find_model",
            "load_requests"]
@@ -48,15 +49,16 @@ def load_requests(requests: Any) -> list[EditRequest]:
 def find_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
     """The Hugging Face causal LM inside a LightningModule: ``pl_module.<attr>`` if given, the
     module itself if it is one, else its first attribute among ``model``, ``lm``, ``net``,
-    ``backbone`` that has a ``config.model_type``."""
+    ``backbone`` that has a ``config.model_type``. A ``torch.compile`` wrapper is resolved to
+    the module it wraps."""
     if attr:
-        return pl_module.get_submodule(attr)
+        return unwrap_model(pl_module.get_submodule(attr))
     if hasattr(getattr(pl_module, "config", None), "model_type"):
-        return pl_module
+        return unwrap_model(pl_module)
     for name in ("model", "lm", "net", "backbone"):
         sub = getattr(pl_module, name, None)
         if isinstance(sub, nn.Module) and hasattr(getattr(sub, "config", None), "model_type"):
-            return sub
+            return unwrap_model(sub)
     raise MisconfigurationException(
         f"cannot find a Hugging Face causal LM in {type(pl_module).__name__}: pass model_attr= "
         "naming the attribute that holds it")
