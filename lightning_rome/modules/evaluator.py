@@ -805,6 +805,21 @@ def load_results(folder: str | os.PathLike[str], pattern: str = "cases.rank*.jso
 
 
 # ---------------------------------------------------------------------------------- module
+def _check_label(label: str) -> str:
+    """``label`` if it can name a results folder under ``edit_eval/``; path-like labels (empty,
+    ``.``, ``..``, separators, NUL), which would put the results (and the deletion of old ones by
+    ``resume=False``) outside that folder, are refused."""
+    if not isinstance(label, str):
+        raise TypeError(f"label must be a string, got {type(label).__name__}")
+    bad = [ch for ch in ("/", "\\", "\0", os.sep, os.altsep) if ch and ch in label]
+    if not label.strip() or label.strip(". ") == "" or bad:
+        raise ValueError(
+            f"label {label!r} is path-like: it names the results folder "
+            "{default_root_dir}/edit_eval/{label}, so it must not be empty, '.' or '..', or "
+            "contain '/', '\\' or NUL; pass results_dir= to choose the folder itself")
+    return label
+
+
 def _strip(results: Mapping[str, MetricCI], prefix: str) -> dict[str, MetricCI]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in results.items()}
 
@@ -864,7 +879,9 @@ class EditEvaluator(pl.LightningModule):
         seed: seeds the generation sampling (per case).
         verify_revert: checksum every parameter before and after each case and raise if the
             weights differ (slow for large models).
-        label: the row label of the summary table (default: the editor's name).
+        label: the row label of the summary table and the name of the default results folder
+            (default: the editor's name); path-like labels (empty, ``.``, ``..``, with ``/``,
+            ``\\`` or NUL) are refused.
         verbose: print the summary table at the end (rank zero).
 
     Example:
@@ -922,7 +939,7 @@ class EditEvaluator(pl.LightningModule):
         self.score_batch_size = score_batch_size
         self.seed = seed
         self.verify_revert = verify_revert
-        self.label = label or self.method
+        self.label = self.method if label is None else _check_label(label)
         self.verbose = verbose
         self.save_hyperparameters({
             "editor": self.method, "mode": mode, "dataset": dataset, "baseline": baseline,

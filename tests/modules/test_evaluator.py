@@ -238,14 +238,27 @@ def test_candidate_scores_match_a_hand_computation(lm, side):
         assert s.correct.tolist() == [a == t for a, t in zip(want_arg.tolist(), ids_c)]
         torch.testing.assert_close(s.nll, ref, rtol=1e-5, atol=1e-6)
         assert s.prob == pytest.approx(math.exp(-float(want_nll.mean())), rel=1e-5)
-    # A prompt whose argmax is the target: make one by choosing the argmax as the candidate.
-    ids_p = tok(prompts[3])["input_ids"]
+    # Per-token correctness True where the argmax is the target: a copy of the model whose
+    # final-norm bias is pushed along the embedding of " Paris" predicts it at every position
+    # (checked with the plain forward pass), so "Paris Paris" is right twice and "Paris
+    # France" once.
+    paris = tok(" Paris", add_special_tokens=False)["input_ids"]
+    france = tok(" France", add_special_tokens=False)["input_ids"]
+    assert len(paris) == len(france) == 1
+    boosted = tiny_model("gpt2", vocab_size=len(tok), initializer_range=0.2, n_positions=128)
+    boosted.load_state_dict(model.state_dict())
     with torch.no_grad():
-        top = int(model(torch.tensor([ids_p])).logits[0, -1].argmax())
-    word = tok.decode([top])
-    if word.startswith(" ") and word.strip():
-        s = candidate_scores(model, tok, [prompts[3]], [word.strip()])[0]
-        assert s.correct.tolist()[0] is True
+        e = boosted.transformer.wte.weight[paris[0]]  # (d,)
+        boosted.transformer.ln_f.bias.add_(50 * e / e.norm())
+    prompt = prompts[3]
+    ids_p = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        logits = boosted(torch.tensor([ids_p + paris + paris])).logits[0]  # (T, V)
+    assert logits[len(ids_p) - 1:].argmax(-1).tolist() == paris * 3
+    both, one = candidate_scores(boosted, tok, [prompt, prompt], ["Paris Paris", "Paris France"])
+    assert both.target.tolist() == paris * 2 and one.target.tolist() == paris + france
+    assert both.correct.tolist() == [True, True]
+    assert one.correct.tolist() == [True, False]
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -591,6 +604,19 @@ def test_bad_inputs_are_refused(lm):
         evaluate_cases(model, tok, CASES[:1], "no-such-method")
     with pytest.raises(ValueError, match="mode"):
         EditEvaluator(model, tok, mode="parallel")
+
+
+@pytest.mark.parametrize("label", ["..", ".", "", "a/b", "../x", "a\\b", "/abs", "x\0y"])
+def test_path_like_labels_are_refused(lm, tmp_path, label):
+    model, tok = lm
+    with pytest.raises(ValueError, match="label"):
+        EditEvaluator(model, tok, FixedEditor(), label=label)
+    # A label that is only unusual characters is fine: it names the summary row as given, and
+    # its folder under default_root_dir/edit_eval stays inside that folder.
+    ev = EditEvaluator(model, tok, FixedEditor(), label="ROME (gpt2) v1.0", verbose=False)
+    trainer(tmp_path).test(ev, datamodule=cf_datamodule(tmp_path / "data", CASES[:1]))
+    assert ev.results_dir.parent == tmp_path / "edit_eval"
+    assert ev.results["label"] == "ROME (gpt2) v1.0"
 
 
 def test_editor_by_name_and_model_by_path(lm, tmp_path):
