@@ -5,7 +5,12 @@ A patch maps parameter names to deltas in the canonical ``[out, in]`` orientatio
 dense tensor (FT). Applying and reverting are transactional and exact:
 
 * ``apply`` checks every name, shape and the checksum of the weights the patch was computed
-  against *before* it writes anything, so a bad patch leaves the model untouched.
+  against *before* it writes anything, so a bad patch leaves the model untouched; a write that
+  fails midway (out of memory, say) is rolled back, and the registry of active patches is only
+  updated once every weight is written: ``apply`` and ``revert`` are all or nothing.
+* A ``torch.compile`` wrapper is resolved to the module it wraps
+  (:func:`~lightning_rome.utils.modules.unwrap_model`), so a patch applied through the wrapper
+  reverts exactly on the inner module and vice versa.
 * The first patch applied to a parameter keeps a copy of that one parameter's original bits.
   Every weight is then ``cast(original + sum of active deltas)``, computed in float32 (or
   float64), so reverting patches in any order restores the original bits exactly.
@@ -34,6 +39,7 @@ from torch import Tensor, nn
 from lightning_rome.models.weights import is_transposed
 from lightning_rome.requests import EditRequest
 from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["LowRankDelta", "PatchMismatchError", "WeightPatch"]
 
@@ -169,6 +175,7 @@ class WeightPatch:
     def from_model(cls, model: nn.Module, deltas: Mapping[str, Delta], **kwargs: Any,
                    ) -> WeightPatch:
         """A patch whose checksums are taken from ``model``'s current weights."""
+        model = unwrap_model(model)
         checksums = {n: tensor_checksum(model.get_parameter(n)) for n in deltas}
         name = kwargs.pop("model_name", None) or getattr(
             getattr(model, "config", None), "_name_or_path", None)
@@ -222,7 +229,7 @@ class WeightPatch:
 
     # ------------------------------------------------------------------ apply / revert
     def is_applied(self, model: nn.Module) -> bool:
-        states = _STATE.get(model, {})
+        states = _STATE.get(unwrap_model(model), {})
         return any(self in s.active for s in states.values())
 
     def _check_unchanged(self, model: nn.Module, name: str, state: _ParamState) -> bool:
@@ -268,6 +275,7 @@ class WeightPatch:
                 the weights are not those the patch was computed against, or the patch is
                 already applied. Nothing is written then.
         """
+        model = unwrap_model(model)
         states = _STATE.setdefault(model, {})
         if self.is_applied(model):
             raise PatchMismatchError("this patch is already applied to the model")
@@ -285,25 +293,25 @@ class WeightPatch:
                 raise PatchMismatchError(
                     f"weight {name!r} was changed outside its patches since they were "
                     "applied; pass force=True to apply anyway")
-        # 2. Compute every new weight, then write them all.
-        new: dict[str, Tensor] = {}
+        # 2. Compute every new weight and state (nothing written or registered yet).
+        plan: dict[str, tuple[_ParamState | None, Tensor]] = {}
         for name in self.deltas:
             param = model.get_parameter(name)
             state = states.get(name)
             if state is None:
-                state = _ParamState(original=param.detach().clone())
+                new_state = _ParamState(original=param.detach().clone(), active=[self])
             elif changed[name]:
                 # Forced over an outside change: the current weights become the new baseline.
                 # The patches already active stay active (and revertible): the new original is
                 # the current weight minus their deltas. (Starting a fresh state here would drop
                 # them, and a later revert of one of them would silently keep its delta.)
-                state = _ParamState(original=_baseline(model, name, state.active),
-                                    active=state.active)
-            state.active = [*state.active, self]
-            new[name] = self._rebuild(model, name, state)
-            states[name] = state
-        for name, value in new.items():
-            _write(model, name, value, states[name])
+                new_state = _ParamState(original=_baseline(model, name, state.active),
+                                        active=[*state.active, self])
+            else:
+                new_state = _ParamState(original=state.original, active=[*state.active, self])
+            plan[name] = (new_state, self._rebuild(model, name, new_state))
+        # 3. Write them all (rolled back on failure), then register.
+        _commit(model, states, plan)
         return self
 
     @torch.no_grad()
@@ -321,6 +329,7 @@ class WeightPatch:
                 is not applied (the weights still match the checksums it was computed against,
                 e.g. after a first revert), unless ``force=True``. Nothing is written then.
         """
+        model = unwrap_model(model)
         states = _STATE.get(model, {})
         if not self.is_applied(model):
             self._revert_by_subtraction(model, force=force)
@@ -335,25 +344,23 @@ class WeightPatch:
                 raise PatchMismatchError(
                     f"weight {name!r} changed since the patch was applied; refusing to revert "
                     "(pass force=True to subtract the delta from the current weights)")
+        plan: dict[str, tuple[_ParamState | None, Tensor]] = {}
         for name in self.deltas:
             state = states[name]
-            state.active = [p for p in state.active if p is not self]
+            active = [p for p in state.active if p is not self]
             if changed[name]:
                 # Forced: subtract from the current weights, which become the new baseline.
-                param = model.get_parameter(name)
-                view = _canonical_view(model, name)
-                ct = _compute_dtype(param.dtype)
-                view.copy_((view.to(ct) - _dense(self.deltas[name], ct).to(view.device)
-                            ).to(param.dtype))
-                state.original = _baseline(model, name, state.active)
-                state.checksum = tensor_checksum(param)
-                state.version = param._version
-            elif not state.active:
-                model.get_parameter(name).copy_(state.original)
+                value = _subtract(model, name, self.deltas[name])  # (out, in)
+                new_state = (_ParamState(original=_baseline(model, name, active, value),
+                                         active=active) if active else None)
+            elif not active:
+                orig = state.original
+                value, new_state = (orig.T if _is_conv_t(model, name) else orig), None
             else:
-                _write(model, name, self._rebuild(model, name, state), state)
-            if not state.active:
-                del states[name]
+                new_state = _ParamState(original=state.original, active=active)
+                value = self._rebuild(model, name, new_state)
+            plan[name] = (new_state, value)
+        _commit(model, states, plan)
 
     def _revert_by_subtraction(self, model: nn.Module, *, force: bool = False) -> None:
         # Validate everything before any write (a missing parameter, a shape, NaN).
@@ -366,12 +373,9 @@ class WeightPatch:
             raise PatchMismatchError(
                 "this patch is not applied to the model (its weights still match the checksums "
                 "the patch was computed against); pass force=True to subtract its deltas anyway")
+        _commit(model, None, {n: (None, _subtract(model, n, d)) for n, d in self.deltas.items()})
         for name in self.deltas:
             param = model.get_parameter(name)
-            view = _canonical_view(model, name)
-            ct = _compute_dtype(param.dtype)
-            view.copy_((view.to(ct) - _dense(self.deltas[name], ct).to(view.device)
-                        ).to(param.dtype))
             if name in self.checksums and tensor_checksum(param) != self.checksums[name]:
                 warnings.warn(
                     f"patch reverted on {name!r} by subtracting its delta (it was not applied in "
@@ -513,23 +517,56 @@ def _is_conv_t(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _baseline(model: nn.Module, name: str, active: list[WeightPatch]) -> Tensor:
-    """The current weight minus the deltas of ``active``, in the parameter's own orientation
-    and dtype: the original a forced operation starts from."""
+def _baseline(model: nn.Module, name: str, active: list[WeightPatch],
+              current: Tensor | None = None) -> Tensor:
+    """The current weight (or ``current``, canonical) minus the deltas of ``active``, in the
+    parameter's own orientation and dtype: the original a forced operation starts from."""
     param = model.get_parameter(name)
     ct = _compute_dtype(param.dtype)
-    base = _canonical_view(model, name).to(ct)  # (out, in)
+    base = (_canonical_view(model, name) if current is None else current).to(ct)  # (out, in)
     for p in active:
         base = base - _dense(p.deltas[name], ct).to(base.device)
     base = base.to(param.dtype)
     return (base.T if _is_conv_t(model, name) else base).clone()
 
 
-def _write(model: nn.Module, name: str, canonical: Tensor, state: _ParamState) -> None:
+def _subtract(model: nn.Module, name: str, delta: Delta) -> Tensor:
+    """``cast(current - delta)`` in canonical orientation, computed in float32/float64."""
     param = model.get_parameter(name)
-    _canonical_view(model, name).copy_(canonical)
-    state.version = param._version
-    state.checksum = tensor_checksum(param)
+    view = _canonical_view(model, name)  # (out, in)
+    ct = _compute_dtype(param.dtype)
+    return (view.to(ct) - _dense(delta, ct).to(view.device)).to(param.dtype)
+
+
+def _commit(model: nn.Module, states: dict[str, _ParamState] | None,
+            plan: Mapping[str, tuple[_ParamState | None, Tensor]]) -> None:
+    """Write every parameter's new canonical value, all or nothing, then update the registry.
+
+    Each weight's current bits are kept until every write has succeeded; if one write raises
+    (out of memory, an interrupt), the weights already written get their bits back and the
+    registry is left as it was, so that it still matches the weights. A ``None`` state removes
+    the parameter from the registry (no patch is active on it any more).
+    """
+    backups: dict[str, Tensor] = {}
+    try:
+        for name, (_, value) in plan.items():
+            param = model.get_parameter(name)
+            backups[name] = param.detach().clone()
+            _canonical_view(model, name).copy_(value)
+    except BaseException:
+        for name, old in backups.items():
+            model.get_parameter(name).copy_(old)
+        raise
+    if states is None:
+        return
+    for name, (state, _) in plan.items():
+        if state is None:
+            states.pop(name, None)
+            continue
+        param = model.get_parameter(name)
+        state.version = param._version
+        state.checksum = tensor_checksum(param)
+        states[name] = state
 
 
 def _sha256(text: str) -> str:

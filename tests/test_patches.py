@@ -487,3 +487,107 @@ def test_to_and_copy_keep_provenance():
     assert moved.checksums == patch.checksums and moved.requests == patch.requests
     clone = copy.deepcopy(patch)
     assert clone.hparams == patch.hparams
+
+
+# ------------------------------------------------------------------------------ transactions
+class _FailingWrite:
+    """Makes the first ``Tensor.copy_`` into one parameter's storage raise (a write failure in
+    the middle of a multi-parameter patch), then lets every later write through."""
+
+    def __init__(self, monkeypatch, param: torch.Tensor) -> None:
+        self.ptr = param.untyped_storage().data_ptr()
+        self.fired = False
+        original = torch.Tensor.copy_
+
+        def copy_(t, *args, **kwargs):
+            if not self.fired and t.untyped_storage().data_ptr() == self.ptr:
+                self.fired = True
+                raise RuntimeError("injected write failure")
+            return original(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+
+
+def _two_param_patch() -> WeightPatch:
+    g = torch.Generator().manual_seed(3)
+    return WeightPatch({"conv.weight": LowRankDelta(torch.randn(6, 1, generator=g),
+                                                    torch.randn(1, 5, generator=g)),
+                        "lin.weight": torch.randn(7, 5, generator=g)}, method="two")
+
+
+@pytest.mark.parametrize("others", [False, True])
+def test_apply_failing_on_the_second_parameter_leaves_the_model_untouched(monkeypatch, others):
+    model = Toy()
+    if others:  # another patch already active on the first parameter
+        WeightPatch({"conv.weight": torch.ones(6, 5)}).apply(model)
+    before = snapshot(model)
+    patch = _two_param_patch()
+    failing = _FailingWrite(monkeypatch, model.get_parameter("lin.weight"))
+    with pytest.raises(RuntimeError, match="injected write failure"):
+        patch.apply(model)
+    assert failing.fired
+    assert bit_identical(model, before)
+    assert not patch.is_applied(model)
+    # The registry matches the weights: the patch applies and reverts exactly afterwards.
+    patch.apply(model)
+    assert not bit_identical(model, before)
+    patch.revert(model)
+    assert bit_identical(model, before)
+
+
+@pytest.mark.parametrize("others", [False, True])
+def test_revert_failing_on_the_second_parameter_keeps_the_patch_applied(monkeypatch, others):
+    model = Toy()
+    pristine = snapshot(model)
+    other = WeightPatch({"lin.weight": torch.ones(7, 5)})
+    if others:
+        other.apply(model)
+    before = snapshot(model)
+    patch = _two_param_patch()
+    patch.apply(model)
+    edited = snapshot(model)
+    failing = _FailingWrite(monkeypatch, model.get_parameter("lin.weight"))
+    with pytest.raises(RuntimeError, match="injected write failure"):
+        patch.revert(model)
+    assert failing.fired
+    assert bit_identical(model, edited)  # nothing half-reverted
+    assert patch.is_applied(model)
+    patch.revert(model)  # and it can still be reverted, exactly
+    assert bit_identical(model, before)
+    if others:
+        other.revert(model)
+    assert bit_identical(model, pristine)
+
+
+def test_revert_by_subtraction_failing_midway_writes_nothing(monkeypatch):
+    model = Toy()
+    patch = _two_param_patch()
+    patch.apply(model)
+    loaded = WeightPatch(patch.deltas, method="two")  # not applied in this process
+    edited = snapshot(model)
+    _FailingWrite(monkeypatch, model.get_parameter("lin.weight"))
+    with pytest.raises(RuntimeError, match="injected write failure"):
+        loaded.revert(model)
+    assert bit_identical(model, edited)
+
+
+# ------------------------------------------------------------------------------ torch.compile
+def test_compiled_wrapper_and_inner_module_share_one_patch_state():
+    model = Toy()
+    before = snapshot(model)
+    compiled = torch.compile(model)  # only constructed: the wrapper has _orig_mod
+    assert compiled._orig_mod is model
+    patch = _two_param_patch()
+    patch.apply(compiled)
+    assert patch.is_applied(model) and patch.is_applied(compiled)
+    with pytest.raises(PatchMismatchError, match="already applied"):
+        patch.apply(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "reverted by subtracting" warning
+        patch.revert(model)
+    assert bit_identical(model, before)
+    # And the other way round, with from_model's checksums taken through the wrapper.
+    p2 = WeightPatch.from_model(compiled, {"lin.weight": torch.full((7, 5), 0.3)})
+    p2.apply(model)
+    p2.revert(compiled)
+    assert bit_identical(model, before)

@@ -22,15 +22,21 @@ from lightning_rome.patches import LowRankDelta, PatchMismatchError, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import candidate_probs
 from lightning_rome.utils.io import tensor_checksum
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["EditCallback", "EditorCallback", "MEMITCallback", "ROMECallback", "find_model",
            "load_requests"]
 
-ApplyOn = Literal["setup", "fit_start", "train_end", "validation_start", "test_start"]
-_APPLY_ON = ("setup", "fit_start", "train_end", "validation_start", "test_start")
-# The hook that ends the stage in which each moment falls (where a revert happens).
+ApplyOn = Literal["setup", "fit_start", "train_end", "validation_start", "test_start",
+                  "predict_start"]
+_APPLY_ON = ("setup", "fit_start", "train_end", "validation_start", "test_start",
+             "predict_start")
+# The hook that ends the stage in which each moment falls (where a revert happens). Every
+# validation loop, the sanity check included, is a stage of its own: the edit is applied at its
+# start and reverted at its end, so training never runs on it.
 _REVERT_ON = {"setup": "teardown", "fit_start": "fit_end", "train_end": "fit_end",
-              "validation_start": "validation_end", "test_start": "test_end"}
+              "validation_start": "validation_end", "test_start": "test_end",
+              "predict_start": "predict_end"}
 
 
 def load_requests(requests: Any) -> list[EditRequest]:
@@ -48,15 +54,16 @@ def load_requests(requests: Any) -> list[EditRequest]:
 def find_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
     """The Hugging Face causal LM inside a LightningModule: ``pl_module.<attr>`` if given, the
     module itself if it is one, else its first attribute among ``model``, ``lm``, ``net``,
-    ``backbone`` that has a ``config.model_type``."""
+    ``backbone`` that has a ``config.model_type``. A ``torch.compile`` wrapper is resolved to
+    the module it wraps."""
     if attr:
-        return pl_module.get_submodule(attr)
+        return unwrap_model(pl_module.get_submodule(attr))
     if hasattr(getattr(pl_module, "config", None), "model_type"):
-        return pl_module
+        return unwrap_model(pl_module)
     for name in ("model", "lm", "net", "backbone"):
         sub = getattr(pl_module, name, None)
         if isinstance(sub, nn.Module) and hasattr(getattr(sub, "config", None), "model_type"):
-            return sub
+            return unwrap_model(sub)
     raise MisconfigurationException(
         f"cannot find a Hugging Face causal LM in {type(pl_module).__name__}: pass model_attr= "
         "naming the attribute that holds it")
@@ -86,6 +93,17 @@ def _patch_from_state(state: dict[str, Any]) -> WeightPatch:
                        model_name=header["model_name"], checksums=header["checksums"])
 
 
+def _matches(model: nn.Module, patch: WeightPatch) -> bool:
+    """Whether ``model``'s weights are those ``patch`` was computed against (by checksum)."""
+    if not patch.checksums or set(patch.checksums) != set(patch.deltas):
+        return False
+    try:
+        return all(tensor_checksum(model.get_parameter(n)) == c
+                   for n, c in patch.checksums.items())
+    except AttributeError:
+        return False
+
+
 def _all_gather_objects(trainer: pl.Trainer, obj: Any) -> list[Any]:
     """``obj`` from every rank, in rank order (a one-element list without a process group)."""
     import torch.distributed as dist
@@ -108,10 +126,16 @@ class EditCallback(Callback):
 
     Args:
         requests: :class:`EditRequest` objects, dicts, or a path to a JSON/YAML list.
-        apply_on: ``setup``, ``fit_start`` (default), ``train_end``, ``validation_start`` or
-            ``test_start``.
-        revert: undo the edit when that stage ends (``fit_end``, ``validation_end``, ...). If
-            training changed the weights meanwhile, the delta is subtracted (with a warning).
+        apply_on: ``setup``, ``fit_start`` (default), ``train_end``, ``validation_start``
+            (every validation loop, the sanity check included), ``test_start`` or
+            ``predict_start``.
+        revert: undo the edit when that stage ends (``teardown``, ``fit_end``,
+            ``validation_end``, ``test_end``, ``predict_end``) and when the run is interrupted
+            (an exception or ``KeyboardInterrupt``, through ``on_exception``), so no step outside
+            the stage sees the edit. With ``validation_start`` the edit is applied again at every
+            validation (the patch is reused while the weights it was computed on are
+            unchanged). If training changed the weights meanwhile, the delta is subtracted
+            (with a warning).
         save_patch: save the patch as safetensors beside the checkpoints (``True``) or at a path.
         model_attr: the attribute of the LightningModule that holds the HF model (auto-detected).
         tokenizer: a tokenizer or its path (default: ``pl_module.tokenizer``).
@@ -198,16 +222,30 @@ class EditCallback(Callback):
         tok: PreTrainedTokenizerBase | None = None
         patch: WeightPatch | None = None
         error: str | None = None
+        reuse = False
         try:
             model = find_model(pl_module, self._model_attr)
             tok = self._get_tokenizer(pl_module)
-            if trainer.is_global_zero:
-                patch = self.make_editor().edit(model, tok, self._requests)
+            # A patch computed earlier in this run (applied and reverted, say at every
+            # validation) is applied again while the weights are those it was computed on.
+            reuse = self.patch is not None and _matches(model, self.patch)
         except Exception as e:
             if not distributed:
                 raise
             error = f"{type(e).__name__}: {e}"
-        if distributed:
+        if distributed:  # every rank takes the same branch (a collective on every rank)
+            reuse = trainer.strategy.reduce_boolean_decision(reuse and error is None, all=True)
+        if reuse:
+            patch = self.patch
+        elif trainer.is_global_zero and error is None:
+            try:
+                assert model is not None and tok is not None
+                patch = self.make_editor().edit(model, tok, self._requests)
+            except Exception as e:
+                if not distributed:
+                    raise
+                error = f"{type(e).__name__}: {e}"
+        if distributed and not reuse:
             self._raise_if_any_failed(trainer, error)
             state = trainer.strategy.broadcast(
                 _patch_to_state(patch) if patch is not None else None, src=0)
@@ -232,7 +270,8 @@ class EditCallback(Callback):
         self.patch, self.applied = patch, True
         if distributed:
             self._check_identical(trainer, model, patch)
-        self._after_apply(trainer, pl_module, model, tok, patch)
+        if not reuse:
+            self._after_apply(trainer, pl_module, model, tok, patch)
 
     def _raise_if_any_failed(self, trainer: pl.Trainer, error: str | None) -> None:
         """Gather every rank's error (``None``: success); raise the first one on all ranks."""
@@ -327,9 +366,34 @@ class EditCallback(Callback):
             self._undo(trainer, pl_module)
 
     @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._apply_on == "predict_start":
+            self._apply(trainer, pl_module)
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _REVERT_ON[self._apply_on] == "validation_end" and not trainer.sanity_checking:
+        # The sanity check too: the edit applied for it must not leak into training.
+        if _REVERT_ON[self._apply_on] == "validation_end":
             self._undo(trainer, pl_module)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _REVERT_ON[self._apply_on] == "predict_end":
+            self._undo(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        """An interrupted run (an exception, ``KeyboardInterrupt``) ends the stage too: with
+        ``revert=True`` the edit is undone, and a failure to undo it is reported as a warning
+        so that it does not hide the exception that stopped the run."""
+        if not (self.applied and self._revert):
+            return
+        try:
+            self._undo(trainer, pl_module)
+        except Exception as e:
+            rank_zero_warn(f"{type(self).__name__}: could not revert the edit after the run was "
+                           f"interrupted ({type(e).__name__}: {e}); the model still holds it")
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

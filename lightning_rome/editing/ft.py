@@ -26,6 +26,7 @@ from lightning_rome.patches import WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import target_nll
 from lightning_rome.tokens import subject_span
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["FT", "FTL", "FTHyperParams", "FTState", "ft_loss"]
 
@@ -146,6 +147,7 @@ class FT:
             TypeError: the tuned weights are float16.
             IncompatibleInputError: a request does not fit the model (vocabulary, length).
         """
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         hp = self.hparams
         reqs = as_requests(requests)
         for r in reqs:

@@ -72,6 +72,7 @@ from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest
 from lightning_rome.scoring import model_device, pad_sequences
 from lightning_rome.tokens import continuation_ids, encode_prompt
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
     "KEEditor",
@@ -372,6 +373,7 @@ class KEEditor:
         Raises:
             EditorMismatchError: the model lacks an edited weight or has another shape.
         """
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         reqs = _checked_requests(tokenizer, requests)
         check_editor_fits(model, {weight_param_name(m): s for m, s in
                                   self.network.shapes.items()}, None, trained_on=self.model_name)

@@ -74,6 +74,7 @@ from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import forward_logits, make_batch, model_device
 from lightning_rome.tokens import continuation_ids, encode_prompt, fill, subject_span
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
     "KN",
@@ -443,6 +444,7 @@ class KN:
             extra_prompts: more prompts of the same fact (paraphrases) for the attribution: each
                 a template with ``{}`` (filled with the subject) or a full text.
         """
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         hp = self.hparams
         layout = get_layout(model, self.layout_override)
         layers = _layers(model, layout, hp.layers)
@@ -510,6 +512,7 @@ class KN:
             FloatingPointError: NaN/inf in the activations, gradients or embeddings.
             In every error case, the model is left exactly as it was.
         """
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         reqs = as_requests(requests)
         layout = get_layout(model, self.layout_override)
         _layers(model, layout, self.hparams.layers)

@@ -48,6 +48,7 @@ from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.tokens import FactToken, subject_span
 from lightning_rome.utils.io import CorruptFileError, atomic_path, cache_dir, tensor_checksum
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["MEMIT", "MEMITHyperParams", "memit_edit", "memit_update"]
 
@@ -247,6 +248,7 @@ class MEMIT:
     def compute_z(self, model: nn.Module, tok: PreTrainedTokenizerBase,
                   reqs: Sequence[EditRequest]) -> Tensor:
         """Target residuals ``Z`` at the last layer of R, ``(d, u)``, optimised in batches."""
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         hp = self.hparams
         layout = get_layout(model, self.layout_override)
         block = layout.block(hp.layers[-1])
@@ -291,6 +293,7 @@ class MEMIT:
             IncompatibleInputError: the tokenizer does not fit the model, or a prompt is too long.
             ValueOptimisationError: NaN/inf while optimising z.
         """
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         hp = self.hparams
         reqs = as_requests(requests)
         layout = get_layout(model, self.layout_override)
@@ -337,6 +340,7 @@ class MEMIT:
         """Apply a long stream of edits in chunks of ``chunk_size``: each chunk is edited on the
         model as left by the previous chunks, applied, and its patch yielded (revert them in
         reverse order to undo)."""
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         chunk: list[EditRequest] = []
         for r in requests:
             chunk.append(r if isinstance(r, EditRequest) else EditRequest.from_dict(r))

@@ -73,6 +73,7 @@ from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import forward_logits, make_batch, model_device
 from lightning_rome.tokens import continuation_ids, encode_prompt, subject_span
 from lightning_rome.utils.io import tensor_checksum
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -890,6 +891,7 @@ class MENDEditor:
             EditorMismatchError: the model lacks an edited weight or has another shape.
             SubjectNotFoundError: a request's subject is not in its prompt's tokens.
         """
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         reqs = _checked_requests(tokenizer, requests)
         check_editor_fits(model, {weight_param_name(m): s for m, s in
                                   self.network.shapes.items()}, None, trained_on=self.model_name)

@@ -44,6 +44,7 @@ from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.tokens import FactToken, subject_span
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
     "ROME",
@@ -267,6 +268,7 @@ class ROME:
     def edit_one(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  request: EditRequest) -> WeightPatch:
         """One request on the current model; the model is not modified."""
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         hp = self.hparams
         layout = get_layout(model, self.layout_override)
         name = _module_name(model, hp, layout)
@@ -314,6 +316,7 @@ class ROME:
             ValueOptimisationError: NaN/inf during the v* optimisation.
             In every error case, the model is left exactly as it was.
         """
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         reqs = as_requests(requests)
         layout = get_layout(model, self.layout_override)
         _module_name(model, self.hparams, layout)

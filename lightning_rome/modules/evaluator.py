@@ -63,14 +63,17 @@ from lightning_rome.metrics.functional import MetricCI
 from lightning_rome.patches import WeightPatch
 from lightning_rome.scoring import candidate_scores, generate, model_device
 from lightning_rome.utils.io import atomic_path, atomic_write_json, tensor_checksum
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
     "PROMPT_KINDS",
     "RECORD_FORMAT",
     "CaseResultsFile",
     "EditEvaluator",
+    "case_fingerprint",
     "compute_results",
     "dataset_kind",
+    "editor_fingerprint",
     "editor_name",
     "eval_mode",
     "evaluate_cases",
@@ -86,8 +89,15 @@ __all__ = [
 
 #: The prompt kinds of a case, in the order they are scored.
 PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood", "attribute")
-#: Version of the per-case record layout (the ``format`` field of every results line).
-RECORD_FORMAT = 1
+#: Version of the per-case record layout (the ``format`` field of every results line). 2: each
+#: record carries ``case_sha256``, the fingerprint of the case it was computed from.
+RECORD_FORMAT = 2
+#: Version of ``run.json``, what a results folder belongs to. 2: the weights' SHA-256, the
+#: editor's fingerprint, the dataset and the package version.
+RUN_FORMAT = 2
+#: How to start over, named in every refusal to resume (the Python argument and the CLI flag).
+START_OVER = ("to start over, pass resume=False (CLI: --no-resume), which deletes the stored "
+              "results, or write to another folder (results_dir=, CLI: --out)")
 #: Generation defaults of ROME's GE/RS evaluation: top-k = 5 sampling of 100 new tokens.
 GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": 100, "top_k": 5}
 
@@ -147,6 +157,62 @@ def _editor_hparams(editor: Any) -> Any:
     if callable(getattr(hp, "to_dict", None)):
         return hp.to_dict()
     return hp
+
+
+def _public_settings(obj: Any, depth: int = 0) -> dict[str, Any]:
+    """What identifies an editor object beyond its class: its hyperparameters, its simple public
+    attributes, the SHA-256 of the weights of any module it holds (a trained MEND/KE network),
+    the qualified names of the functions it was given (``second_moment``), and the same for
+    any editor it wraps (one level deep)."""
+    out: dict[str, Any] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}",
+                           "method": editor_name(obj)}
+    hp = _editor_hparams(obj)
+    if hp is not None:
+        out["hparams"] = hp
+    try:
+        attrs = dict(vars(obj))
+    except TypeError:  # __slots__
+        attrs = {}
+    weights: dict[str, str] = {}
+    if isinstance(obj, nn.Module):
+        weights["self"] = model_checksum(obj)
+    for k, v in sorted(attrs.items()):
+        if k.startswith("_") or k == "hparams":
+            continue
+        if isinstance(v, bool | int | float | str) or v is None:
+            out.setdefault("settings", {})[k] = v
+        elif k == "fingerprint" and isinstance(v, Mapping):
+            out["fingerprint"] = dict(v)
+        elif isinstance(v, nn.Module):
+            weights[k] = model_checksum(v)
+        elif isinstance(v, torch.Tensor):
+            weights[k] = tensor_checksum(v)
+        elif callable(getattr(v, "edit", None)) and depth == 0:
+            out.setdefault("wraps", {})[k] = _public_settings(v, depth + 1)
+        elif callable(v) and not isinstance(v, type):
+            out.setdefault("functions", {})[k] = (f"{getattr(v, '__module__', '?')}."
+                                                  f"{getattr(v, '__qualname__', type(v).__name__)}")
+    if weights:
+        out["weights_sha256"] = weights
+    return out
+
+
+def editor_fingerprint(editor: Any) -> dict[str, Any] | None:
+    """A JSON-serialisable identity of an editor (``None`` for the unedited baseline): its class,
+    method and hyperparameters, its simple public settings, the SHA-256 of any network it holds
+    (MEND, KE) and the names of the functions it was given. Two editors with the same
+    fingerprint produce the same patches on the same model; results files are keyed by it."""
+    if editor is None:
+        return None
+    return json.loads(json.dumps(_public_settings(editor), sort_keys=True, default=str))
+
+
+def case_fingerprint(case: EditCase) -> str:
+    """SHA-256 of everything a case's record is computed from: the request, every prompt and
+    answer, the ids and the source dataset (canonical JSON of :meth:`EditCase.to_dict`)."""
+    body = {**case.to_dict(), "source": case.source}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def dataset_kind(case: EditCase) -> Kind:
@@ -255,6 +321,7 @@ def _new_record(case: EditCase, method: str) -> Record:
     return {
         "format": RECORD_FORMAT,
         "case_id": case.case_id,
+        "case_sha256": case_fingerprint(case),
         "source": case.source,
         "method": method,
         "request": case.request.to_dict(),
@@ -287,7 +354,7 @@ class _Evaluation:
                  on_result: Callable[[Record], None] | None) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.model, self.tok = model, tokenizer
+        self.model, self.tok = unwrap_model(model), tokenizer
         self.editor = resolve_editor(editor, hparams)
         self.method = editor_name(self.editor)
         self.baseline = baseline
@@ -805,6 +872,99 @@ def load_results(folder: str | os.PathLike[str], pattern: str = "cases.rank*.jso
 
 
 # ---------------------------------------------------------------------------------- module
+_RUN_FIELDS = {
+    "model_sha256": "the model's weights",
+    "package_version": "the lightning_rome version",
+    "editor": "the editor or its hyperparameters",
+    "hparams": "the editor's hyperparameters",
+    "method": "the editing method",
+    "dataset": "the dataset",
+    "model": "the model's name",
+    "n_params": "the model's size",
+}
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True, default=str) if not isinstance(v, str) else repr(v)
+    if isinstance(v, str) and len(v) == 64 and all(ch in "0123456789abcdef" for ch in v):
+        text = repr(v[:12] + "…")  # a SHA-256
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys at which two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _dict_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _describe_changes(old: Any, new: Mapping[str, Any]) -> str:
+    """``run.json``'s differences, in words: ``the model's weights (model_sha256: 'ab12…' ->
+    'cd34…')``, ``the editor or its hyperparameters (editor: hparams.v_lr)``, ..."""
+    if not isinstance(old, dict):
+        return "run.json is unreadable (cut short or not JSON)"
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<not recorded>"), new.get(key, "<not recorded>")
+        if a == b:
+            continue
+        what = _RUN_FIELDS.get(key, "the option")
+        if isinstance(a, dict) and isinstance(b, dict):
+            detail = ", ".join(_dict_diff(a, b)[:6])
+            parts.append(f"{what} ({key}: {detail})")
+        else:
+            parts.append(f"{what} ({key}: {_short(a)} -> {_short(b)})")
+    return "; ".join(parts)
+
+
+def _datamodule_cases(trainer: pl.Trainer) -> list[EditCase] | None:
+    """The test cases of the Trainer's DataModule, when it exposes them (``test_dataset.records``
+    of the COUNTERFACT and zsRE DataModules), to check stored results before any work."""
+    dm = getattr(trainer, "datamodule", None)
+    records = getattr(getattr(dm, "test_dataset", None), "records", None)
+    if records is None:
+        return None
+    cases = list(records)
+    return cases if all(isinstance(c, EditCase) for c in cases) else None
+
+
+def _check_stored_cases(folder: Any, stored: Mapping[str, Record],
+                        cases: Sequence[EditCase]) -> None:
+    """Refuse to resume when a stored record of one of ``cases`` (same case id) was computed
+    from different data: another dataset with the same ids, or edited prompts."""
+    for case in cases:
+        rec = stored.get(_key(case.case_id))
+        if rec is None or rec.get("case_sha256") == case_fingerprint(case):
+            continue
+        if rec.get("source") != case.source:
+            why = (f"it comes from the {rec.get('source')!r} dataset, this run's case from "
+                   f"{case.source!r}")
+        elif rec.get("request") != case.request.to_dict():
+            why = "its edit request differs"
+        else:
+            why = "its prompts or answers differ"
+        raise ValueError(f"{folder} holds a result for case {case.case_id!r} computed from other "
+                         f"data ({why}); {START_OVER}")
+
+
+def _check_label(label: str) -> str:
+    """``label`` if it can name a results folder under ``edit_eval/``; path-like labels (empty,
+    ``.``, ``..``, separators, NUL), which would put the results (and the deletion of old ones by
+    ``resume=False``) outside that folder, are refused."""
+    if not isinstance(label, str):
+        raise TypeError(f"label must be a string, got {type(label).__name__}")
+    bad = [ch for ch in ("/", "\\", "\0", os.sep, os.altsep) if ch and ch in label]
+    if not label.strip() or label.strip(". ") == "" or bad:
+        raise ValueError(
+            f"label {label!r} is path-like: it names the results folder "
+            "{default_root_dir}/edit_eval/{label}, so it must not be empty, '.' or '..', or "
+            "contain '/', '\\' or NUL; pass results_dir= to choose the folder itself")
+    return label
+
+
 def _strip(results: Mapping[str, MetricCI], prefix: str) -> dict[str, MetricCI]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in results.items()}
 
@@ -825,8 +985,13 @@ class EditEvaluator(pl.LightningModule):
       norm (see :func:`evaluate_cases`). A rerun with the same settings resumes: cases already
       in the files are not evaluated again, their stored values go into the metrics, and a
       truncated or corrupt line is dropped (with a warning) and its case redone.
-    * ``run.json``: the settings the results belong to; a rerun with different settings
-      (another editor or hyperparameters) is refused unless ``resume=False``.
+    * ``run.json``: what the results are determined by: the SHA-256 of every weight of the model
+      (hashed once per run), the editor's fingerprint (method, hyperparameters, the weights of a
+      trained MEND/KE network), the dataset, the evaluation options and the package version.
+      Each record also carries the fingerprint of its case's data (``case_sha256``). A rerun
+      that differs in any of them, or a stored case whose data differ (another dataset with
+      the same case ids, edited prompts), is refused with a message naming what changed, unless
+      ``resume=False`` (CLI: ``--no-resume``).
     * ``summary.json`` and ``summary.md`` (rank zero, atomically): the table in the published
       layout (S, ES, PS, NS, EM, PM, NM, GE, RS, ± 95% intervals, × 100) and the raw numbers.
 
@@ -855,8 +1020,9 @@ class EditEvaluator(pl.LightningModule):
             :class:`~lightning_rome.metrics.ReferenceScore`).
         results_dir: where the results go (default
             ``{trainer.default_root_dir}/edit_eval/{label}``).
-        resume: continue from the results already in ``results_dir`` (``False``: start afresh,
-            deleting them).
+        resume: continue from the results already in ``results_dir``, when they were computed
+            from the same weights, data, editor and version (``False``: start afresh, deleting
+            them).
         retry_errors: when resuming, evaluate again the cases recorded as errors.
         on_error: ``"raise"`` (default) or ``"skip"`` (record the error for the case and go on).
             The model is restored in both cases.
@@ -864,7 +1030,9 @@ class EditEvaluator(pl.LightningModule):
         seed: seeds the generation sampling (per case).
         verify_revert: checksum every parameter before and after each case and raise if the
             weights differ (slow for large models).
-        label: the row label of the summary table (default: the editor's name).
+        label: the row label of the summary table and the name of the default results folder
+            (default: the editor's name); path-like labels (empty, ``.``, ``..``, with ``/``,
+            ``\\`` or NUL) are refused.
         verbose: print the summary table at the end (rank zero).
 
     Example:
@@ -922,7 +1090,7 @@ class EditEvaluator(pl.LightningModule):
         self.score_batch_size = score_batch_size
         self.seed = seed
         self.verify_revert = verify_revert
-        self.label = label or self.method
+        self.label = self.method if label is None else _check_label(label)
         self.verbose = verbose
         self.save_hyperparameters({
             "editor": self.method, "mode": mode, "dataset": dataset, "baseline": baseline,
@@ -940,15 +1108,25 @@ class EditEvaluator(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def _signature(self) -> dict[str, Any]:
+        """What the results in a folder are determined by (``run.json``): the package version,
+        the model (name, size and the SHA-256 of every weight), the editor's fingerprint
+        (:func:`editor_fingerprint`: method, hyperparameters, networks), the dataset and the
+        evaluation options. The data are checked per case (``case_sha256`` of each record)."""
+        from lightning_rome import __version__
+
         cfg = getattr(self.model, "config", None)
         return json.loads(json.dumps({
-            "format": "lightning_rome.edit_eval", "version": RECORD_FORMAT,
-            "method": self.method, "hparams": _editor_hparams(self.editor), "mode": self.mode,
+            "format": "lightning_rome.edit_eval", "version": RUN_FORMAT,
+            "package_version": __version__,
+            "method": self.method, "hparams": _editor_hparams(self.editor),
+            "editor": editor_fingerprint(self.editor), "mode": self.mode,
+            "dataset": self.kind,
             "baseline": self.baseline, "generation": self.generation,
             "generation_kwargs": {**GENERATION_DEFAULTS, **self.generation_kwargs},
             "seed": self.seed,
             "model": getattr(cfg, "_name_or_path", None) or getattr(cfg, "model_type", None),
             "n_params": sum(p.numel() for p in self.model.parameters()),
+            "model_sha256": model_checksum(self.model),
         }, sort_keys=True, default=str))
 
     def _make_metrics(self, kind: Kind) -> None:
@@ -996,11 +1174,11 @@ class EditEvaluator(pl.LightningModule):
         folder = self._resolve_dir()
         self.results_dir = folder
         strategy = self.trainer.strategy
-        sig = self._signature()
         error: str | None = None
         if self.trainer.is_global_zero:
             try:
-                self._prepare_folder(folder, sig)
+                # Hashes every weight: once per run, on rank zero only.
+                self._prepare_folder(folder, self._signature())
             except Exception as e:  # raised on every rank below
                 error = _error_text(e)
         error = strategy.broadcast(error, src=0)
@@ -1031,17 +1209,17 @@ class EditEvaluator(pl.LightningModule):
             except ValueError:
                 old = None
             if old != sig:
-                diff = sorted(k for k in set(sig) | set(old or {})
-                              if (old or {}).get(k) != sig.get(k))
-                raise ValueError(
-                    f"{folder} holds results of a different run (settings differing: {diff}); "
-                    "pass resume=False to start afresh, or another results_dir")
+                raise ValueError(f"{folder} holds results of a different run; what changed: "
+                                 f"{_describe_changes(old, sig)}; {START_OVER}")
         elif files:
-            raise ValueError(f"{folder} holds results files but no run.json; pass resume=False "
-                             "to start afresh, or another results_dir")
-        atomic_write_json(run, sig)
+            raise ValueError(f"{folder} holds results files but no run.json, so what they were "
+                             f"computed from is unknown; {START_OVER}")
         if self.resume:
-            load_results(folder, retry_errors=self.retry_errors, repair=True)
+            stored = load_results(folder, retry_errors=self.retry_errors, repair=True)
+            cases = _datamodule_cases(self.trainer)
+            if cases is not None:
+                _check_stored_cases(folder, stored, cases)
+        atomic_write_json(run, sig)
 
     # ------------------------------------------------------------------ steps
     def _feed(self, record: Record) -> None:
@@ -1072,6 +1250,8 @@ class EditEvaluator(pl.LightningModule):
         self._make_metrics(kinds.pop())
         # Records read back from the results files are fed once, when their case comes up.
         stored = [self._stored.pop(_key(c.case_id), None) for c in cases]
+        _check_stored_cases(self.results_dir, {_key(c.case_id): s for c, s in zip(cases, stored)
+                                               if s is not None}, cases)
         if self.mode == "sequential":
             if all(s is not None for s in stored):
                 for s in stored:

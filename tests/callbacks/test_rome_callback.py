@@ -99,12 +99,32 @@ def test_test_start_with_revert_restores_bits(tmp_path, module):
         assert torch.equal(p, before[n]), n
 
 
-def test_revert_after_training_subtracts_with_warning(tmp_path, gpt2_tokenizer):
+class FitEndSnapshot(Callback):
+    """Placed before the edit callback: every parameter at fit end, before the revert."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.params = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def test_revert_after_training_subtracts_the_delta(tmp_path, gpt2_tokenizer):
     module = LMModule(tiny_gpt2(n_layer=3), gpt2_tokenizer, lr=1e-2)
-    cb = make_callback(revert=True)
+    pristine = module.model.get_parameter(NAME).detach().clone()
+    cb, snap = make_callback(revert=True), FitEndSnapshot()
     with pytest.warns(UserWarning, match="subtracting the delta"):
-        make_trainer(tmp_path, [cb]).fit(module)
+        make_trainer(tmp_path, [snap, cb]).fit(module)
     assert not cb.applied
+    delta = cb.patch.deltas[NAME]
+    dense = (delta.left.double() @ delta.right.double()).float()  # canonical (out, in) = (32, 128)
+    trained = snap.params[NAME]  # Conv1D storage (in, out)
+    # Training moved the edited weight (else this would be the exact-revert path).
+    assert not torch.equal(trained, (pristine.T + dense).T)
+    # The revert removed exactly the delta from the trained weight: W_final = W_trained - Δ.
+    final = module.model.get_parameter(NAME).detach()
+    torch.testing.assert_close(final.T, trained.T - dense, rtol=0, atol=1e-6)
+    assert not torch.equal(final, pristine)  # the training's own change is kept
+    for n, p in module.model.named_parameters():  # nothing else touched by the revert
+        if n != NAME:
+            assert torch.equal(p, snap.params[n]), n
 
 
 def test_state_survives_checkpoint_and_two_instances_coexist(tmp_path, module):

@@ -22,6 +22,7 @@ from tiny_factories import tiny_model
 
 from lightning_rome.data import CounterFactDataModule, EditCase, ZsREDataModule
 from lightning_rome.modules.evaluator import (
+    RECORD_FORMAT,
     CaseResultsFile,
     EditEvaluator,
     evaluate_cases,
@@ -238,14 +239,27 @@ def test_candidate_scores_match_a_hand_computation(lm, side):
         assert s.correct.tolist() == [a == t for a, t in zip(want_arg.tolist(), ids_c)]
         torch.testing.assert_close(s.nll, ref, rtol=1e-5, atol=1e-6)
         assert s.prob == pytest.approx(math.exp(-float(want_nll.mean())), rel=1e-5)
-    # A prompt whose argmax is the target: make one by choosing the argmax as the candidate.
-    ids_p = tok(prompts[3])["input_ids"]
+    # Per-token correctness True where the argmax is the target: a copy of the model whose
+    # final-norm bias is pushed along the embedding of " Paris" predicts it at every position
+    # (checked with the plain forward pass), so "Paris Paris" is right twice and "Paris
+    # France" once.
+    paris = tok(" Paris", add_special_tokens=False)["input_ids"]
+    france = tok(" France", add_special_tokens=False)["input_ids"]
+    assert len(paris) == len(france) == 1
+    boosted = tiny_model("gpt2", vocab_size=len(tok), initializer_range=0.2, n_positions=128)
+    boosted.load_state_dict(model.state_dict())
     with torch.no_grad():
-        top = int(model(torch.tensor([ids_p])).logits[0, -1].argmax())
-    word = tok.decode([top])
-    if word.startswith(" ") and word.strip():
-        s = candidate_scores(model, tok, [prompts[3]], [word.strip()])[0]
-        assert s.correct.tolist()[0] is True
+        e = boosted.transformer.wte.weight[paris[0]]  # (d,)
+        boosted.transformer.ln_f.bias.add_(50 * e / e.norm())
+    prompt = prompts[3]
+    ids_p = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        logits = boosted(torch.tensor([ids_p + paris + paris])).logits[0]  # (T, V)
+    assert logits[len(ids_p) - 1:].argmax(-1).tolist() == paris * 3
+    both, one = candidate_scores(boosted, tok, [prompt, prompt], ["Paris Paris", "Paris France"])
+    assert both.target.tolist() == paris * 2 and one.target.tolist() == paris + france
+    assert both.correct.tolist() == [True, True]
+    assert one.correct.tolist() == [True, False]
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -467,16 +481,114 @@ def test_resume_refuses_other_settings_and_restarts_when_asked(lm, tmp_path):
     assert counting.calls == [0, 1]
 
 
+NO_RESUME = r"resume=False \(CLI: --no-resume\)"
+
+
+@pytest.mark.filterwarnings("ignore:zsRE. skipped 2 malformed")
+def test_resume_refuses_another_dataset_with_the_same_case_ids(lm, tmp_path, shared_data):
+    """zsRE, then COUNTERFACT into the same folder: the stored zsRE records have the ids of the
+    COUNTERFACT cases, and were once fed into the COUNTERFACT summary."""
+    model, tok = lm
+    zsre = ZsREDataModule(shared_data / "zsre" / "zsre_mend_train_1k.json", limit=2,
+                          batch_size=2, cache_dir=tmp_path / "hf")
+    ev = EditEvaluator(model, tok, FixedEditor(), results_dir=tmp_path / "res", verbose=False)
+    trainer(tmp_path).test(ev, datamodule=zsre)
+    ids = {r["case_id"] for r in CaseResultsFile.read(tmp_path / "res" / "cases.rank0.jsonl")[0]}
+    cases = [c for c in CASES if c.case_id in ids]
+    assert cases  # the same ids in both datasets
+    counting = CountingEditor(FixedEditor())
+    with pytest.raises(ValueError, match=rf"the dataset \(dataset: 'zsre' -> 'counterfact'\).*"
+                                         rf"{NO_RESUME}"):
+        _run(model, tok, tmp_path, counting, cases=cases)
+    assert counting.calls == []
+    # With plain dataloaders (no DataModule to name the dataset before the run), the per-case
+    # fingerprints refuse when the case comes up: the stored record is from the zsRE source.
+    zsre.setup("test")
+    cf = cf_datamodule(tmp_path, cases)
+    cf.setup("test")
+    ev = EditEvaluator(model, tok, FixedEditor(), results_dir=tmp_path / "res2", verbose=False)
+    trainer(tmp_path).test(ev, dataloaders=zsre.test_dataloader())
+    ev = EditEvaluator(model, tok, FixedEditor(), results_dir=tmp_path / "res2", verbose=False)
+    with pytest.raises(ValueError, match=rf"case {cases[0].case_id!r} computed from other data "
+                                         rf"\(it comes from the 'zsre' dataset.*{NO_RESUME}"):
+        trainer(tmp_path).test(ev, dataloaders=cf.test_dataloader())
+    assert ev.results == {}  # no summary was written from the mixed records
+
+
+def test_resume_refuses_changed_case_data(lm, tmp_path):
+    import dataclasses
+
+    model, tok = lm
+    _run(model, tok, tmp_path, FixedEditor(), cases=CASES[:2])
+    changed = dataclasses.replace(CASES[1], paraphrase_prompts=("A different paraphrase of it",))
+    with pytest.raises(ValueError, match=rf"case 1 computed from other data \(its prompts or "
+                                         rf"answers differ\).*{NO_RESUME}"):
+        _run(model, tok, tmp_path, FixedEditor(), cases=[CASES[0], changed])
+    other_target = make_case(1, CASES[1].request.subject, CASES[1].request.prompt, "Klingon",
+                             CASES[1].request.target_true)
+    with pytest.raises(ValueError, match=r"case 1 computed from other data \(its edit request"):
+        _run(model, tok, tmp_path, FixedEditor(), cases=[CASES[0], other_target])
+
+
+def test_resume_refuses_changed_weights_at_the_same_path(lm, tmp_path):
+    model, tok = lm
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+    def run(editor):
+        ev = EditEvaluator(str(path), editor=editor, results_dir=tmp_path / "res", verbose=False)
+        trainer(tmp_path).test(ev, datamodule=cf_datamodule(tmp_path, CASES[:2]))
+        return ev
+
+    first = run(CountingEditor(FixedEditor()))
+    # The same model, unchanged: resumed, nothing edited again, the same numbers.
+    again = CountingEditor(FixedEditor())
+    assert run(again).results["post"] == first.results["post"] and again.calls == []
+    # Other weights under the same name and size.
+    other = tiny_model("gpt2", vocab_size=len(tok), initializer_range=0.2, n_positions=128)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
+    other.save_pretrained(path)
+    counting = CountingEditor(FixedEditor())
+    with pytest.raises(ValueError, match=rf"the model's weights \(model_sha256: '[0-9a-f]{{12}}…' "
+                                         rf"-> '[0-9a-f]{{12}}…'\).*{NO_RESUME}"):
+        run(counting)
+    assert counting.calls == []
+    # Starting over as the message says evaluates everything on the new weights.
+    ev = EditEvaluator(str(path), editor=counting, results_dir=tmp_path / "res", verbose=False,
+                       resume=False)
+    trainer(tmp_path).test(ev, datamodule=cf_datamodule(tmp_path, CASES[:2]))
+    assert counting.calls == [0, 1]
+    assert ev.results["pre"] != first.results["pre"]
+
+
+def test_resume_refuses_other_editor_settings_and_package_versions(lm, tmp_path, monkeypatch):
+    import lightning_rome
+
+    model, tok = lm
+    _run(model, tok, tmp_path, FixedEditor(scale=3.0), cases=CASES[:2])
+    with pytest.raises(ValueError, match=r"the editor or its hyperparameters \(editor: "
+                                         rf"settings.scale\).*{NO_RESUME}"):
+        _run(model, tok, tmp_path, FixedEditor(scale=1.0), cases=CASES[:2])
+    monkeypatch.setattr(lightning_rome, "__version__", "99.0")
+    with pytest.raises(ValueError, match=r"the lightning_rome version \(package_version: "
+                                         r"'0\.\d+\.\d+' -> '99\.0'\)"):
+        _run(model, tok, tmp_path, FixedEditor(scale=3.0), cases=CASES[:2])
+
+
 def test_results_file_roundtrip_and_validation(tmp_path):
     path = tmp_path / "r.jsonl"
-    rec = {"format": 1, "case_id": "a", "status": "ok", "x": [1.5, float("inf")]}
+    rec = {"format": RECORD_FORMAT, "case_id": "a", "status": "ok", "x": [1.5, float("inf")]}
     with CaseResultsFile(path) as f:
         f.append(rec)
         f.append({**rec, "case_id": 2})
     records, problems = CaseResultsFile.read(path)
     assert [r["case_id"] for r in records] == ["a", 2] and not problems
     assert records[0]["checksum"] == record_checksum(records[0])
-    path.write_text(path.read_text() + '{"format": 1, "case_id": 3, "checksum": "00"}\n{"form')
+    path.write_text(path.read_text() + f'{{"format": {RECORD_FORMAT}, "case_id": 3, '
+                    '"checksum": "00"}\n{"form')
     records, problems = CaseResultsFile.read(path)
     assert len(records) == 2
     assert problems == [(3, "checksum mismatch (case 3)"), (4, "truncated line")]
@@ -593,6 +705,19 @@ def test_bad_inputs_are_refused(lm):
         EditEvaluator(model, tok, mode="parallel")
 
 
+@pytest.mark.parametrize("label", ["..", ".", "", "a/b", "../x", "a\\b", "/abs", "x\0y"])
+def test_path_like_labels_are_refused(lm, tmp_path, label):
+    model, tok = lm
+    with pytest.raises(ValueError, match="label"):
+        EditEvaluator(model, tok, FixedEditor(), label=label)
+    # A label that is only unusual characters is fine: it names the summary row as given, and
+    # its folder under default_root_dir/edit_eval stays inside that folder.
+    ev = EditEvaluator(model, tok, FixedEditor(), label="ROME (gpt2) v1.0", verbose=False)
+    trainer(tmp_path).test(ev, datamodule=cf_datamodule(tmp_path / "data", CASES[:1]))
+    assert ev.results_dir.parent == tmp_path / "edit_eval"
+    assert ev.results["label"] == "ROME (gpt2) v1.0"
+
+
 def test_editor_by_name_and_model_by_path(lm, tmp_path):
     from lightning_rome.editing import ROME
 
@@ -643,7 +768,9 @@ def test_sequential_edits_are_evaluated_together_then_reverted(lm, tmp_path):
 def test_sequential_resume_redoes_an_incomplete_group(lm, tmp_path):
     model, tok = lm
     cases = CASES[:4]
-    first = _run(model, tok, tmp_path, FixedEditor(), cases=cases, mode="sequential", bs=2)
+    # The same editor both times (a wrapper is another editor to the results' fingerprint).
+    first = _run(model, tok, tmp_path, CountingEditor(FixedEditor()), cases=cases,
+                 mode="sequential", bs=2)
     path = tmp_path / "res" / "cases.rank0.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:3]))  # the second group lost its last line

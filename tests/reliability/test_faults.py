@@ -372,7 +372,8 @@ def test_evaluation_results_damage_is_detected_and_redone(gpt2_tokenizer, tmp_pa
     ev = _evaluator_tests()
     CountingEditor, FixedEditor, _run = ev.CountingEditor, ev.FixedEditor, ev._run
     model = _evaluator_model(gpt2_tokenizer)
-    clean = _run(model, gpt2_tokenizer, tmp_path / "clean", FixedEditor())
+    # The same editor both times (a wrapper is another editor to the results' fingerprint).
+    clean = _run(model, gpt2_tokenizer, tmp_path / "clean", CountingEditor(FixedEditor()))
     path = tmp_path / "clean" / "res" / "cases.rank0.jsonl"
     lines = _lines(path)
     assert len(lines) == 4
