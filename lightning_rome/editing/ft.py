@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_rome.editing.hparams import HyperParams
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import canonical_weight, is_transposed, weight_param_name
 from lightning_rome.patches import WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
@@ -136,6 +137,7 @@ class FT:
         self.layout_override = layout
         self.last_losses: list[float] = []
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
              ) -> WeightPatch:
         """Fine-tune on the requests and return the weight change as a dense patch; the model

@@ -67,6 +67,7 @@ from lightning_rome.editing.mend import (
     resolve_layers,
 )
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import eval_mode, in_eval_mode
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest
@@ -364,6 +365,7 @@ class KEEditor:
         return cls(network, fingerprint=meta["fingerprint"] if check_fingerprint else None,
                    model_name=meta.get("model_name"))
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
              ) -> WeightPatch:
         """The KE update for ``requests`` as a :class:`WeightPatch` (rank ``K + 1`` per request
@@ -378,13 +380,8 @@ class KEEditor:
         rows = edit_rows(tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
         factors = decompose_gradient(model, rows, self.network.module_names,
                                      positions=self.hparams.positions, n_cases=len(reqs))
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.no_grad():
-                edits = self.network.edits_for(model, tokenizer, reqs, factors)
-        finally:
-            self.network.train(was_training)
+        with eval_mode(self.network), torch.no_grad():
+            edits = self.network.edits_for(model, tokenizer, reqs, factors)
         deltas: dict[str, LowRankDelta] = {}
         for module_name, e in edits.items():
             f = factors[module_name]

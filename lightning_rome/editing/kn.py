@@ -69,6 +69,7 @@ from lightning_rome.editing.hparams import HyperParams
 from lightning_rome.hooks import module_hooks, replace_positions
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
@@ -434,6 +435,7 @@ class KN:
         # NaN/inf here also reaches the attribution pass, which raises naming the layer.
         return int(logits.argmax())
 
+    @in_eval_mode
     def edit_one(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  request: EditRequest, *, extra_prompts: Sequence[str] = ()) -> WeightPatch:
         """One request on the current model; the model is not modified (put it in eval mode:
@@ -490,6 +492,7 @@ class KN:
         return WeightPatch.from_model(model, deltas, method="kn", hparams=hp.to_dict(),
                                       requests=[request])
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
              requests: EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]],
              *, extra_prompts: Sequence[str] | Sequence[Sequence[str]] | None = None,

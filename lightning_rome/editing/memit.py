@@ -43,6 +43,7 @@ from lightning_rome.editing.context import (
 from lightning_rome.editing.hparams import HyperParams
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
@@ -244,6 +245,7 @@ class MEMIT:
                           stacklevel=3)
             return None
 
+    @in_eval_mode
     def compute_z(self, model: nn.Module, tok: PreTrainedTokenizerBase,
                   reqs: Sequence[EditRequest]) -> Tensor:
         """Target residuals ``Z`` at the last layer of R, ``(d, u)``, optimised in batches."""
@@ -277,6 +279,7 @@ class MEMIT:
         return torch.stack([z for z in zs if z is not None]).T  # (d, u)
 
     # ------------------------------------------------------------------ editing
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any, *,
              apply: bool = False) -> WeightPatch:
         """Edit a batch of requests at once and return one patch over every layer of R.

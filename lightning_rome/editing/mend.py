@@ -67,6 +67,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_rome.editing.hparams import HyperParams
 from lightning_rome.hooks import module_hooks
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import eval_mode, in_eval_mode
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
@@ -881,6 +882,7 @@ class MENDEditor:
         return cls(network, fingerprint=meta["fingerprint"] if check_fingerprint else None,
                    model_name=meta.get("model_name"))
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
              ) -> WeightPatch:
         """The MEND update for ``requests`` as a :class:`WeightPatch` (rank = the number of
@@ -897,13 +899,8 @@ class MENDEditor:
                          case_index=[0] * len(reqs))
         factors = decompose_gradient(model, rows, self.network.module_names,
                                      positions=self.hparams.positions, n_cases=1)
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.no_grad():
-                edits = self.network(factors)
-        finally:
-            self.network.train(was_training)
+        with eval_mode(self.network), torch.no_grad():
+            edits = self.network(factors)
         keep = next(iter(factors.values())).mask[0]  # (K,) all real here
         return edits_to_patch(model, edits, method=self.method, hparams=self.hparams.to_dict(),
                               requests=reqs, drop_padding=keep)

@@ -40,6 +40,7 @@ from lightning_rome.editing.context import (
 from lightning_rome.editing.hparams import HyperParams
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
@@ -135,6 +136,7 @@ def _validate(tok: PreTrainedTokenizerBase, r: EditRequest) -> None:
     subject_span(tok, r.prompt, r.subject)  # raises SubjectNotFoundError with the prompt
 
 
+@in_eval_mode
 def compute_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest,
                 hparams: ROMEHyperParams, *, layout: ModelLayout | None = None,
                 contexts: Sequence[str] | None = None) -> Tensor:
@@ -149,6 +151,7 @@ def compute_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: E
     return k.mean(0)  # (d_in,)
 
 
+@in_eval_mode
 def compute_value(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest,
                   hparams: ROMEHyperParams, *, layout: ModelLayout | None = None,
                   contexts: Sequence[str] | None = None) -> ValueResult:
@@ -264,6 +267,7 @@ class ROME:
         x = torch.cholesky_solve(kk[:, None] if col else kk, L)
         return x[:, 0] if col else x
 
+    @in_eval_mode
     def edit_one(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  request: EditRequest) -> WeightPatch:
         """One request on the current model; the model is not modified."""
@@ -299,6 +303,7 @@ class ROME:
             model, {weight_param_name(name): delta.to(dev)}, method="rome",
             hparams=hp.to_dict(), requests=[request])
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
              requests: EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]],
              *, apply: bool = False) -> WeightPatch:
