@@ -11,14 +11,14 @@ steps through ``Trainer.fit`` with its logging.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
@@ -47,6 +47,11 @@ class FTHyperParams(HyperParams):
     """
 
     METHOD = "ft"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layers": Num(integer=True, depth=1), "lr": POSITIVE, "num_steps": POSITIVE_INT,
+        "early_stop_loss": NONNEG, "norm_constraint": Num(low=0, low_open=True, optional=True),
+        "weight_decay": NONNEG,
+    }
 
     layers: list[int] = dataclasses.field(default_factory=lambda: [1])
     part: str = "mlp_out"
@@ -57,10 +62,9 @@ class FTHyperParams(HyperParams):
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.layers:
             raise ValueError("FT needs at least one layer")
-        if self.norm_constraint is not None and self.norm_constraint <= 0:
-            raise ValueError(f"norm_constraint must be positive, got {self.norm_constraint}")
 
 
 class FTLHyperParams(FTHyperParams):

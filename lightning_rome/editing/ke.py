@@ -45,14 +45,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import FINITE, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.editing.mend import (
     LowRankEdit,
     TokenFactors,
@@ -107,6 +107,13 @@ class KEHyperParams(HyperParams):
     """
 
     METHOD = "ke"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layers": Num(integer=True, optional=True, depth=1), "embed_dim": POSITIVE_INT,
+        "lstm_hidden": POSITIVE_INT, "hidden": POSITIVE_INT, "init_gamma": FINITE,
+        "lr": POSITIVE, "margin": NONNEG, "margin_start": Num(low=0, optional=True),
+        "margin_anneal_steps": Num(low=0, integer=True), "lr_lambda": NONNEG,
+        "lambda_init": NONNEG,
+    }
 
     layers: list[int] | None = None
     part: str = "mlp_out"
@@ -125,19 +132,13 @@ class KEHyperParams(HyperParams):
     lambda_init: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.layers is not None and not self.layers:
             raise ValueError("KE needs at least one layer (or layers=None for the last three)")
         if self.embedding not in ("base", "own"):
             raise ValueError(f"embedding must be 'base' or 'own', got {self.embedding!r}")
         if self.positions not in ("target", "all"):
             raise ValueError(f"positions must be 'target' or 'all', got {self.positions!r}")
-        for name in ("embed_dim", "lstm_hidden", "hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.margin < 0 or (self.margin_start is not None and self.margin_start < 0):
-            raise ValueError("the KL margin must be >= 0")
-        if self.lr_lambda < 0 or self.lambda_init < 0 or self.margin_anneal_steps < 0:
-            raise ValueError("lr_lambda, lambda_init and margin_anneal_steps must be >= 0")
 
 
 def ke_margin(hparams: KEHyperParams, step: int) -> float:

@@ -22,9 +22,9 @@ import dataclasses
 import hashlib
 import json
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors import safe_open
@@ -40,7 +40,7 @@ from lightning_rome.editing.context import (
     second_moment,
     wrap,
 )
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import INT, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
@@ -73,6 +73,17 @@ class MEMITHyperParams(HyperParams):
     """
 
     METHOD = "memit"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layers": Num(integer=True, depth=1),
+        "v_num_grad_steps": POSITIVE_INT, "v_lr": POSITIVE,
+        "v_loss_layer": Num(integer=True, optional=True), "v_weight_decay": NONNEG,
+        "clamp_norm_factor": POSITIVE, "kl_factor": NONNEG, "early_stop_loss": NONNEG,
+        "mom2_n_samples": POSITIVE_INT, "context_template_lengths": Num(low=1, integer=True,
+                                                                        depth=2),
+        "seed": INT,
+        "mom2_update_weight": POSITIVE,
+        "z_batch_size": Num(low=1, integer=True, optional=True), "key_batch_size": POSITIVE_INT,
+    }
 
     layers: list[int] = dataclasses.field(default_factory=lambda: [13, 14, 15, 16, 17])
     fact_token: FactToken = "subject_last"
@@ -97,10 +108,9 @@ class MEMITHyperParams(HyperParams):
     z_cache: bool | str = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be a non-empty ascending list, got {self.layers}")
-        if self.mom2_update_weight < 0:
-            raise ValueError("mom2_update_weight (λ) must be non-negative")
 
 
 def memit_update(K: Tensor, R: Tensor, C: Tensor, lam: float) -> LowRankDelta:

@@ -57,14 +57,14 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.hooks import module_hooks
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import eval_mode, in_eval_mode
@@ -137,6 +137,11 @@ class MENDHyperParams(HyperParams):
     """
 
     METHOD = "mend"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layers": Num(integer=True, optional=True, depth=1), "rank": POSITIVE_INT,
+        "n_blocks": POSITIVE_INT, "edit_lr": NONNEG, "lr": POSITIVE, "lr_alpha": NONNEG,
+        "c_edit": NONNEG, "c_loc": NONNEG, "norm_eps": POSITIVE,
+    }
 
     layers: list[int] | None = None
     part: str = "mlp_out"
@@ -152,15 +157,11 @@ class MENDHyperParams(HyperParams):
     norm_eps: float = 1e-7
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.layers is not None and not self.layers:
             raise ValueError("MEND needs at least one layer (or layers=None for the last three)")
-        if self.rank < 1 or self.n_blocks < 1:
-            raise ValueError(f"rank and n_blocks must be positive, got {self.rank}, "
-                             f"{self.n_blocks}")
         if self.positions not in ("target", "all"):
             raise ValueError(f"positions must be 'target' or 'all', got {self.positions!r}")
-        if self.c_edit < 0 or self.c_loc < 0:
-            raise ValueError(f"c_edit and c_loc must be >= 0, got {self.c_edit}, {self.c_loc}")
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[int] | None, layout: ModelLayout,

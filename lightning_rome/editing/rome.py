@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ from lightning_rome.editing.context import (
     second_moment,
     wrap,
 )
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import INT, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
@@ -85,6 +85,15 @@ class ROMEHyperParams(HyperParams):
     """
 
     METHOD = "rome"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layer": INT,
+        "v_num_grad_steps": POSITIVE_INT, "v_lr": POSITIVE,
+        "v_loss_layer": Num(integer=True, optional=True), "v_weight_decay": NONNEG,
+        "clamp_norm_factor": POSITIVE, "kl_factor": NONNEG, "early_stop_loss": NONNEG,
+        "mom2_n_samples": POSITIVE_INT, "context_template_lengths": Num(low=1, integer=True,
+                                                                        depth=2),
+        "seed": INT,
+    }
 
     layer: int = 17
     fact_token: FactToken = "subject_last"
@@ -108,12 +117,11 @@ class ROMEHyperParams(HyperParams):
     rewrite_module: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.key_mode not in ("paper", "reference"):
             raise ValueError(f"key_mode must be 'paper' or 'reference', got {self.key_mode!r}")
         if self.v_mode not in ("add", "replace"):
             raise ValueError(f"v_mode must be 'add' or 'replace', got {self.v_mode!r}")
-        if self.v_num_grad_steps < 1:
-            raise ValueError("v_num_grad_steps must be at least 1")
         if self.context_templates is not None:
             for t in self.context_templates:
                 if not isinstance(t, str) or t.count("{}") != 1:
