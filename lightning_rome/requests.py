@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = ["EditRequest", "as_requests"]
+
+_WARNED_TRAILING = False  # the trailing-whitespace warning is given once per process
 
 
 def _check_str(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -22,7 +25,10 @@ class EditRequest:
 
     Args:
         prompt: the relation rendered as text, with ``{}`` exactly once where the subject goes,
-            e.g. ``"{} is located in the city of"``.
+            e.g. ``"{} is located in the city of"``. Trailing whitespace is stripped (with a
+            warning, once per process): the target is tokenized as a continuation with its own
+            leading space, so a prompt ending in a space would teach it after a stray space
+            token and weaken the edit.
         subject: the subject ``s``, e.g. ``"Eiffel Tower"``.
         target_new: the new object ``o*``, e.g. ``"Rome"``. A leading space is added when it is
             tokenized as a continuation (see :func:`lightning_rome.tokens.continuation_ids`).
@@ -53,6 +59,9 @@ class EditRequest:
         _check_str("target_true", self.target_true, allow_none=True)
         if self.case_id is not None and not isinstance(self.case_id, int | str):
             raise TypeError(f"EditRequest.case_id must be an int or str, got {self.case_id!r}")
+        if self.prompt != self.prompt.rstrip():
+            _warn_trailing(self.prompt)
+            object.__setattr__(self, "prompt", self.prompt.rstrip())
         n = self.prompt.count("{}")
         if n != 1:
             raise ValueError(
@@ -112,6 +121,16 @@ class EditRequest:
             target_true=_str(d.get("target_true")),
             case_id=d.get("case_id"),
         )
+
+
+def _warn_trailing(prompt: str) -> None:
+    global _WARNED_TRAILING
+    if not _WARNED_TRAILING:
+        _WARNED_TRAILING = True
+        warnings.warn(f"EditRequest.prompt {prompt!r} ends in whitespace; trailing whitespace is "
+                      "stripped from every prompt (the target is added with its own leading "
+                      "space; a stray space token before it would weaken the edit)",
+                      UserWarning, stacklevel=4)
 
 
 def as_requests(requests: Any) -> list[EditRequest]:
