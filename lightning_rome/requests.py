@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["EditRequest", "as_requests"]
+__all__ = ["EditRequest", "as_requests", "check_batch"]
 
 _WARNED_TRAILING = False  # the trailing-whitespace warning is given once per process
 
@@ -145,4 +145,42 @@ def as_requests(requests: Any) -> list[EditRequest]:
         out.append(r if isinstance(r, EditRequest) else EditRequest.from_dict(r))
     if not out:
         raise ValueError("no edit requests given")
+    return out
+
+
+def _describe(i: int, r: EditRequest) -> str:
+    return (f"request #{i} (case_id={r.case_id!r}): {r.text!r} -> {r.target_new!r}"
+            + (f" (true {r.target_true!r})" if r.target_true is not None else ""))
+
+
+def check_batch(requests: Iterable[EditRequest], method: str = "this editor",
+                ) -> list[EditRequest]:
+    """The requests of one batch edit, checked: two requests for the same fact (the same prompt
+    and subject) with different targets are refused, and exact duplicates (the same prompt,
+    subject and targets; ``case_id`` may differ) are kept once, with a warning.
+
+    A batch editor (MEMIT, FT, MEND, KE) fits all requests at once, so two targets for one
+    fact would split the edit between them.
+
+    Raises:
+        ValueError: two requests conflict; the message names both.
+    """
+    seen: dict[tuple[str, str], tuple[int, EditRequest]] = {}
+    out: list[EditRequest] = []
+    dropped: list[str] = []
+    for i, r in enumerate(requests):
+        key = (r.prompt, r.subject)
+        if key not in seen:
+            seen[key] = (i, r)
+            out.append(r)
+            continue
+        j, first = seen[key]
+        if (first.target_new, first.target_true) != (r.target_new, r.target_true):
+            raise ValueError(f"{method}: conflicting requests for the same fact (prompt and "
+                             f"subject): {_describe(j, first)} and {_describe(i, r)}; edit them "
+                             "in separate batches or drop one")
+        dropped.append(f"{_describe(i, r)} repeats #{j} (case_id={first.case_id!r})")
+    if dropped:
+        warnings.warn(f"{method}: duplicate requests are edited once: " + "; ".join(dropped),
+                      UserWarning, stacklevel=3)
     return out

@@ -24,7 +24,7 @@ from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import canonical_weight, is_transposed, weight_param_name
 from lightning_rome.patches import WeightPatch
-from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.requests import EditRequest, as_requests, check_batch
 from lightning_rome.scoring import target_nll
 from lightning_rome.tokens import subject_span
 
@@ -153,7 +153,7 @@ class FT:
             IncompatibleInputError: a request does not fit the model (vocabulary, length).
         """
         hp = self.hparams
-        reqs = as_requests(requests)
+        reqs = check_batch(as_requests(requests), self.method)
         for r in reqs:
             subject_span(tokenizer, r.prompt, r.subject)
         check_requests(model, tokenizer, reqs)

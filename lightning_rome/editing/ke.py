@@ -375,7 +375,7 @@ class KEEditor:
         Raises:
             EditorMismatchError: the model lacks an edited weight or has another shape.
         """
-        reqs = _checked_requests(tokenizer, requests)
+        reqs = _checked_requests(tokenizer, requests, self.method)
         check_editor_fits(model, {weight_param_name(m): s for m, s in
                                   self.network.shapes.items()}, None, trained_on=self.model_name)
         rows = edit_rows(tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])

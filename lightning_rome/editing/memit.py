@@ -46,7 +46,7 @@ from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
-from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.requests import EditRequest, as_requests, check_batch
 from lightning_rome.tokens import FactToken, subject_span
 from lightning_rome.utils.io import CorruptFileError, atomic_path, cache_dir, tensor_checksum
 
@@ -305,7 +305,7 @@ class MEMIT:
             ValueOptimisationError: NaN/inf while optimising z.
         """
         hp = self.hparams
-        reqs = as_requests(requests)
+        reqs = check_batch(as_requests(requests), "MEMIT")
         layout = get_layout(model, self.layout_override)
         for layer in hp.layers:
             layout.check_layer(model, layer)

@@ -70,7 +70,7 @@ from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import eval_mode, in_eval_mode
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
-from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.requests import EditRequest, as_requests, check_batch
 from lightning_rome.scoring import forward_logits, make_batch, model_device
 from lightning_rome.tokens import continuation_ids, encode_prompt, subject_span
 from lightning_rome.utils.io import tensor_checksum
@@ -820,8 +820,9 @@ def model_name_of(model: nn.Module) -> str | None:
 # The editor
 
 
-def _checked_requests(tokenizer: PreTrainedTokenizerBase, requests: Any) -> list[EditRequest]:
-    reqs = as_requests(requests)
+def _checked_requests(tokenizer: PreTrainedTokenizerBase, requests: Any,
+                      method: str = "this editor") -> list[EditRequest]:
+    reqs = check_batch(as_requests(requests), method)
     if not reqs:
         raise ValueError("no edit requests given")
     for r in reqs:
@@ -893,7 +894,7 @@ class MENDEditor:
             EditorMismatchError: the model lacks an edited weight or has another shape.
             SubjectNotFoundError: a request's subject is not in its prompt's tokens.
         """
-        reqs = _checked_requests(tokenizer, requests)
+        reqs = _checked_requests(tokenizer, requests, self.method)
         check_editor_fits(model, {weight_param_name(m): s for m, s in
                                   self.network.shapes.items()}, None, trained_on=self.model_name)
         rows = edit_rows(tokenizer, [r.text for r in reqs], [r.target_new for r in reqs],
