@@ -42,6 +42,7 @@ from lightning_rome.editing.context import (
 )
 from lightning_rome.editing.hparams import INT, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.models.checks import check_requests
+from lightning_rome.models.fingerprint import parameters_digest
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import weight_param_name
@@ -226,11 +227,10 @@ class MEMIT:
         relevant = {k: v for k, v in hp.to_dict().items()
                     if k not in ("layers", "mom2_update_weight", "mom2_dataset", "mom2_n_samples",
                                  "mom2_dtype", "z_batch_size", "key_batch_size", "z_cache")}
+        # z is optimised through the whole model: every parameter and buffer is in the key.
         model_id = {"name": getattr(model.config, "_name_or_path", ""),
                     "config": model.config.to_json_string(use_diff=False),
-                    "weights": [tensor_checksum(model.get_parameter(
-                        weight_param_name(get_layout(model, self.layout_override).name(
-                            "mlp_out", layer)))) for layer in hp.layers]}
+                    "weights": parameters_digest(model)}
         key = json.dumps({"request": r.to_dict(), "hparams": relevant, "block": block,
                           "z_layer": hp.layers[-1], "model": model_id}, sort_keys=True,
                          default=str)
@@ -314,6 +314,8 @@ class MEMIT:
         check_requests(model, tokenizer, reqs)  # before generating templates with the model
         contexts = self._contexts(model, tokenizer)
         check_requests(model, tokenizer, reqs, contexts)
+        for layer in hp.layers:  # every C of the unedited model, before any layer is edited
+            self._C_of(model, tokenizer, layout.name("mlp_out", layer))
         applied: list[WeightPatch] = []
         try:
             Z = self.compute_z(model, tokenizer, reqs)  # (d, u)
