@@ -133,16 +133,22 @@ class _ShardCorpus(TextCorpus):
         return None if base is None else f"{base}|shard={self.rank}/{self.world_size}"
 
 
+_FILE_PRINTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
 def _file_fingerprint(path: Path, block: int = 1 << 20) -> str:
-    """SHA-256 of a file's size and its first and last MiB (the whole file when smaller)."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(block))
-        if size > block:
-            f.seek(max(block, size - block))
-            h.update(f.read(block))
-    return h.hexdigest()[:16]
+    """SHA-256 of a file's whole content (streamed in ``block``-byte reads), memoised by the
+    file's path, size, inode, modification and status-change times: a rewrite of the file is
+    seen even when it keeps the size and the modification time."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _FILE_PRINTS:
+        h = hashlib.sha256(str(st.st_size).encode())
+        with path.open("rb") as f:
+            while chunk := f.read(block):
+                h.update(chunk)
+        _FILE_PRINTS[key] = h.hexdigest()[:16]
+    return _FILE_PRINTS[key]
 
 
 class TextFileCorpus(TextCorpus):
@@ -171,7 +177,6 @@ class TextFileCorpus(TextCorpus):
         self.min_chars = max(1, int(min_chars))
         self.encoding = encoding
         self.description = f"file {str(self.path)!r}"
-        self._identity: str | None = None
 
     def _texts(self) -> Iterator[str]:
         with self.path.open(encoding=self.encoding) as f:
@@ -183,11 +188,10 @@ class TextFileCorpus(TextCorpus):
 
     @property
     def identity(self) -> str:
-        if self._identity is None:
-            self._identity = (f"file:{self.path.name}:{_file_fingerprint(self.path)}"
-                              f":headings={'skip' if self.skip_headings else 'keep'}"
-                              f":min_chars={self.min_chars}")
-        return self._identity
+        # Not memoised here: the file may change; _file_fingerprint memoises by its stat.
+        return (f"file:{self.path.name}:{_file_fingerprint(self.path)}"
+                f":headings={'skip' if self.skip_headings else 'keep'}"
+                f":min_chars={self.min_chars}")
 
 
 class HFTextCorpus(TextCorpus):
@@ -328,7 +332,7 @@ class IterableTextCorpus(TextCorpus):
         if self.name is not None:
             return f"iterable:{self.name}"
         if isinstance(self.texts, Sequence):
-            if self._identity is None:
+            if self._identity is None or not isinstance(self.texts, tuple):  # lists may change
                 h = hashlib.sha256()
                 for t in self.texts:
                     h.update(hashlib.sha256(str(t).strip().encode()).digest())

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["EditRequest", "as_requests"]
+__all__ = ["EditRequest", "as_requests", "check_batch"]
+
+_WARNED_TRAILING = False  # the trailing-whitespace warning is given once per process
 
 
 def _check_str(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -22,7 +25,10 @@ class EditRequest:
 
     Args:
         prompt: the relation rendered as text, with ``{}`` exactly once where the subject goes,
-            e.g. ``"{} is located in the city of"``.
+            e.g. ``"{} is located in the city of"``. Trailing whitespace is stripped (with a
+            warning, once per process): the target is tokenized as a continuation with its own
+            leading space, so a prompt ending in a space would teach it after a stray space
+            token and weaken the edit.
         subject: the subject ``s``, e.g. ``"Eiffel Tower"``.
         target_new: the new object ``o*``, e.g. ``"Rome"``. A leading space is added when it is
             tokenized as a continuation (see :func:`lightning_rome.tokens.continuation_ids`).
@@ -53,6 +59,9 @@ class EditRequest:
         _check_str("target_true", self.target_true, allow_none=True)
         if self.case_id is not None and not isinstance(self.case_id, int | str):
             raise TypeError(f"EditRequest.case_id must be an int or str, got {self.case_id!r}")
+        if self.prompt != self.prompt.rstrip():
+            _warn_trailing(self.prompt)
+            object.__setattr__(self, "prompt", self.prompt.rstrip())
         n = self.prompt.count("{}")
         if n != 1:
             raise ValueError(
@@ -114,6 +123,16 @@ class EditRequest:
         )
 
 
+def _warn_trailing(prompt: str) -> None:
+    global _WARNED_TRAILING
+    if not _WARNED_TRAILING:
+        _WARNED_TRAILING = True
+        warnings.warn(f"EditRequest.prompt {prompt!r} ends in whitespace; trailing whitespace is "
+                      "stripped from every prompt (the target is added with its own leading "
+                      "space; a stray space token before it would weaken the edit)",
+                      UserWarning, stacklevel=4)
+
+
 def as_requests(requests: Any) -> list[EditRequest]:
     """Normalise one request, a dict, or a list of either into a list of :class:`EditRequest`."""
     if isinstance(requests, EditRequest | Mapping):
@@ -126,4 +145,42 @@ def as_requests(requests: Any) -> list[EditRequest]:
         out.append(r if isinstance(r, EditRequest) else EditRequest.from_dict(r))
     if not out:
         raise ValueError("no edit requests given")
+    return out
+
+
+def _describe(i: int, r: EditRequest) -> str:
+    return (f"request #{i} (case_id={r.case_id!r}): {r.text!r} -> {r.target_new!r}"
+            + (f" (true {r.target_true!r})" if r.target_true is not None else ""))
+
+
+def check_batch(requests: Iterable[EditRequest], method: str = "this editor",
+                ) -> list[EditRequest]:
+    """The requests of one batch edit, checked: two requests for the same fact (the same prompt
+    and subject) with different targets are refused, and exact duplicates (the same prompt,
+    subject and targets; ``case_id`` may differ) are kept once, with a warning.
+
+    A batch editor (MEMIT, FT, MEND, KE) fits all requests at once, so two targets for one
+    fact would split the edit between them.
+
+    Raises:
+        ValueError: two requests conflict; the message names both.
+    """
+    seen: dict[tuple[str, str], tuple[int, EditRequest]] = {}
+    out: list[EditRequest] = []
+    dropped: list[str] = []
+    for i, r in enumerate(requests):
+        key = (r.prompt, r.subject)
+        if key not in seen:
+            seen[key] = (i, r)
+            out.append(r)
+            continue
+        j, first = seen[key]
+        if (first.target_new, first.target_true) != (r.target_new, r.target_true):
+            raise ValueError(f"{method}: conflicting requests for the same fact (prompt and "
+                             f"subject): {_describe(j, first)} and {_describe(i, r)}; edit them "
+                             "in separate batches or drop one")
+        dropped.append(f"{_describe(i, r)} repeats #{j} (case_id={first.case_id!r})")
+    if dropped:
+        warnings.warn(f"{method}: duplicate requests are edited once: " + "; ".join(dropped),
+                      UserWarning, stacklevel=3)
     return out

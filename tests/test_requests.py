@@ -82,3 +82,36 @@ def test_from_dict_errors_name_the_field():
                                                      "target_new": {"str": "y"}}})
     with pytest.raises(ValueError, match="target_new is empty"):
         EditRequest.from_dict({"prompt": "{} is", "subject": "x", "target_new": {"str": ""}})
+
+
+def test_trailing_whitespace_in_the_prompt_is_stripped_with_one_warning(monkeypatch):
+    """Issue 18, item 8: ``"{} was born in the city of "`` would put the target after a stray
+    space token and weaken the edit; the prompt is normalised (trailing whitespace stripped),
+    and the first such prompt warns, saying so."""
+    import lightning_rome.requests as requests_module
+
+    monkeypatch.setattr(requests_module, "_WARNED_TRAILING", False)
+    with pytest.warns(UserWarning, match=r"city of ' ends in whitespace.*stripped"):
+        r = EditRequest("{} was born in the city of ", "Danielle Darrieux", "Paris")
+    assert r.prompt == "{} was born in the city of"
+    assert r.text == "Danielle Darrieux was born in the city of"
+    assert r == EditRequest("{} was born in the city of", "Danielle Darrieux", "Paris")
+    # Once per process: a second such prompt (tabs, newlines too) is stripped silently.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r2 = EditRequest.from_dict({"prompt": "{} plays the\t\n ", "subject": "Toko",
+                                    "target_new": "piano"})
+    assert r2.prompt == "{} plays the"
+    # Leading whitespace and inner spacing are kept; a prompt without trailing space is as is.
+    assert EditRequest(" {} is in", "x", "y").prompt == " {} is in"
+
+
+def test_prompt_that_is_only_the_subject_and_space():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = EditRequest("{}  ", "Eiffel Tower", "Rome")
+    assert r.prompt == "{}" and r.text == "Eiffel Tower"

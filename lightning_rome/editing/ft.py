@@ -11,19 +11,20 @@ steps through ``Trainer.fit`` with its logging.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import canonical_weight, is_transposed, weight_param_name
 from lightning_rome.patches import WeightPatch
-from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.requests import EditRequest, as_requests, check_batch
 from lightning_rome.scoring import target_nll
 from lightning_rome.tokens import subject_span
 from lightning_rome.utils.modules import unwrap_model
@@ -47,6 +48,11 @@ class FTHyperParams(HyperParams):
     """
 
     METHOD = "ft"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layers": Num(integer=True, depth=1), "lr": POSITIVE, "num_steps": POSITIVE_INT,
+        "early_stop_loss": NONNEG, "norm_constraint": Num(low=0, low_open=True, optional=True),
+        "weight_decay": NONNEG,
+    }
 
     layers: list[int] = dataclasses.field(default_factory=lambda: [1])
     part: str = "mlp_out"
@@ -57,10 +63,9 @@ class FTHyperParams(HyperParams):
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.layers:
             raise ValueError("FT needs at least one layer")
-        if self.norm_constraint is not None and self.norm_constraint <= 0:
-            raise ValueError(f"norm_constraint must be positive, got {self.norm_constraint}")
 
 
 class FTLHyperParams(FTHyperParams):
@@ -137,6 +142,7 @@ class FT:
         self.layout_override = layout
         self.last_losses: list[float] = []
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
              ) -> WeightPatch:
         """Fine-tune on the requests and return the weight change as a dense patch; the model
@@ -149,7 +155,7 @@ class FT:
         """
         model = unwrap_model(model)  # a torch.compile wrapper: its module
         hp = self.hparams
-        reqs = as_requests(requests)
+        reqs = check_batch(as_requests(requests), self.method)
         for r in reqs:
             subject_span(tokenizer, r.prompt, r.subject)
         check_requests(model, tokenizer, reqs)

@@ -45,14 +45,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import FINITE, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.editing.mend import (
     LowRankEdit,
     TokenFactors,
@@ -67,6 +67,7 @@ from lightning_rome.editing.mend import (
     resolve_layers,
 )
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import eval_mode, in_eval_mode
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest
@@ -107,6 +108,13 @@ class KEHyperParams(HyperParams):
     """
 
     METHOD = "ke"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layers": Num(integer=True, optional=True, depth=1), "embed_dim": POSITIVE_INT,
+        "lstm_hidden": POSITIVE_INT, "hidden": POSITIVE_INT, "init_gamma": FINITE,
+        "lr": POSITIVE, "margin": NONNEG, "margin_start": Num(low=0, optional=True),
+        "margin_anneal_steps": Num(low=0, integer=True), "lr_lambda": NONNEG,
+        "lambda_init": NONNEG,
+    }
 
     layers: list[int] | None = None
     part: str = "mlp_out"
@@ -125,19 +133,13 @@ class KEHyperParams(HyperParams):
     lambda_init: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.layers is not None and not self.layers:
             raise ValueError("KE needs at least one layer (or layers=None for the last three)")
         if self.embedding not in ("base", "own"):
             raise ValueError(f"embedding must be 'base' or 'own', got {self.embedding!r}")
         if self.positions not in ("target", "all"):
             raise ValueError(f"positions must be 'target' or 'all', got {self.positions!r}")
-        for name in ("embed_dim", "lstm_hidden", "hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.margin < 0 or (self.margin_start is not None and self.margin_start < 0):
-            raise ValueError("the KL margin must be >= 0")
-        if self.lr_lambda < 0 or self.lambda_init < 0 or self.margin_anneal_steps < 0:
-            raise ValueError("lr_lambda, lambda_init and margin_anneal_steps must be >= 0")
 
 
 def ke_margin(hparams: KEHyperParams, step: int) -> float:
@@ -365,6 +367,7 @@ class KEEditor:
         return cls(network, fingerprint=meta["fingerprint"] if check_fingerprint else None,
                    model_name=meta.get("model_name"))
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
              ) -> WeightPatch:
         """The KE update for ``requests`` as a :class:`WeightPatch` (rank ``K + 1`` per request
@@ -374,19 +377,14 @@ class KEEditor:
             EditorMismatchError: the model lacks an edited weight or has another shape.
         """
         model = unwrap_model(model)  # a torch.compile wrapper: its module
-        reqs = _checked_requests(tokenizer, requests)
+        reqs = _checked_requests(tokenizer, requests, self.method)
         check_editor_fits(model, {weight_param_name(m): s for m, s in
                                   self.network.shapes.items()}, None, trained_on=self.model_name)
         rows = edit_rows(tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
         factors = decompose_gradient(model, rows, self.network.module_names,
                                      positions=self.hparams.positions, n_cases=len(reqs))
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.no_grad():
-                edits = self.network.edits_for(model, tokenizer, reqs, factors)
-        finally:
-            self.network.train(was_training)
+        with eval_mode(self.network), torch.no_grad():
+            edits = self.network.edits_for(model, tokenizer, reqs, factors)
         deltas: dict[str, LowRankDelta] = {}
         for module_name, e in edits.items():
             f = factors[module_name]

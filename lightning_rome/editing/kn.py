@@ -58,17 +58,18 @@ import dataclasses
 import inspect
 import warnings
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import FINITE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.hooks import module_hooks, replace_positions
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
@@ -118,6 +119,11 @@ class KNHyperParams(HyperParams):
     """
 
     METHOD = "kn"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layers": Num(integer=True, optional=True, depth=1), "steps": POSITIVE_INT,
+        "batch_size": POSITIVE_INT, "adaptive_threshold": Num(low=0, high=1, low_open=True),
+        "p": Num(low=0, high=1, high_open=True), "erase_scale": FINITE, "update_scale": FINITE,
+    }
 
     layers: list[int] | None = None
     steps: int = 20
@@ -135,27 +141,14 @@ class KNHyperParams(HyperParams):
     embedding: Literal["input", "output"] = "input"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.layers is not None and not self.layers:
             raise ValueError("KN layers must be None (every layer) or a non-empty list")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
-                or self.batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         _check_choice("riemann", self.riemann, ("left", "right", "midpoint"))
         _check_choice("attribution_tokens", self.attribution_tokens, ("first", "all"))
         _check_choice("erase_token", self.erase_token, ("target_true", "argmax"))
         _check_choice("update_tokens", self.update_tokens, ("first", "all"))
         _check_choice("embedding", self.embedding, ("input", "output"))
-        if not 0.0 < self.adaptive_threshold <= 1.0:
-            raise ValueError(f"adaptive_threshold must be in (0, 1], got "
-                             f"{self.adaptive_threshold}")
-        if not 0.0 <= self.p < 1.0:
-            raise ValueError(f"p must be in [0, 1), got {self.p}")
-        for name in ("erase_scale", "update_scale"):
-            v = getattr(self, name)
-            if not isinstance(v, int | float) or v != v or v in (float("inf"), float("-inf")):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -435,6 +428,7 @@ class KN:
         # NaN/inf here also reaches the attribution pass, which raises naming the layer.
         return int(logits.argmax())
 
+    @in_eval_mode
     def edit_one(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  request: EditRequest, *, extra_prompts: Sequence[str] = ()) -> WeightPatch:
         """One request on the current model; the model is not modified (put it in eval mode:
@@ -492,6 +486,7 @@ class KN:
         return WeightPatch.from_model(model, deltas, method="kn", hparams=hp.to_dict(),
                                       requests=[request])
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
              requests: EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]],
              *, extra_prompts: Sequence[str] | Sequence[Sequence[str]] | None = None,

@@ -22,9 +22,9 @@ import dataclasses
 import hashlib
 import json
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors import safe_open
@@ -40,12 +40,14 @@ from lightning_rome.editing.context import (
     second_moment,
     wrap,
 )
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import INT, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.models.checks import check_requests
+from lightning_rome.models.fingerprint import parameters_digest
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
-from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.requests import EditRequest, as_requests, check_batch
 from lightning_rome.tokens import FactToken, subject_span
 from lightning_rome.utils.io import CorruptFileError, atomic_path, cache_dir, tensor_checksum
 from lightning_rome.utils.modules import unwrap_model
@@ -73,6 +75,17 @@ class MEMITHyperParams(HyperParams):
     """
 
     METHOD = "memit"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layers": Num(integer=True, depth=1),
+        "v_num_grad_steps": POSITIVE_INT, "v_lr": POSITIVE,
+        "v_loss_layer": Num(integer=True, optional=True), "v_weight_decay": NONNEG,
+        "clamp_norm_factor": POSITIVE, "kl_factor": NONNEG, "early_stop_loss": NONNEG,
+        "mom2_n_samples": POSITIVE_INT, "context_template_lengths": Num(low=1, integer=True,
+                                                                        depth=2),
+        "seed": INT,
+        "mom2_update_weight": POSITIVE,
+        "z_batch_size": Num(low=1, integer=True, optional=True), "key_batch_size": POSITIVE_INT,
+    }
 
     layers: list[int] = dataclasses.field(default_factory=lambda: [13, 14, 15, 16, 17])
     fact_token: FactToken = "subject_last"
@@ -97,10 +110,9 @@ class MEMITHyperParams(HyperParams):
     z_cache: bool | str = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be a non-empty ascending list, got {self.layers}")
-        if self.mom2_update_weight < 0:
-            raise ValueError("mom2_update_weight (λ) must be non-negative")
 
 
 def memit_update(K: Tensor, R: Tensor, C: Tensor, lam: float) -> LowRankDelta:
@@ -216,11 +228,10 @@ class MEMIT:
         relevant = {k: v for k, v in hp.to_dict().items()
                     if k not in ("layers", "mom2_update_weight", "mom2_dataset", "mom2_n_samples",
                                  "mom2_dtype", "z_batch_size", "key_batch_size", "z_cache")}
+        # z is optimised through the whole model: every parameter and buffer is in the key.
         model_id = {"name": getattr(model.config, "_name_or_path", ""),
                     "config": model.config.to_json_string(use_diff=False),
-                    "weights": [tensor_checksum(model.get_parameter(
-                        weight_param_name(get_layout(model, self.layout_override).name(
-                            "mlp_out", layer)))) for layer in hp.layers]}
+                    "weights": parameters_digest(model)}
         key = json.dumps({"request": r.to_dict(), "hparams": relevant, "block": block,
                           "z_layer": hp.layers[-1], "model": model_id}, sort_keys=True,
                          default=str)
@@ -245,6 +256,7 @@ class MEMIT:
                           stacklevel=3)
             return None
 
+    @in_eval_mode
     def compute_z(self, model: nn.Module, tok: PreTrainedTokenizerBase,
                   reqs: Sequence[EditRequest]) -> Tensor:
         """Target residuals ``Z`` at the last layer of R, ``(d, u)``, optimised in batches."""
@@ -279,6 +291,7 @@ class MEMIT:
         return torch.stack([z for z in zs if z is not None]).T  # (d, u)
 
     # ------------------------------------------------------------------ editing
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any, *,
              apply: bool = False) -> WeightPatch:
         """Edit a batch of requests at once and return one patch over every layer of R.
@@ -295,7 +308,7 @@ class MEMIT:
         """
         model = unwrap_model(model)  # a torch.compile wrapper: its module
         hp = self.hparams
-        reqs = as_requests(requests)
+        reqs = check_batch(as_requests(requests), "MEMIT")
         layout = get_layout(model, self.layout_override)
         for layer in hp.layers:
             layout.check_layer(model, layer)
@@ -304,6 +317,8 @@ class MEMIT:
         check_requests(model, tokenizer, reqs)  # before generating templates with the model
         contexts = self._contexts(model, tokenizer)
         check_requests(model, tokenizer, reqs, contexts)
+        for layer in hp.layers:  # every C of the unedited model, before any layer is edited
+            self._C_of(model, tokenizer, layout.name("mlp_out", layer))
         applied: list[WeightPatch] = []
         try:
             Z = self.compute_z(model, tokenizer, reqs)  # (d, u)

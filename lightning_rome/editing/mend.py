@@ -57,19 +57,20 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.hooks import module_hooks
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import eval_mode, in_eval_mode
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
-from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.requests import EditRequest, as_requests, check_batch
 from lightning_rome.scoring import forward_logits, make_batch, model_device
 from lightning_rome.tokens import continuation_ids, encode_prompt, subject_span
 from lightning_rome.utils.io import tensor_checksum
@@ -137,6 +138,11 @@ class MENDHyperParams(HyperParams):
     """
 
     METHOD = "mend"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layers": Num(integer=True, optional=True, depth=1), "rank": POSITIVE_INT,
+        "n_blocks": POSITIVE_INT, "edit_lr": NONNEG, "lr": POSITIVE, "lr_alpha": NONNEG,
+        "c_edit": NONNEG, "c_loc": NONNEG, "norm_eps": POSITIVE,
+    }
 
     layers: list[int] | None = None
     part: str = "mlp_out"
@@ -152,15 +158,11 @@ class MENDHyperParams(HyperParams):
     norm_eps: float = 1e-7
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.layers is not None and not self.layers:
             raise ValueError("MEND needs at least one layer (or layers=None for the last three)")
-        if self.rank < 1 or self.n_blocks < 1:
-            raise ValueError(f"rank and n_blocks must be positive, got {self.rank}, "
-                             f"{self.n_blocks}")
         if self.positions not in ("target", "all"):
             raise ValueError(f"positions must be 'target' or 'all', got {self.positions!r}")
-        if self.c_edit < 0 or self.c_loc < 0:
-            raise ValueError(f"c_edit and c_loc must be >= 0, got {self.c_edit}, {self.c_loc}")
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[int] | None, layout: ModelLayout,
@@ -819,8 +821,9 @@ def model_name_of(model: nn.Module) -> str | None:
 # The editor
 
 
-def _checked_requests(tokenizer: PreTrainedTokenizerBase, requests: Any) -> list[EditRequest]:
-    reqs = as_requests(requests)
+def _checked_requests(tokenizer: PreTrainedTokenizerBase, requests: Any,
+                      method: str = "this editor") -> list[EditRequest]:
+    reqs = check_batch(as_requests(requests), method)
     if not reqs:
         raise ValueError("no edit requests given")
     for r in reqs:
@@ -882,6 +885,7 @@ class MENDEditor:
         return cls(network, fingerprint=meta["fingerprint"] if check_fingerprint else None,
                    model_name=meta.get("model_name"))
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
              ) -> WeightPatch:
         """The MEND update for ``requests`` as a :class:`WeightPatch` (rank = the number of
@@ -892,20 +896,15 @@ class MENDEditor:
             SubjectNotFoundError: a request's subject is not in its prompt's tokens.
         """
         model = unwrap_model(model)  # a torch.compile wrapper: its module
-        reqs = _checked_requests(tokenizer, requests)
+        reqs = _checked_requests(tokenizer, requests, self.method)
         check_editor_fits(model, {weight_param_name(m): s for m, s in
                                   self.network.shapes.items()}, None, trained_on=self.model_name)
         rows = edit_rows(tokenizer, [r.text for r in reqs], [r.target_new for r in reqs],
                          case_index=[0] * len(reqs))
         factors = decompose_gradient(model, rows, self.network.module_names,
                                      positions=self.hparams.positions, n_cases=1)
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.no_grad():
-                edits = self.network(factors)
-        finally:
-            self.network.train(was_training)
+        with eval_mode(self.network), torch.no_grad():
+            edits = self.network(factors)
         keep = next(iter(factors.values())).mask[0]  # (K,) all real here
         return edits_to_patch(model, edits, method=self.method, hparams=self.hparams.to_dict(),
                               requests=reqs, drop_padding=keep)

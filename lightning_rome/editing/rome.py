@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,9 +37,10 @@ from lightning_rome.editing.context import (
     second_moment,
     wrap,
 )
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.hparams import INT, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
@@ -85,6 +86,15 @@ class ROMEHyperParams(HyperParams):
     """
 
     METHOD = "rome"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        "layer": INT,
+        "v_num_grad_steps": POSITIVE_INT, "v_lr": POSITIVE,
+        "v_loss_layer": Num(integer=True, optional=True), "v_weight_decay": NONNEG,
+        "clamp_norm_factor": POSITIVE, "kl_factor": NONNEG, "early_stop_loss": NONNEG,
+        "mom2_n_samples": POSITIVE_INT, "context_template_lengths": Num(low=1, integer=True,
+                                                                        depth=2),
+        "seed": INT,
+    }
 
     layer: int = 17
     fact_token: FactToken = "subject_last"
@@ -108,12 +118,11 @@ class ROMEHyperParams(HyperParams):
     rewrite_module: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.key_mode not in ("paper", "reference"):
             raise ValueError(f"key_mode must be 'paper' or 'reference', got {self.key_mode!r}")
         if self.v_mode not in ("add", "replace"):
             raise ValueError(f"v_mode must be 'add' or 'replace', got {self.v_mode!r}")
-        if self.v_num_grad_steps < 1:
-            raise ValueError("v_num_grad_steps must be at least 1")
         if self.context_templates is not None:
             for t in self.context_templates:
                 if not isinstance(t, str) or t.count("{}") != 1:
@@ -136,6 +145,7 @@ def _validate(tok: PreTrainedTokenizerBase, r: EditRequest) -> None:
     subject_span(tok, r.prompt, r.subject)  # raises SubjectNotFoundError with the prompt
 
 
+@in_eval_mode
 def compute_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest,
                 hparams: ROMEHyperParams, *, layout: ModelLayout | None = None,
                 contexts: Sequence[str] | None = None) -> Tensor:
@@ -150,6 +160,7 @@ def compute_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: E
     return k.mean(0)  # (d_in,)
 
 
+@in_eval_mode
 def compute_value(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest,
                   hparams: ROMEHyperParams, *, layout: ModelLayout | None = None,
                   contexts: Sequence[str] | None = None) -> ValueResult:
@@ -265,6 +276,7 @@ class ROME:
         x = torch.cholesky_solve(kk[:, None] if col else kk, L)
         return x[:, 0] if col else x
 
+    @in_eval_mode
     def edit_one(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  request: EditRequest) -> WeightPatch:
         """One request on the current model; the model is not modified."""
@@ -301,6 +313,7 @@ class ROME:
             model, {weight_param_name(name): delta.to(dev)}, method="rome",
             hparams=hp.to_dict(), requests=[request])
 
+    @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
              requests: EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]],
              *, apply: bool = False) -> WeightPatch:

@@ -36,7 +36,6 @@ of a fresh run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import json
@@ -44,7 +43,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +59,7 @@ from typing_extensions import override
 from lightning_rome.data.records import CaseId, EditCase, RecordBatch
 from lightning_rome.metrics import CaseMean, counterfact_metrics, summary_table, zsre_metrics
 from lightning_rome.metrics.functional import MetricCI
+from lightning_rome.models.modes import eval_mode
 from lightning_rome.patches import WeightPatch
 from lightning_rome.scoring import candidate_scores, generate, model_device
 from lightning_rome.utils.io import atomic_path, atomic_write_json, tensor_checksum
@@ -227,18 +227,6 @@ def model_checksum(model: nn.Module) -> str:
                           key=lambda x: x[0]):
         h.update(f"{name}={tensor_checksum(t)};".encode())
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode (no dropout) and restore each one's own mode after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 # ---------------------------------------------------------------------------------- scoring

@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_rome.editing.ft import FTHyperParams, FTState, ft_loss
 from lightning_rome.models.loading import resolve_model
 from lightning_rome.patches import WeightPatch
-from lightning_rome.requests import EditRequest, as_requests
+from lightning_rome.requests import EditRequest, as_requests, check_batch
 
 __all__ = ["FTModule"]
 
@@ -63,7 +63,7 @@ class FTModule(pl.LightningModule):
         model, tokenizer = resolve_model(model, tokenizer)
         self.model = model
         self.tokenizer = tokenizer
-        self.requests: list[EditRequest] = as_requests(requests)
+        self.requests: list[EditRequest] = check_batch(as_requests(requests), "FTModule")
         self.ft_hparams = FTHyperParams.resolve(hparams)
         self.state = FTState(model, self.ft_hparams)
         self._base = WeightPatch.from_model(model, {n: torch.zeros(0) for n in self.state.names})

@@ -9,11 +9,12 @@ checked when read; a file that fails a check raises
 
 What goes into a key (and why):
     - the model: ``config._name_or_path``, a hash of its config (architecture), the dtype of the
-      module's weight, and a checksum of a strided sample of the parameters that shape the keys
-      but that editors leave alone: the token embedding and the rewrite module's siblings in its
-      parent (e.g. ``mlp.c_fc`` for ``mlp.c_proj``). Two checkpoints under the same name
-      therefore get different keys, while a model edited by ROME/MEMIT (which change only
-      ``W_out`` weights) keeps its unedited statistics, as in the papers;
+      module's weight, and the SHA-256 of every parameter and buffer upstream of the module
+      (embeddings, earlier blocks, and the module's own block except the module itself; see
+      :func:`lightning_rome.models.fingerprint.upstream_digest`), hashed once per parameter
+      version. Two checkpoints under the same name therefore get different keys, and so does a
+      model whose earlier layers were changed (also by an edit: the keys ``k`` change with
+      them); rewriting the module's own weight (ROME at the same layer) keeps its statistics;
     - the tokenizer: its class, vocabulary size and the ids of a probe sentence;
     - the module name, the corpus identity, ``n_samples``/``n_tokens``, ``seq_len`` and the
       accumulation dtype. Batch sizes are left out: they change only the rounding.
@@ -61,14 +62,11 @@ def _sha(text: str, n: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def _sample(t: Tensor, n: int = 1 << 16) -> Tensor:
-    """A strided sample of about ``n`` entries of ``t`` (deterministic)."""
-    flat = t.detach().reshape(-1)
-    return flat[:: max(1, flat.numel() // n)]
-
-
 def model_fingerprint(model: nn.Module, module_name: str) -> dict[str, str]:
     """The part of a statistics key that identifies the model (see the module docstring)."""
+    from lightning_rome.models.fingerprint import upstream_digest
+    from lightning_rome.models.layout import ModelLayout, UnknownModelFamilyError, get_layout
+
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         cfg = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG}
@@ -77,25 +75,16 @@ def model_fingerprint(model: nn.Module, module_name: str) -> dict[str, str]:
         cfg, name = {"class": type(model).__name__}, ""
     module = model.get_submodule(module_name)
     param = next(module.parameters(), None)
-    h = hashlib.sha256()
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tensors: list[tuple[str, Tensor]] = []
-    if embed is not None and getattr(embed, "weight", None) is not None:
-        tensors.append(("embed", embed.weight))
-    parent_name, _, leaf = module_name.rpartition(".")
-    if parent_name:
-        for pname, p in model.get_submodule(parent_name).named_parameters():
-            if pname != leaf and not pname.startswith(f"{leaf}."):
-                tensors.append((f"{parent_name}.{pname}", p))
-    for pname, p in tensors:
-        h.update(pname.encode())
-        h.update(tensor_checksum(_sample(p)).encode())
+    try:
+        layout: ModelLayout | None = get_layout(model)
+    except UnknownModelFamilyError:
+        layout = None
     return {
         "name": name,
         "class": type(model).__name__,
         "config": _sha(json.dumps(cfg, sort_keys=True, default=str)),
         "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "none",
-        "weights": h.hexdigest()[:16],
+        "weights": upstream_digest(model, module_name, layout)[:32],
     }
 
 

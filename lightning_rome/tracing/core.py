@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -13,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.models import ModelLayout, get_layout
 from lightning_rome.models.checks import check_token_ids
+from lightning_rome.models.modes import eval_mode
 from lightning_rome.tokens import (
     SubjectNotFoundError,
     continuation_ids,
@@ -99,18 +99,6 @@ def resolve_engine(model: nn.Module, layout: ModelLayout, engine: str) -> str:
     if engine == "prefix" and reason:
         raise ValueError(reason)
     return engine
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was in flags:
-            m.training = was
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:

@@ -276,7 +276,7 @@ def test_unknown_editor_name():
 @pytest.mark.parametrize("editor,hp,match", [
     ("rome", {"layer": 1, "lyer": 2}, "unknown ROMEHyperParams field.*lyer"),
     ("rome", {"key_mode": "bogus"}, "key_mode"),
-    ("rome", {"v_num_grad_steps": 0}, "at least 1"),
+    ("rome", {"v_num_grad_steps": 0}, r"v_num_grad_steps must be an integer >= 1"),
     ("rome", {"context_templates": ["no brace"]}, "exactly once"),
     ("memit", "no-such-preset", "unknown memit preset"),
     ("ft", {"layers": [0], "nmu_steps": 1}, "unknown FTHyperParams field"),

@@ -140,13 +140,17 @@ def test_key_separates_what_changes_the_statistics(model, gpt2_tokenizer, texts)
 def test_edited_rewrite_weights_keep_their_statistics(model, gpt2_tokenizer, texts, tmp_path,
                                                       monkeypatch):
     first = get_second_moment(model, gpt2_tokenizer, 1, corpus=texts, cache=tmp_path, **KW)
-    with torch.no_grad():  # a ROME-style rank-one edit of W_out in layers 0 and 1
-        for layer in (0, 1):
-            w = model.transformer.h[layer].mlp.c_proj.weight  # (d_ff, d) Conv1D
-            w.add_(torch.outer(torch.ones(w.shape[0]), torch.ones(w.shape[1])) * 1e-2)
+    with torch.no_grad():  # a ROME-style rank-one edit of the module's own W_out (layer 1)
+        w = model.transformer.h[1].mlp.c_proj.weight  # (d_ff, d) Conv1D
+        w.add_(torch.outer(torch.ones(w.shape[0]), torch.ones(w.shape[1])) * 1e-2)
     calls = CountCalls(monkeypatch)
     again = get_second_moment(model, gpt2_tokenizer, 1, corpus=texts, cache=tmp_path, **KW)
     assert calls.calls == 0 and torch.equal(again.mom2_sum, first.mom2_sum)
+    # An edit upstream (layer 0's W_out) changes layer 1's keys: recomputed (issue 18, item 4).
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.weight.add_(1e-2)
+    get_second_moment(model, gpt2_tokenizer, 1, corpus=texts, cache=tmp_path, **KW)
+    assert calls.calls > 0
 
 
 def test_recompute_overwrites(model, gpt2_tokenizer, texts, tmp_path, monkeypatch):
