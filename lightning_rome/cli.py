@@ -177,16 +177,19 @@ def _trace_parser(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from lightning_rome.tracing import GaussianNoise, trace
+    from lightning_rome.tracing import GaussianNoise, trace_all
 
     model, tok = _load(args)
-    kinds = args.kind or ["hidden", "mlp", "attn"]
+    kinds = list(dict.fromkeys(args.kind or ["hidden", "mlp", "attn"]))
     noise: Any = args.noise if args.noise is not None else GaussianNoise.from_subjects(
         model, tok, [args.subject])
     out = Path(args.out)
+    # One call for all kinds: one clean/corrupted run, and a notice (e.g. the model does not
+    # predict --answer) once, not once per kind.
+    traces = trace_all(model, tok, args.prompt, args.subject, kinds, window=args.window,
+                       samples=args.samples, noise=noise, answer=args.answer, seed=args.seed)
     for kind in kinds:
-        t = trace(model, tok, args.prompt, args.subject, kind=kind, window=args.window,
-                  samples=args.samples, noise=noise, answer=args.answer, seed=args.seed)
+        t = traces[kind]
         path = Path(str(out).replace("{kind}", kind)) if "{kind}" in str(out) else (
             out if len(kinds) == 1 else out.with_name(f"{out.stem}-{kind}{out.suffix}"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,9 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_top_help())
         return 0 if argv else 2
     cmd = argv[0]
+    from lightning_rome.utils.console import quiet_console
+
     if cmd in LIGHTNING_SUBCOMMANDS:
         # LightningCLI warns when given args while sys.argv holds others: let it read sys.argv.
-        return _run_guarded(cmd, lambda: _lightning_cli(None if from_sys else argv))
+        with quiet_console(lightning_info=True):  # no tips; Lightning's own lines stay
+            return _run_guarded(cmd, lambda: _lightning_cli(None if from_sys else argv))
     if cmd not in COMMANDS:
         print(f"lightning-rome: error: unknown command {cmd!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
@@ -337,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"lightning-rome {cmd}", description=desc)
     build(parser)
     args = parser.parse_args(argv[1:])
-    return _run_guarded(cmd, lambda: run(args))
+    with quiet_console(lightning_info=False):  # only the command's own progress and results
+        return _run_guarded(cmd, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -31,14 +31,21 @@ __all__ = ["run_demo"]
 
 #: Cases evaluated for ROME, one edit at a time.
 N_ROME = 10
-#: Texts sampled from WikiText-2 for the second moments C.
+#: Texts read from WikiText-2 for the second moments C: at most this many (the local
+#: validation file has 1,841, and the demo uses them all).
 MOM2_SAMPLES = 2000
+#: Cases scored per step of the evaluation's progress bar.
+SCORE_CHUNK = 10
 
 
-def _score(model: Any, tok: Any, cases: list[Any], metrics: Any) -> None:
+def _score(model: Any, tok: Any, cases: list[Any], metrics: Any, bar: Any = None) -> None:
     from lightning_rome.modules.evaluator import score_cases
 
-    scores = score_cases(model, tok, cases)
+    scores = []
+    for s in range(0, len(cases), SCORE_CHUNK):
+        scores += score_cases(model, tok, cases[s:s + SCORE_CHUNK])
+        if bar is not None:
+            bar.update(len(cases[s:s + SCORE_CHUNK]))
     inputs: dict[str, list[list[float]]] = {}
     for kind in ("rewrite", "paraphrase", "neighborhood"):
         inputs[f"{kind}_new"] = [s[kind]["nll_new"] for s in scores]
@@ -71,6 +78,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     from lightning_rome.testing import CounterFactModelConfig, get_counterfact_model
     from lightning_rome.tracing import trace
     from lightning_rome.utils.paths import DATA_ENV
+    from lightning_rome.utils.progress import progress_bar
 
     if n_memit < 1:
         raise ValueError(f"n_memit must be at least 1, got {n_memit}")
@@ -110,12 +118,12 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
           f"{1 + len(cases)} of them")
 
     corpus = as_corpus("wikitext-2")
+    stats_corpus = corpus.take(MOM2_SAMPLES)  # no "fewer than n_samples" notice for 1,841
     C: dict[str, torch.Tensor] = {}
 
     def second_moment(m: Any, t: Any, name: str) -> torch.Tensor:
-        if name not in C:
-            C[name] = get_second_moment(m, t, name, corpus=corpus, n_samples=MOM2_SAMPLES,
-                                        progress=False).mom2
+        if name not in C:  # a progress bar when stderr is a terminal and it takes a while
+            C[name] = get_second_moment(m, t, name, corpus=stats_corpus, n_samples=None).mom2
         return C[name]
 
     print("2. causal trace of one fact")
@@ -187,24 +195,26 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
 
     print("5. COUNTERFACT metrics on those cases")
     rows: dict[str, Any] = {}
+    rome_cases = cases[:N_ROME]
+    bar = progress_bar(2 * len(cases) + len(rome_cases), "evaluating", unit="case")
     unedited = counterfact_metrics(generation=False)
-    _score(model, tok, cases, unedited)
+    _score(model, tok, cases, unedited, bar)
     rows[f"unedited ({len(cases)} cases)"] = compute_with_ci(unedited)
     rome_metrics = counterfact_metrics(generation=False)
     rome = ROME("demo-model", second_moment=second_moment)
-    rome_cases = cases[:N_ROME]
     t1 = time.time()
     for case in rome_cases:  # one ROME edit per case, reverted after scoring
         patch = rome.edit(model, tok, [case.request])
         patch.apply(model)
-        _score(model, tok, [case], rome_metrics)
+        _score(model, tok, [case], rome_metrics, bar)
         patch.revert(model)
     rome_seconds = time.time() - t1
     rows[f"ROME ({len(rome_cases)} cases, one at a time)"] = compute_with_ci(rome_metrics)
     memit_metrics = counterfact_metrics(generation=False)
     memit_patch.apply(model)
-    _score(model, tok, cases, memit_metrics)
+    _score(model, tok, cases, memit_metrics, bar)
     memit_patch.revert(model)
+    bar.close()
     rows[f"MEMIT ({len(cases)} edits at once)"] = compute_with_ci(memit_metrics)
     for i, (label, res) in enumerate(rows.items()):
         logger.log_metrics({f"demo/{label.split()[0]}/{k}": float(v["mean"]) * 100

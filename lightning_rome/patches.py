@@ -79,7 +79,7 @@ class LowRankDelta:
 
     def norm(self) -> float:
         """Frobenius norm without forming the product: ‖LR‖² = Σ (LᵀL ⊙ RRᵀ)."""
-        L, R = self.left.double(), self.right.double()
+        L, R = self.left.detach().double(), self.right.detach().double()
         return float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
 
     def to(self, *args: Any, **kwargs: Any) -> LowRankDelta:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_rome.models.hf_compat import forward_cache_kwargs, output_cache
 from lightning_rome.tokens import continuation_ids, encode_prompt
 
 __all__ = [
@@ -362,9 +363,10 @@ def generate(
     past = None
     step_ids, step_pos = ids, pos
     for _ in range(max_new_tokens):
+        cache_kw = {} if past is None else forward_cache_kwargs(model, past)
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+                    use_cache=True, **cache_kw)
+        past = output_cache(out)
         logits = out.logits[:, -1].float()  # (B, V)
         if top_k is None or top_k <= 1:
             nxt = logits.argmax(-1)  # (B,)

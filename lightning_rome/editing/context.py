@@ -22,6 +22,7 @@ from lightning_rome.tokens import (
     fact_token_index,
     fill,
 )
+from lightning_rome.utils.progress import progress_bar
 
 __all__ = [
     "SecondMomentFn",
@@ -283,9 +284,11 @@ def _optimise_values(
         p.requires_grad_(False)
     losses: list[float] = []
     steps = 0
+    bar = progress_bar(num_steps, f"optimising v for {n} edit(s)", unit="step")
     try:
         for step in range(num_steps):
             steps = step + 1
+            bar.update()
             last = step == num_steps - 1
             if step == 0 and mode == "add":
                 # δ = 0: step 0's pass is the unedited pass, so it also gives v_init and the
@@ -319,6 +322,7 @@ def _optimise_values(
                 scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
                 delta.mul_(scale[:, None])
     finally:
+        bar.close()
         for p in frozen:
             p.requires_grad_(True)
     v_star = (v_init + delta).detach()  # (n, d)

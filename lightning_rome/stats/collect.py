@@ -12,7 +12,6 @@ where ``layer`` is a block index (the module is ``layout.name("mlp_out", layer)`
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,6 +35,7 @@ from lightning_rome.stats.cache import (
 )
 from lightning_rome.stats.moments import SecondMoment
 from lightning_rome.utils.io import CorruptFileError
+from lightning_rome.utils.progress import progress_bar
 
 __all__ = [
     "accumulate_batch",
@@ -254,13 +254,7 @@ class _EvalMode:
 
 
 def _progress(total: int | None, enabled: bool | None, desc: str) -> Any:
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="text", dynamic_ncols=True)
+    return progress_bar(total, desc, enabled=enabled, unit="text")
 
 
 # --------------------------------------------------------------------------------------------

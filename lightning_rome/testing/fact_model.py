@@ -84,6 +84,7 @@ from lightning_rome.tokens import continuation_ids, encode_prompt, fill, subject
 from lightning_rome.utils import io
 from lightning_rome.utils.io import CorruptFileError
 from lightning_rome.utils.paths import data_path
+from lightning_rome.utils.progress import progress_bar
 
 T = TypeVar("T")
 
@@ -350,7 +351,9 @@ class _Trainer:
         """``n_steps`` AdamW steps; ``lr(i)`` is the learning rate of step ``i`` of these."""
         self.model.train()
         t0 = time.perf_counter()
+        bar = progress_bar(n_steps, "training the test model", unit="step")
         for i in range(n_steps):
+            bar.update()
             input_ids, mask, weight = self._batch()
             for g in self.opt.param_groups:
                 g["lr"] = lr(i)
@@ -366,8 +369,10 @@ class _Trainer:
             self.losses.append(float(loss.detach()))
             self.steps += 1
             if (i + 1) % 100 == 0:
+                bar.set_postfix_str(f"loss {sum(self.losses[-100:]) / 100:.4f}")
                 log.info("fact model: step %d, loss %.4f, %.1f s", self.steps,
                          sum(self.losses[-100:]) / 100, time.perf_counter() - t0)
+        bar.close()
         self.model.eval()
 
     def train_to_target(self, measure: Callable[[], dict[str, Any]], keys: Sequence[str],

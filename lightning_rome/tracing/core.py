@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.models import ModelLayout, get_layout
 from lightning_rome.models.checks import check_token_ids
+from lightning_rome.models.hf_compat import probe_prefix_blocks, warn_once
 from lightning_rome.models.modes import eval_mode
 from lightning_rome.tokens import (
     SubjectNotFoundError,
@@ -25,7 +26,7 @@ from lightning_rome.tracing.engine import (
     ENGINES,
     TraceSpec,
     make_cells,
-    prefix_supported,
+    prefix_unsupported,
     run_clean_and_corrupted,
     score_cells,
 )
@@ -90,15 +91,32 @@ def parse_spec(spec: str | tuple[str, str | None] | TraceSpec) -> TraceSpec:
 
 
 def resolve_engine(model: nn.Module, layout: ModelLayout, engine: str) -> str:
-    """``auto`` → ``prefix`` where supported, else ``batched``; checks explicit choices."""
+    """``auto`` → ``prefix`` where supported, else ``batched``; checks explicit choices.
+
+    ``prefix`` (explicit or from ``auto``) on a supported architecture whose blocks the
+    installed transformers does not let the engine call (the probe of
+    :func:`~lightning_rome.models.hf_compat.probe_prefix_blocks` fails) becomes ``batched``,
+    which gives the same scores through the public ``model(...)`` only, with one
+    :class:`~lightning_rome.models.hf_compat.HFCompatWarning` per process.
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    reason = prefix_supported(model, layout)
-    if engine == "auto":
-        return "batched" if reason else "prefix"
-    if engine == "prefix" and reason:
-        raise ValueError(reason)
-    return engine
+    if engine in ("naive", "batched"):
+        return engine
+    reason = prefix_unsupported(model, layout)
+    if reason:
+        if engine == "prefix":
+            raise ValueError(reason)
+        return "batched"
+    probe = probe_prefix_blocks(model, layout)
+    if probe is None:
+        return "prefix"
+    import transformers
+
+    warn_once(f"causal tracing: the prefix engine cannot call the blocks of this "
+              f"{layout.family} model with transformers {transformers.__version__} ({probe}); "
+              "using the batched engine instead (same scores, slower)")
+    return "batched"
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:

@@ -15,7 +15,9 @@ independent, so the engines differ only in how they batch them:
     Any architecture: ``cells × S`` corrupted rows share each full forward pass, with per-row
     restorations, and only the last token's logits are computed when the model allows it.
 ``prefix``
-    GPT-2 and Llama families (eager or SDPA attention). It reuses the corrupted run twice:
+    GPT-2, GPT-J, GPT-NeoX and Llama families (eager or SDPA attention), where the installed
+    transformers passes the probe of :mod:`lightning_rome.models.hf_compat`; ``auto`` falls back
+    to ``batched`` (same scores) otherwise. It reuses the corrupted run twice:
 
     * **below the restored layer**: a cell whose first intervention is at layer ``l`` starts
       from the corrupted run's residual stream at layer ``l`` (its cached activations), so
@@ -34,10 +36,10 @@ independent, so the engines differ only in how they batch them:
     keys and values come from the block's corrupted input). In the last block only the last
     token's output matters, so the other tokens only produce their keys and values there (the
     block is stopped right after computing them) and the block runs on the last token alone.
-    Blocks are called the way the model's own forward calls them
-    (transformers 5: a 4-D causal mask sliced to the suffix's rows, ``position_ids``, and for
-    Llama the rotary ``position_embeddings``), with a stand-in cache holding the prefix's keys
-    and values.
+    Blocks are called the way the model's own forward calls them, through
+    :class:`~lightning_rome.models.hf_compat.PrefixBlocks` (the one place that touches
+    transformers internals: the causal mask, the rotary embeddings, the block's cache keyword and
+    a stand-in cache holding the prefix's keys and values).
 
 All three engines see the same noise draws, so they agree to float tolerance. Cells at tokens
 before the subject cannot change anything (the noise only touches the subject, and attention is
@@ -56,8 +58,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_rome.hooks import EditFn, first_tensor, module_hooks, replace_positions
+from lightning_rome.hooks import EditFn, module_hooks, replace_positions
 from lightning_rome.models import ModelLayout
+from lightning_rome.models.hf_compat import (
+    PrefixBlocks,
+    cache_layer_kv,
+    output_cache,
+    probe_prefix_blocks,
+)
 from lightning_rome.tracing.noise import Corruption
 
 __all__ = [
@@ -69,6 +77,7 @@ __all__ = [
     "TraceSpec",
     "make_cells",
     "prefix_supported",
+    "prefix_unsupported",
     "run_clean_and_corrupted",
     "score_cells",
     "window_layers",
@@ -76,7 +85,7 @@ __all__ = [
 
 Engine = Literal["auto", "prefix", "batched", "naive"]
 ENGINES: tuple[str, ...] = ("auto", "prefix", "batched", "naive")
-PREFIX_FAMILIES: tuple[str, ...] = ("gpt2", "llama")
+PREFIX_FAMILIES: tuple[str, ...] = ("gpt2", "gptj", "gpt_neox", "llama")
 Part = Literal["block", "mlp", "attn"]
 _PART_OF_KIND: dict[str, Part] = {"hidden": "block", "mlp": "mlp", "attn": "attn"}
 
@@ -193,14 +202,6 @@ def _last_logits(model: nn.Module, input_ids: Tensor, **kwargs: object) -> Tenso
     return out.logits[:, -1].float()
 
 
-def _cache_kv(cache: object, layer: int) -> tuple[Tensor, Tensor]:
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return layers[layer].keys, layers[layer].values
-    k, v = cache[layer][:2]  # type: ignore[index]  # legacy tuple caches
-    return k, v
-
-
 @torch.no_grad()
 def run_clean_and_corrupted(model: nn.Module, layout: ModelLayout, input_ids: Sequence[int],
                             span: tuple[int, int], corruption: Corruption,
@@ -239,7 +240,8 @@ def run_clean_and_corrupted(model: nn.Module, layout: ModelLayout, input_ids: Se
         resid=torch.cat([rec_in[blocks[0]].input[None, 1:], h[:, 1:]]),  # (L + 1, S, T, d)
     )
     if keep_kv:
-        runs.kv = [tuple(t[1:] for t in _cache_kv(out.past_key_values, j))  # type: ignore[misc]
+        cache = output_cache(out)
+        runs.kv = [tuple(t[1:] for t in cache_layer_kv(cache, j))  # type: ignore[misc]
                    for j in range(L)]
     return runs
 
@@ -324,35 +326,13 @@ def _score_batched(model: nn.Module, layout: ModelLayout, runs: TraceRuns,
 # --------------------------------------------------------------------------------------------
 # prefix: reuse the corrupted run below the restored layer and before the restored token
 # --------------------------------------------------------------------------------------------
-class _PrefixKV:
-    """Stands in for a Hugging Face cache inside one block call: the block's attention calls
-    ``update`` with the new tokens' keys and values and attends to the cached prefix + them.
+def prefix_unsupported(model: nn.Module, layout: ModelLayout) -> str | None:
+    """``None`` if the prefix engine is designed for this model's architecture, else why not.
 
-    With ``capture=True`` it keeps the new tokens' keys and values and stops the block right
-    there (raising :class:`_KVCaptured`): the last block needs only those of the tokens before
-    the last one, not their outputs."""
-
-    def __init__(self, keys: Tensor | None, values: Tensor | None, capture: bool = False) -> None:
-        self.keys, self.values = keys, values  # (B, H, i, d_head) or None for no prefix
-        self.capture = capture
-
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int,
-               *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
-        if self.capture:
-            self.keys, self.values = key_states, value_states  # (B, H, Q, d_head)
-            raise _KVCaptured
-        if self.keys is None or self.values is None:
-            return key_states, value_states
-        return (torch.cat([self.keys, key_states], dim=-2),  # (B, H, i + Q, d_head)
-                torch.cat([self.values, value_states], dim=-2))
-
-
-class _KVCaptured(Exception):
-    """Raised inside a block once its attention has produced the keys and values we need."""
-
-
-def prefix_supported(model: nn.Module, layout: ModelLayout) -> str | None:
-    """``None`` if the prefix engine can run this model, else the reason it cannot."""
+    This checks the family and the configuration only; :func:`prefix_supported` also checks
+    that the installed transformers lets the engine call the blocks
+    (:func:`~lightning_rome.models.hf_compat.probe_prefix_blocks`).
+    """
     config = getattr(model, "config", None)
     if layout.family not in PREFIX_FAMILIES:
         return f"the prefix engine supports the families {PREFIX_FAMILIES}, not {layout.family!r}"
@@ -361,70 +341,25 @@ def prefix_supported(model: nn.Module, layout: ModelLayout) -> str | None:
         return f"the prefix engine needs eager or sdpa attention, not {impl!r}"
     if getattr(config, "add_cross_attention", False):
         return "the prefix engine does not support cross-attention"
-    try:
-        from transformers.masking_utils import create_causal_mask  # noqa: F401
-    except ImportError:  # pragma: no cover - transformers < 4.53
-        return "the prefix engine needs transformers.masking_utils (transformers >= 4.53)"
     return None
 
 
-class _SuffixRunner:
-    """Calls blocks on the suffix ``i..T−1`` the way the model's own forward calls them."""
+def prefix_supported(model: nn.Module, layout: ModelLayout) -> str | None:
+    """``None`` if the prefix engine can run this model with the installed transformers, else
+    the reason it cannot (the architecture, or what the probe of the private block-call API
+    found)."""
+    return prefix_unsupported(model, layout) or probe_prefix_blocks(model, layout)
+
+
+class _SuffixRunner(PrefixBlocks):
+    """Calls blocks on the suffix ``i..T−1`` (:class:`~lightning_rome.models.hf_compat.PrefixBlocks`)
+    and reads the answer's probability from the last token's state."""
 
     def __init__(self, model: nn.Module, layout: ModelLayout, runs: TraceRuns) -> None:
-        from transformers.masking_utils import create_causal_mask
-
-        self.model, self.layout = model, layout
-        self.blocks = model.get_submodule(layout.blocks)
+        assert runs.resid is not None
+        super().__init__(model, layout, runs.resid[0, :1])  # x: (1, T, d)
         self.final_norm = layout.module(model, "final_norm")
         self.lm_head = layout.module(model, "lm_head")
-        x = runs.resid[0, :1]  # (1, T, d)
-        T = x.shape[1]
-        self.pos = torch.arange(T, device=x.device)[None]  # (1, T)
-        kwargs = {}
-        if "allow_is_causal_skip" in inspect.signature(create_causal_mask).parameters:
-            kwargs["allow_is_causal_skip"] = False
-        mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None,
-                                  past_key_values=None, position_ids=self.pos, **kwargs)
-        if not isinstance(mask, Tensor) or mask.ndim != 4:
-            raise RuntimeError(f"unexpected causal mask {type(mask).__name__} from "
-                               "create_causal_mask; use engine='batched'")
-        self.mask = mask  # (1, 1, T, T)
-        self.rope: tuple[Tensor, Tensor] | None = None
-        if layout.family == "llama":
-            base = model.get_submodule(layout.blocks.rsplit(".", 1)[0])
-            self.rope = base.rotary_emb(x, self.pos)  # cos, sin: (1, T, d_head)
-
-    def _call(self, j: int, h: Tensor, start: int, cache: _PrefixKV | None) -> Tensor:
-        stop = start + h.shape[1]
-        kwargs: dict[str, object] = {
-            "attention_mask": self.mask[:, :, start:stop, :stop],  # (1, 1, Q, stop)
-            "position_ids": self.pos[:, start:stop],
-            "past_key_values": cache,
-            "use_cache": False,
-        }
-        if self.rope is not None:
-            kwargs["position_embeddings"] = tuple(t[:, start:stop] for t in self.rope)
-        return first_tensor(self.blocks[j](h, **kwargs))
-
-    def block(self, j: int, h: Tensor, start: int, kv: tuple[Tensor, Tensor] | None) -> Tensor:
-        """Block ``j`` on tokens ``start .. start + Q − 1`` (``h``: ``(B, Q, d)``), attending to
-        ``kv``, the keys and values of the tokens before ``start`` (``None`` when
-        ``start == 0``). Returns ``(B, Q, d)``."""
-        return self._call(j, h, start, _PrefixKV(*kv) if kv is not None else None)
-
-    def keys_values(self, j: int, h: Tensor, start: int, kv: tuple[Tensor, Tensor] | None,
-                    ) -> tuple[Tensor, Tensor]:
-        """The keys and values block ``j`` computes for tokens ``start .. start + Q − 1``,
-        ``(B, H, Q, d_head)`` each, without running the rest of the block."""
-        cache = _PrefixKV(*(kv or (None, None)), capture=True)
-        try:
-            self._call(j, h, start, cache)
-        except _KVCaptured:
-            assert cache.keys is not None and cache.values is not None
-            return cache.keys, cache.values
-        raise RuntimeError(f"block {j} did not call its cache's update(); use engine='batched' "
-                           "for this model")
 
     def probs(self, h_last: Tensor, answer_id: int) -> Tensor:
         """``P[o]`` from the last token's residual ``(B, d)``."""

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from tracing_helpers import PROMPT, SUBJECT, peaked_gpt2, peaked_llama
+from tracing_helpers import PROMPT, SUBJECT, peaked_gpt2, peaked_model
 
 from lightning_rome.models import get_layout
 from lightning_rome.tokens import encode_prompt, fill, subject_span
@@ -36,11 +36,12 @@ def _runs(model, tok, prompt=PROMPT, subject=SUBJECT, samples=3, nu=1.0, seed=0,
 
 
 @pytest.mark.parametrize("family,window", [("gpt2-sdpa", 3), ("gpt2-eager", 1),
-                                           ("llama-sdpa", 1), ("llama-eager", 3)])
+                                           ("llama-sdpa", 1), ("llama-eager", 3),
+                                           ("gptj-sdpa", 3), ("gptj-eager", 1),
+                                           ("neox-sdpa", 1), ("neox-eager", 3)])
 def test_engines_match_naive_on_sampled_cells(family, window, gpt2_tokenizer):
     name, attn = family.split("-")
-    model = (peaked_gpt2(n_layer=4, attn=attn) if name == "gpt2"
-             else peaked_llama(n_layer=3, attn=attn))
+    model = peaked_model(name, attn=attn)
     layout, runs = _runs(model, gpt2_tokenizer)
     assert prefix_supported(model, layout) is None
     T, L = runs.input_ids.shape[0], layout.n_layers(model)
@@ -74,14 +75,15 @@ def test_full_traces_agree_across_engines(gpt2_tokenizer):
 
 
 def test_generic_family_uses_batched_engine(gpt2_tokenizer):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(
-        vocab_size=50257, num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-        num_attention_heads=2, initializer_range=0.3)).eval()
+    model = GPTNeoForCausalLM(GPTNeoConfig(
+        vocab_size=50257, num_layers=2, hidden_size=32, num_heads=2,
+        attention_types=[[["global", "local"], 1]], window_size=4,
+        initializer_range=0.3)).eval()
     layout = get_layout(model)
-    assert "gpt_neox" in prefix_supported(model, layout)
+    assert "gpt_neo" in prefix_supported(model, layout)
     with pytest.raises(ValueError, match="prefix engine supports"):
         trace_all(model, gpt2_tokenizer, "{} is in", SUBJECT, ["hidden"], engine="prefix")
     auto = trace_all(model, gpt2_tokenizer, "{} is in", SUBJECT, ["hidden", "attn"], window=2,
