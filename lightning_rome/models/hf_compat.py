@@ -9,6 +9,8 @@ live here:
   old name warns and "will be removed in version 5.40.0"). :func:`cache_keyword`,
   :func:`forward_cache_kwargs` and :func:`output_cache` pick whichever name the installed version
   declares, preferring ``cache``.
+* **The attention implementation** (the private ``config._attn_implementation``):
+  :func:`attn_implementation`.
 * **The cache layout** (``transformers.cache_utils``): :func:`cache_layer_kv` reads one layer's
   keys and values from ``cache.layers[j].keys/.values`` (a ``DynamicCache``) or a legacy tuple.
 * **Calling blocks directly** (the prefix tracing engine): :class:`PrefixBlocks` calls
@@ -53,6 +55,7 @@ __all__ = [
     "CACHE_KEYWORDS",
     "HFCompatWarning",
     "PrefixBlocks",
+    "attn_implementation",
     "cache_keyword",
     "cache_layer_kv",
     "forward_cache_kwargs",
@@ -118,6 +121,13 @@ def output_cache(out: object) -> object | None:
         if name in fields:
             return getattr(out, name)
     return None
+
+
+def attn_implementation(model: nn.Module) -> str | None:
+    """The attention implementation the model runs (``"eager"``, ``"sdpa"``, ...), from the
+    private ``config._attn_implementation``; ``None`` when it cannot be read."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl if isinstance(impl, str) else None
 
 
 def cache_layer_kv(cache: object, layer: int) -> tuple[Tensor, Tensor]:
@@ -258,9 +268,7 @@ _probes: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], str | No
 def _probe_key(model: nn.Module) -> tuple[object, ...]:
     import transformers
 
-    config = getattr(model, "config", None)
-    return (transformers.__version__, getattr(config, "_attn_implementation", None),
-            next(model.parameters()).dtype)
+    return (transformers.__version__, attn_implementation(model), next(model.parameters()).dtype)
 
 
 def _close(got: Tensor, want: Tensor) -> bool:
