@@ -1,7 +1,7 @@
 """Every use of a private or version-dependent ``transformers`` API, in one place, with a probe.
 
 The rest of the package calls models only through their public ``forward``
-(``model(input_ids=..., use_cache=...)``) and module hooks. Three things need more, and they
+(``model(input_ids=..., use_cache=...)``) and module hooks. Four things need more, and they
 live here:
 
 * **The cache keyword and attribute.** transformers 5.25 renamed ``past_key_values`` to
@@ -20,8 +20,8 @@ live here:
   - ``transformers.masking_utils.create_causal_mask`` (private) for the 4-D causal mask;
   - the base model's ``rotary_emb(x, position_ids)`` (Llama, GPT-J, GPT-NeoX in transformers 5)
     for the rotary ``position_embeddings``;
-  - the block call signature (its cache keyword: ``cache``, ``past_key_values`` or
-    ``layer_past``);
+  - the block call signature (its cache keyword: ``cache``, ``past_key_values``,
+    ``past_key_value`` or ``layer_past``);
   - the cache ``update(key_states, value_states, layer_idx, ...)`` protocol: the attention
     calls it with the new tokens' keys and values, ``(B, H, Q, d_head)``, and attends to what it
     returns.
@@ -64,8 +64,9 @@ __all__ = [
     "warn_once",
 ]
 
-#: The names a cache argument has had, newest first (``layer_past``: GPT-NeoX's blocks).
-CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values", "layer_past")
+#: The names a cache argument has had, newest first (``past_key_value``: the blocks of
+#: transformers 4.x; ``layer_past``: GPT-NeoX's blocks, GPT-2's in 4.x).
+CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 class HFCompatWarning(UserWarning):
