@@ -2,9 +2,10 @@
 model with random weights, naive cell-by-cell against the batched engines.
 
 The naive path is the reference approach: one forward pass of 1 clean + S noised rows per
-(token, layer) cell and kind. ``prefix`` (the default engine for GPT-2 and Llama) starts each
-restoration from the corrupted run's cached activations below the restored layer and
-recomputes only the tokens from the restored one on; ``batched`` is the generic fallback that
+(token, layer) cell and kind. ``prefix`` (the default engine for GPT-2, GPT-J, GPT-NeoX and
+Llama) starts each restoration from the corrupted run's cached activations below the restored
+layer and recomputes only the tokens from the restored one on; ``batched`` is the generic fallback (other
+families, or a transformers version whose internals fail the prefix engine's probe) that
 batches many cells into full forward passes. All engines use the same noise draws; the script
 checks that their grids agree.
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -179,3 +180,57 @@ assert main(["demo", "--out", {str(tmp_path / "demo")!r}, "--memit", "5"]) == 0
     lines = _run(code, timeout=900)
     assert any(line.startswith("total") for line in lines), lines
     assert _noise(lines) == []
+
+
+class _FakeBar:
+    """Records what a loop does with its bar."""
+
+    made: ClassVar[list[_FakeBar]] = []
+
+    def __init__(self, total=None, desc="", **kwargs) -> None:
+        self.total, self.desc, self.n, self.closed = total, desc, 0, False
+        _FakeBar.made.append(self)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_progress_bars_on_a_terminal_only(monkeypatch, tmp_path, gpt2_tokenizer):
+    """Statistics and value optimisation (ROME's v, MEMIT's z) drive a bar with a total (so
+    tqdm shows an ETA) when stderr is a terminal, and no tqdm at all otherwise."""
+    import tqdm.auto
+    from testutils import tiny_gpt2
+
+    from lightning_rome import EditRequest
+    from lightning_rome.editing import ROME
+    from lightning_rome.stats import get_second_moment
+    from lightning_rome.utils.progress import progress_bar
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _FakeBar)
+    _FakeBar.made = []
+    model = tiny_gpt2(n_layer=2)
+    texts = [f"text number {i} about the city" for i in range(12)]
+
+    def run() -> None:
+        get_second_moment(model, gpt2_tokenizer, 0, corpus=texts, n_samples=10, cache=False)
+        rome = ROME({"layer": 1, "v_num_grad_steps": 3, "context_templates": ["{}"]},
+                    second_moment=lambda m, t, n: torch.eye(128))
+        rome.edit(model, gpt2_tokenizer, [EditRequest("{} plays the", "Toko Yasuda", "piano")])
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    run()
+    assert _FakeBar.made == []
+    assert progress_bar(5, "x").__class__.__name__ == "_NoBar"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    run()
+    by_desc = {b.desc: b for b in _FakeBar.made}
+    stats = by_desc["second moments"]
+    assert stats.total == 10 and stats.n == 10 and stats.closed
+    (v,) = [b for d, b in by_desc.items() if d.startswith("optimising v")]
+    assert v.total == 3 and 1 <= v.n <= 3 and v.closed

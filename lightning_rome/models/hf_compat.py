@@ -1,7 +1,7 @@
 """Every use of a private or version-dependent ``transformers`` API, in one place, with a probe.
 
 The rest of the package calls models only through their public ``forward``
-(``model(input_ids=..., use_cache=...)``) and module hooks. Three things need more, and they
+(``model(input_ids=..., use_cache=...)``) and module hooks. Four things need more, and they
 live here:
 
 * **The cache keyword and attribute.** transformers 5.25 renamed ``past_key_values`` to
@@ -9,6 +9,8 @@ live here:
   old name warns and "will be removed in version 5.40.0"). :func:`cache_keyword`,
   :func:`forward_cache_kwargs` and :func:`output_cache` pick whichever name the installed version
   declares, preferring ``cache``.
+* **The attention implementation** (the private ``config._attn_implementation``):
+  :func:`attn_implementation`.
 * **The cache layout** (``transformers.cache_utils``): :func:`cache_layer_kv` reads one layer's
   keys and values from ``cache.layers[j].keys/.values`` (a ``DynamicCache``) or a legacy tuple.
 * **Calling blocks directly** (the prefix tracing engine): :class:`PrefixBlocks` calls
@@ -18,8 +20,8 @@ live here:
   - ``transformers.masking_utils.create_causal_mask`` (private) for the 4-D causal mask;
   - the base model's ``rotary_emb(x, position_ids)`` (Llama, GPT-J, GPT-NeoX in transformers 5)
     for the rotary ``position_embeddings``;
-  - the block call signature (its cache keyword: ``cache``, ``past_key_values`` or
-    ``layer_past``);
+  - the block call signature (its cache keyword: ``cache``, ``past_key_values``,
+    ``past_key_value`` or ``layer_past``);
   - the cache ``update(key_states, value_states, layer_idx, ...)`` protocol: the attention
     calls it with the new tokens' keys and values, ``(B, H, Q, d_head)``, and attends to what it
     returns.
@@ -53,6 +55,7 @@ __all__ = [
     "CACHE_KEYWORDS",
     "HFCompatWarning",
     "PrefixBlocks",
+    "attn_implementation",
     "cache_keyword",
     "cache_layer_kv",
     "forward_cache_kwargs",
@@ -61,8 +64,9 @@ __all__ = [
     "warn_once",
 ]
 
-#: The names a cache argument has had, newest first (``layer_past``: GPT-NeoX's blocks).
-CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values", "layer_past")
+#: The names a cache argument has had, newest first (``past_key_value``: the blocks of
+#: transformers 4.x; ``layer_past``: GPT-NeoX's blocks, GPT-2's in 4.x).
+CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 class HFCompatWarning(UserWarning):
@@ -118,6 +122,13 @@ def output_cache(out: object) -> object | None:
         if name in fields:
             return getattr(out, name)
     return None
+
+
+def attn_implementation(model: nn.Module) -> str | None:
+    """The attention implementation the model runs (``"eager"``, ``"sdpa"``, ...), from the
+    private ``config._attn_implementation``; ``None`` when it cannot be read."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl if isinstance(impl, str) else None
 
 
 def cache_layer_kv(cache: object, layer: int) -> tuple[Tensor, Tensor]:
@@ -258,9 +269,7 @@ _probes: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], str | No
 def _probe_key(model: nn.Module) -> tuple[object, ...]:
     import transformers
 
-    config = getattr(model, "config", None)
-    return (transformers.__version__, getattr(config, "_attn_implementation", None),
-            next(model.parameters()).dtype)
+    return (transformers.__version__, attn_implementation(model), next(model.parameters()).dtype)
 
 
 def _close(got: Tensor, want: Tensor) -> bool:

@@ -163,7 +163,10 @@ def trace_all(
             or a token id. ``None`` uses the model's own greedy prediction.
         seed: seeds the ``torch.Generator`` of the noise draws.
         engine: ``auto`` (``prefix`` where supported, else ``batched``), ``prefix``,
-            ``batched`` or ``naive`` (one forward pass per cell, the reference).
+            ``batched`` or ``naive`` (one forward pass per cell, the reference). All give the
+            same scores; ``prefix`` on an architecture it does not support is an error, and
+            where the installed transformers fails its probe it runs as ``batched`` (one
+            :class:`~lightning_rome.models.hf_compat.HFCompatWarning`).
         batch_tokens: the most (rows × tokens) per forward pass, bounding memory.
         layout: a layout override.
 

@@ -62,6 +62,7 @@ from lightning_rome.hooks import EditFn, module_hooks, replace_positions
 from lightning_rome.models import ModelLayout
 from lightning_rome.models.hf_compat import (
     PrefixBlocks,
+    attn_implementation,
     cache_layer_kv,
     output_cache,
     probe_prefix_blocks,
@@ -336,7 +337,7 @@ def prefix_unsupported(model: nn.Module, layout: ModelLayout) -> str | None:
     config = getattr(model, "config", None)
     if layout.family not in PREFIX_FAMILIES:
         return f"the prefix engine supports the families {PREFIX_FAMILIES}, not {layout.family!r}"
-    impl = getattr(config, "_attn_implementation", None)
+    impl = attn_implementation(model)
     if impl not in ("eager", "sdpa"):
         return f"the prefix engine needs eager or sdpa attention, not {impl!r}"
     if getattr(config, "add_cross_attention", False):

@@ -45,12 +45,16 @@ def test_cache_keyword_prefers_the_current_name():
     def neox(x, layer_past=None):
         pass
 
+    def v4_block(x, past_key_value=None, layer_past=None):
+        pass
+
     def none(x, **kwargs):
         pass
 
     assert cache_keyword(new) == "cache"
     assert cache_keyword(old) == "past_key_values"
     assert cache_keyword(neox) == "layer_past"
+    assert cache_keyword(v4_block) == "past_key_value"
     assert cache_keyword(none) is None
     with pytest.raises(TypeError, match="takes no cache argument"):
         forward_cache_kwargs(torch.nn.Linear(2, 2), object())
