@@ -44,6 +44,7 @@ from lightning_rome.models.checks import check_requests
 from lightning_rome.models.fingerprint import parameters_digest
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
+from lightning_rome.models.precision import check_update_representable
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests, check_batch
@@ -327,6 +328,7 @@ class MEMIT:
                 R_l = (Z.to(h.device) - h) / (len(hp.layers) - i)  # (d, u)
                 C = self._C_of(model, tokenizer, name)
                 delta = memit_update(K, R_l, C, hp.mom2_update_weight)
+                check_update_representable(model, {weight_param_name(name): delta}, "MEMIT")
                 dev = model.get_parameter(weight_param_name(name)).device
                 p = WeightPatch.from_model(model, {weight_param_name(name): delta.to(dev)},
                                            method="memit", hparams=hp.to_dict(), requests=reqs)
