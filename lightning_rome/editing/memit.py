@@ -28,7 +28,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -45,11 +44,13 @@ from lightning_rome.models.checks import check_requests
 from lightning_rome.models.fingerprint import parameters_digest
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
+from lightning_rome.models.precision import check_update_representable
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests, check_batch
+from lightning_rome.stats.cache import write_safetensors
 from lightning_rome.tokens import FactToken, subject_span
-from lightning_rome.utils.io import CorruptFileError, atomic_path, cache_dir, tensor_checksum
+from lightning_rome.utils.io import CorruptFileError, cache_dir, tensor_checksum
 from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["MEMIT", "MEMITHyperParams", "memit_edit", "memit_update"]
@@ -282,10 +283,10 @@ class MEMIT:
             steps_taken.append(res.steps)
             for j, i in enumerate(idx):
                 zs[i] = res.v_star[j].cpu()
-                if paths[i] is not None:
-                    with atomic_path(paths[i]) as tmp:
-                        z = zs[i].contiguous()
-                        save_file({"z": z}, str(tmp), metadata={"sha256": tensor_checksum(z)})
+                if paths[i] is not None:  # a write error warns; z is used uncached
+                    z = zs[i].contiguous()
+                    write_safetensors(paths[i], {"z": z}, {"sha256": tensor_checksum(z)},
+                                      what="MEMIT z cache")
         self.last_stats["z_steps"] = steps_taken
         self.last_stats["z_cached"] = len(reqs) - len(todo)
         return torch.stack([z for z in zs if z is not None]).T  # (d, u)
@@ -330,6 +331,7 @@ class MEMIT:
                 R_l = (Z.to(h.device) - h) / (len(hp.layers) - i)  # (d, u)
                 C = self._C_of(model, tokenizer, name)
                 delta = memit_update(K, R_l, C, hp.mom2_update_weight)
+                check_update_representable(model, {weight_param_name(name): delta}, "MEMIT")
                 dev = model.get_parameter(weight_param_name(name)).device
                 p = WeightPatch.from_model(model, {weight_param_name(name): delta.to(dev)},
                                            method="memit", hparams=hp.to_dict(), requests=reqs)

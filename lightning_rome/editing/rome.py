@@ -41,6 +41,7 @@ from lightning_rome.editing.hparams import INT, NONNEG, POSITIVE, POSITIVE_INT, 
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
+from lightning_rome.models.precision import check_update_representable
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
@@ -308,6 +309,7 @@ class ROME:
                                   "v_init_norm": float(res.v_init.norm()),
                                   "delta_v_norm": float((res.v_star - res.v_init).norm()),
                                   "k_star": k_star.detach().cpu(), "v_star": v_star.cpu()})
+        check_update_representable(model, {weight_param_name(name): delta}, "ROME")
         dev = canonical_weight(module).device
         return WeightPatch.from_model(
             model, {weight_param_name(name): delta.to(dev)}, method="rome",

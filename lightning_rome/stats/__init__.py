@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_rome.stats.cache import (
+    CacheWriteError,
     load_second_moments,
     model_fingerprint,
     save_second_moments,
@@ -25,6 +26,7 @@ from lightning_rome.stats.collect import (
 from lightning_rome.stats.moments import SecondMoment
 
 __all__ = [
+    "CacheWriteError",
     "SecondMoment",
     "SecondMomentModule",
     "collect_second_moments",

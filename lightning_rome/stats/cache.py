@@ -27,11 +27,12 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -41,6 +42,7 @@ from lightning_rome.utils.io import CorruptFileError, atomic_path, cache_dir, te
 
 __all__ = [
     "FORMAT",
+    "CacheWriteError",
     "load_second_moments",
     "model_fingerprint",
     "partial_path",
@@ -48,6 +50,7 @@ __all__ = [
     "stats_key",
     "stats_path",
     "tokenizer_fingerprint",
+    "write_safetensors",
 ]
 
 FORMAT = "lightning_rome.second_moment"
@@ -56,6 +59,48 @@ HEADER_CHECKSUM_KEY = "lightning_rome_sha256"  # the metadata entry holding the 
 _PROBE = "The Eiffel Tower is located in Paris. Ünïcödé 東京 1234 <|endoftext|>"
 _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
                     "_attn_implementation", "_attn_implementation_internal", "use_cache")
+
+
+class CacheWriteError(OSError):
+    """A cache file could not be written (a full disk, no permission, ...). One line, naming the
+    file and the cause; ``errno`` is the underlying error's, when known."""
+
+
+_WARNED_WRITE: set[str] = set()  # files whose write error was already reported
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, Tensor],
+                      metadata: dict[str, str], *, what: str,
+                      on_error: Literal["warn", "raise"] = "warn") -> bool:
+    """Write a safetensors file atomically. A write error (``OSError``, or the
+    ``SafetensorError`` that safetensors raises for one) is reported once per file as a warning
+    (``on_error="warn"``; returns ``False``: the caller goes on with its result uncached) or
+    raised as a one-line :class:`CacheWriteError` (``"raise"``). Returns ``True`` on success.
+
+    Args:
+        what: what the file holds, for the message (e.g. ``"statistics"``).
+    """
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return True
+    except (OSError, SafetensorError) as err:
+        code = getattr(err, "errno", None)
+        if code is None:
+            found = re.search(r"code: (\d+)", str(err))
+            code = int(found.group(1)) if found else None
+        reason = os.strerror(code) if code and not isinstance(err, OSError) else _one_line(err)
+        message = f"could not write the {what} file {path}: {reason}"
+        if on_error == "raise":
+            raise CacheWriteError(code, message) if code else CacheWriteError(message) from err
+        if str(path) not in _WARNED_WRITE:
+            _WARNED_WRITE.add(str(path))
+            warnings.warn(f"{message}; the result is used but not cached", stacklevel=3)
+        return False
 
 
 def _sha(text: str, n: int = 16) -> str:
@@ -149,8 +194,12 @@ def partial_path(root: str | os.PathLike[str], keys: list[dict[str, Any]]) -> Pa
 
 def save_second_moments(path: str | os.PathLike[str], moments: list[SecondMoment],
                         keys: list[dict[str, Any]] | None = None, *, complete: bool = True,
-                        ) -> None:
+                        on_error: Literal["warn", "raise"] = "warn") -> bool:
     """Write statistics atomically (one module, or several for a checkpoint).
+
+    A write error (e.g. a full disk) warns once per file and returns ``False``, so that
+    statistics already computed are used uncached; ``on_error="raise"`` raises a one-line
+    :class:`CacheWriteError` instead (see :func:`write_safetensors`).
 
     Args:
         path: the file.
@@ -179,9 +228,11 @@ def save_second_moments(path: str | os.PathLike[str], moments: list[SecondMoment
         "checksums": {name: tensor_checksum(t) for name, t in tensors.items()},
     }
     text = json.dumps(header)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"lightning_rome": text,
-                                               HEADER_CHECKSUM_KEY: _sha(text, 64)})
+    what = "statistics" if complete else "statistics checkpoint"
+    names = ", ".join(str(k.get("module", "?")) for k in keys if isinstance(k, dict))
+    return write_safetensors(path, tensors, {"lightning_rome": text,
+                                             HEADER_CHECKSUM_KEY: _sha(text, 64)},
+                             what=f"{what} ({names})" if names else what, on_error=on_error)
 
 
 def load_second_moments(path: str | os.PathLike[str],

@@ -256,7 +256,8 @@ class SecondMomentModule(L.LightningModule):
                 save_second_moments(stats_path(root, keys[n]), [m], [keys[n]])
         if self.output_path is not None:
             save_second_moments(self.output_path, results,
-                                [keys[n] if keys else {"module": n} for n in self.module_names])
+                                [keys[n] if keys else {"module": n} for n in self.module_names],
+                                on_error="raise")  # the file asked for: an error
 
 
 def compute_second_moments_distributed(

@@ -1,0 +1,66 @@
+"""Issue 18, item 12: an update that the weights' dtype cannot represent (it would leave (almost)
+every entry as it was) is refused with a message, instead of a patch that changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from testutils import GPT2_TOKENIZER, tiny_gpt2
+
+from lightning_rome.editing import MEMIT
+from lightning_rome.models import load_tokenizer
+from lightning_rome.models.precision import UnderflowError, check_update_representable
+from lightning_rome.patches import LowRankDelta
+from lightning_rome.requests import EditRequest
+
+from .helpers import CONTEXTS, EDITORS, assert_unchanged, second_moment, snapshot
+
+REQ = EditRequest("{} plays the", "Toko Yasuda", "piano", "guitar")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(GPT2_TOKENIZER)
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("rome", torch.float16), ("memit", torch.float16),
+                                           ("memit", torch.bfloat16)])
+def test_underflowing_edit_is_refused(name, dtype, tok):
+    """A tiny fp16 GPT-2 (and MEMIT's small per-layer updates at the published λ = 20000 in
+    bf16): the patch was ~1e-9, or applying it changed < 1% of the entries. Now refused,
+    naming the weight and the dtype, with the model unchanged."""
+    model = tiny_gpt2().to(dtype)
+    before = snapshot(model)
+    editor = EDITORS[name]() if name == "rome" else MEMIT(
+        {"layers": [0, 1], "v_num_grad_steps": 2, "context_templates": CONTEXTS},
+        second_moment=second_moment)
+    with pytest.raises(UnderflowError, match=rf"mlp\.c_proj\.weight.*{str(dtype)[6:]}.*float32"):
+        editor.edit(model, tok, REQ)
+    assert_unchanged(model, before)
+
+
+def test_bf16_edit_that_fits_goes_through_and_changes_the_weights(tok):
+    model = tiny_gpt2().to(torch.bfloat16)
+    patch = EDITORS["rome"]().edit(model, tok, REQ)
+    before = snapshot(model)
+    patch.apply(model)
+    (n,) = patch.names
+    assert (model.get_parameter(n) != before[n]).float().mean() > 0.9
+
+
+def test_check_on_a_weight():
+    w = torch.nn.Linear(8, 4).to(torch.float16)
+    with torch.no_grad():
+        w.weight.fill_(1.0)
+    model = torch.nn.Sequential(w)
+    small = LowRankDelta(torch.full((4, 1), 1e-5), torch.ones(1, 8))  # fp16 ulp at 1 is 1e-3
+    with pytest.raises(UnderflowError, match=r"0\.weight.*float16.*0 of 32"):
+        check_update_representable(model, {"0.weight": small}, "TEST")
+    check_update_representable(model, {"0.weight": LowRankDelta(torch.full((4, 1), 1e-2),
+                                                                torch.ones(1, 8))}, "TEST")
+    check_update_representable(model, {"0.weight": torch.zeros(4, 8)}, "TEST")  # empty: not ours
+    # float32 at 1.0 resolves 1e-5
+    model32 = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        model32[0].weight.fill_(1.0)
+    check_update_representable(model32, {"0.weight": small}, "TEST")
