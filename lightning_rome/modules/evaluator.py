@@ -221,7 +221,9 @@ def dataset_kind(case: EditCase) -> Kind:
 
 
 def model_checksum(model: nn.Module) -> str:
-    """SHA-256 over the bits of every parameter and buffer of ``model`` (in name order)."""
+    """SHA-256 over the bits of every parameter and buffer of ``model`` (in name order); a
+    ``torch.compile`` wrapper has the checksum of the module it wraps."""
+    model = unwrap_model(model)
     h = hashlib.sha256()
     for name, t in sorted([*model.named_parameters(), *model.named_buffers()],
                           key=lambda x: x[0]):

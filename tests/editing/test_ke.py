@@ -13,7 +13,9 @@ from test_mend import (
     cf_datamodule,
     fact_model_cases,
     fit_quietly,
+    one_thread,
     train_and_evaluate,
+    zsre_edit_nll,
 )
 from testutils import tiny_gpt2
 
@@ -173,15 +175,24 @@ def test_fit_checkpoint_reload_and_mismatch(gpt2_tokenizer, tmp_path):
 
 
 def test_fit_on_zsre(gpt2_tokenizer, tmp_path):
-    """KE-zsRE: the same module trains on zsRE's training batches."""
+    """KE-zsRE: the same module trains on zsRE's training batches, its own embedding trains,
+    and its edits of those facts get better: the edited model's NLL of the new answers falls
+    (measured: 10.45 before, 10.25 after 6 steps; seeded)."""
     dm = ZsREDataModule("zsre/zsre_mend_train_1k.json", train_split="0:8", batch_size=4,
                         mode="edit_train", tokenizer=gpt2_tokenizer)
-    module = KEModule(tiny_gpt2(), gpt2_tokenizer, {"layers": [1], "lstm_hidden": 8,
-                                                    "hidden": 16, "embedding": "own"})
+    dm.setup("fit")
+    cases = dm.train_dataset.records
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    module = KEModule(model, gpt2_tokenizer, {"layers": [1], "lstm_hidden": 8, "hidden": 16,
+                                              "embedding": "own", "lr": 3e-2})
     init = module.network.embedding.weight.detach().clone()
-    trainer = fit_quietly(module, dm, tmp_path, max_steps=2)
-    assert trainer.global_step == 2
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    with one_thread():
+        before = zsre_edit_nll(module.editor(), model, gpt2_tokenizer, cases)
+        trainer = fit_quietly(module, dm, tmp_path, max_steps=6)
+        after = zsre_edit_nll(module.editor(), model, gpt2_tokenizer, cases)
+    assert trainer.global_step == 6
+    assert after < before - 0.1, (before, after)
     assert not torch.equal(module.network.embedding.weight, init)  # its own embedding trains
 
 

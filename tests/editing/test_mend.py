@@ -445,15 +445,47 @@ def test_checkpoint_for_another_model_is_refused(gpt2_tokenizer, tmp_path):
     assert second.names == first.names
 
 
+def zsre_edit_nll(editor, model, tokenizer, cases) -> float:
+    """Mean target NLL of ``target_new`` on each case's edit prompt and paraphrases with that
+    case's edit applied alone (``WeightPatch.apply``, then reverted): the package's scoring
+    routine on the patched weights, not the training loss."""
+    out = []
+    for c in cases:
+        r = c.request
+        prompts = [r.text, *c.paraphrase_prompts]
+        patch = editor.edit(model, tokenizer, r)
+        patch.apply(model)
+        try:
+            nll = candidate_nll(model, tokenizer, prompts, [r.target_new] * len(prompts))
+        finally:
+            patch.revert(model)
+        out.append(float(torch.stack([x.mean() for x in nll]).mean()))
+    return sum(out) / len(out)
+
+
 def test_fit_on_zsre(gpt2_tokenizer, tmp_path):
-    """MEND-zsRE: the same module trains on zsRE's training batches (NQ locality questions)."""
+    """MEND-zsRE: the same module trains on zsRE's training batches (NQ locality questions),
+    and the training makes its edits of those facts better: the edited model's NLL of the new
+    answers falls (measured: 10.87 before, 10.23 after 10 steps; seeded)."""
     dm = ZsREDataModule("zsre/zsre_mend_train_1k.json", train_split="0:8", batch_size=4,
                         mode="edit_train", tokenizer=gpt2_tokenizer)
-    module = MENDModule(tiny_gpt2(), gpt2_tokenizer, {"layers": [1], "rank": 4, "lr": 1e-3})
-    trainer = fit_quietly(module, dm, tmp_path, max_steps=2)
-    assert trainer.global_step == 2
-    assert float(trainer.callback_metrics["train/loc_kl"]) >= 0
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    dm.setup("fit")
+    cases = dm.train_dataset.records
+    assert len(cases) == 8
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    module = MENDModule(model, gpt2_tokenizer, {"layers": [1], "rank": 4, "lr": 1e-2,
+                                                "lr_alpha": 1e-1})
+    with one_thread():
+        before = zsre_edit_nll(module.editor(), model, gpt2_tokenizer, cases)
+        trainer = fit_quietly(module, dm, tmp_path, max_steps=10)
+        after = zsre_edit_nll(module.editor(), model, gpt2_tokenizer, cases)
+    assert trainer.global_step == 10
+    assert after < before - 0.3, (before, after)
+    assert "train/loc_kl" in trainer.callback_metrics
+    # Only the editor network trained: the base model is bit-identical.
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
 def test_training_on_case_batches_is_refused(gpt2_tokenizer, tmp_path):

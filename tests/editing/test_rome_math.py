@@ -142,16 +142,49 @@ def test_reference_key_mode_writes_v_star_at_bare_key(model, gpt2_tokenizer):
 
 
 def test_sequential_edits_compose(model, gpt2_tokenizer):
+    """Three edits one after another, each computed on the model holding the earlier ones.
+
+    With ``u_i = C⁻¹k_i`` and ``f_i`` the edited module after edit ``i`` (``f_0`` the original),
+    eq. 2 gives ``f_i(k) = f_{i-1}(k) + Λ_i u_iᵀk`` with ``Λ_i = (v_i − f_{i-1}(k_i)) / u_iᵀk_i``.
+    So on the final model the last edit holds exactly, ``f_3(k_3) = v_3``, and each earlier key
+    is mapped to ``v_j + Σ_{i>j} Λ_i u_iᵀ k_j``: checked on the module's outputs against this
+    recursion run by hand in float64 from the original weights and the editor's (k_i, v_i).
+    """
     rome = make_rome(v_num_grad_steps=2)
+    C = random_C(D_IN)  # what make_rome's second moment returns
     reqs = [EditRequest("{} plays the", "Toko Yasuda", "piano"),
             EditRequest("{} lives in", "Varnok Telimar", "Paris"),
             EditRequest("The job of {} is", "Ana Lu", "doctor")]
     before = weights(model)
+    name = "transformer.h.1.mlp.c_proj"
+    module = model.get_submodule(name)
+    W0 = canonical_weight(module).detach().double().clone()  # (out, in)
+    b = module.bias.detach().double()
     patch = rome.edit(model, gpt2_tokenizer, reqs, apply=True)
-    name = "transformer.h.1.mlp.c_proj.weight"
-    assert patch.deltas[name].rank == 3 and len(patch.requests) == 3
-    assert not torch.equal(model.get_parameter(name), before[name])
-    patch.revert(model)
+    assert patch.deltas[f"{name}.weight"].rank == 3 and len(patch.requests) == 3
+    ks = [r["k_star"].double() for r in rome.last_results]  # (d_in,) each
+    vs = [r["v_star"].double() for r in rome.last_results]  # (d_out,) each
+    # The recursion by hand.
+    W = W0.clone()
+    terms = []  # (Λ_i, u_i)
+    for k, v in zip(ks, vs):
+        u = torch.linalg.solve(C, k)  # (d_in,)
+        Lam = (v - (W @ k + b)) / (u @ k)  # (d_out,)
+        W = W + Lam[:, None] * u[None, :]
+        terms.append((Lam, u))
+    try:
+        with torch.no_grad():
+            out = module(torch.stack(ks).float()).double()  # (3, d_out) on the final model
+        torch.testing.assert_close(canonical_weight(module).double(), W, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[2], vs[2], rtol=1e-4, atol=1e-4)  # the last edit holds
+        for j in range(2):
+            moved = sum(Lam * (u @ ks[j]) for Lam, u in terms[j + 1:])  # (d_out,)
+            assert float(moved.norm()) > 1e-2 * float(vs[j].norm())  # a real cross-term
+            torch.testing.assert_close(out[j], vs[j] + moved, rtol=1e-4, atol=1e-4)
+            # ... and it is the later edits that moved it: v_j itself is no longer written.
+            assert not torch.allclose(out[j], vs[j], rtol=1e-4, atol=1e-4)
+    finally:
+        patch.revert(model)
     assert_unchanged(model, before)
 
 

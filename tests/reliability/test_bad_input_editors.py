@@ -107,39 +107,60 @@ def test_odd_but_valid_requests_are_edited(editor, case, tok):
     for n in patch.names:
         d = patch.dense(n)
         assert torch.isfinite(d).all() and d.abs().sum() > 0, n
-        p = model.get_parameter(n)
-        assert sorted(d.shape) == sorted(p.shape)
+        # The canonical [out, in] orientation exactly (a transposed delta is refused), with
+        # Conv1D's [in, out] storage transposed by hand here.
+        assert tuple(d.shape) == tuple(_canonical(model, n).shape), n
     patch.apply(model)
+    for n in patch.names:  # the weight moved by exactly the delta, in that orientation
+        moved = _canonical(model, n).double() - _canonical_of(before[n], model, n).double()
+        torch.testing.assert_close(moved, patch.dense(n).double(), rtol=1e-3, atol=1e-5)
     patch.revert(model)
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("editor", ["ft"])
-def test_multi_token_target_is_learned_on_every_token(editor, tok):
+def _canonical_of(t: torch.Tensor, model: nn.Module, name: str) -> torch.Tensor:
+    from transformers.pytorch_utils import Conv1D
+
+    module_name, _, leaf = name.rpartition(".")
+    conv = leaf == "weight" and isinstance(model.get_submodule(module_name), Conv1D)
+    return t.T if conv else t
+
+
+def _canonical(model: nn.Module, name: str) -> torch.Tensor:
+    return _canonical_of(model.get_parameter(name).detach(), model, name)
+
+
+def test_a_transposed_delta_is_refused(tok):
+    """The check above would catch an editor returning [in, out]: apply refuses the shape."""
+    from lightning_rome.patches import PatchMismatchError
+
+    model = tiny_gpt2()
+    before = snapshot(model)
+    patch = _edit("ft", model, tok, OK)
+    name = next(n for n in patch.names if n.endswith("c_proj.weight"))  # Conv1D (32, 128)
+    good = patch.dense(name)
+    assert tuple(good.shape) == tuple(_canonical(model, name).shape) == (32, 128)
+    with pytest.raises(PatchMismatchError, match=r"shape \(128, 32\).*\(32, 128\)"):
+        WeightPatch({name: good.T.contiguous()}).apply(model)
+    assert_unchanged(model, before)
+
+
+def test_multi_token_target_is_learned_on_every_token(tok):
     """The whole multi-token target, not its first token, gets more likely (NLL averaged over
     all its tokens, computed independently of the editor). FT only: on a random tiny model the
     closed-form editors' single-key update does not move the NLL reliably (their multi-token
     targets are covered by the fact-model behaviour tests)."""
-    from lightning_rome.editing import FT, MEMIT, ROME
+    from lightning_rome.editing import FT
 
     req = GOOD_ODD["multi-token-target"]
-    editors = {
-        "rome": ROME({"layer": 1, "v_num_grad_steps": 15, "context_templates": CONTEXTS,
-                      "kl_factor": 0.0, "clamp_norm_factor": 1e4,
-                      "v_weight_decay": 0.0}, second_moment=second_moment),
-        "memit": MEMIT({"layers": [0, 1], "v_num_grad_steps": 15, "context_templates": CONTEXTS,
-                        "kl_factor": 0.0, "clamp_norm_factor": 1e4,
-                        "v_weight_decay": 0.0},
-                       second_moment=second_moment),
-        "ft": FT({"layers": [1], "num_steps": 15, "lr": 1e-2}),
-    }
+    editor = FT({"layers": [1], "num_steps": 15, "lr": 1e-2})
     # Three layers: an MLP edit at the subject in the last layer cannot reach the last token.
     model = tiny_gpt2(n_layer=3)
     ids = tok(" grand old piano of the city of Rome")["input_ids"]
     assert len(ids) == 8
     with torch.no_grad():
         nll0 = target_nll(model, tok, [req.text], [req.target_new])
-    patch = editors[editor].edit(model, tok, req)
+    patch = editor.edit(model, tok, req)
     patch.apply(model)
     with torch.no_grad():
         nll1 = target_nll(model, tok, [req.text], [req.target_new])

@@ -56,3 +56,10 @@ def test_find_model_unwraps_a_compiled_model(gpt2_tokenizer):
 
     holder = Holder()
     assert find_model(holder) is holder.inner
+
+
+def test_model_checksum_of_the_wrapper_is_that_of_the_module():
+    from lightning_rome.modules.evaluator import model_checksum
+
+    model = tiny_gpt2()
+    assert model_checksum(torch.compile(model)) == model_checksum(model)

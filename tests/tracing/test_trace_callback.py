@@ -56,14 +56,31 @@ def test_traces_at_the_chosen_moments_and_logs_images(gpt2_tokenizer, tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
     pl.seed_everything(0)
     module = LM(gpt2_tokenizer)
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer = _fit(module, [cb], tmp_path, logger=logger)
     moments = [h["moment"] for h in cb.history if h["prompt"] == 0 and h["kind"] == "mlp"]
     assert moments == ["fit_start", "epoch=0", "epoch=1"]  # fit_end: same step as epoch=1
     assert [h["step"] for h in cb.history if h["prompt"] == 0 and h["kind"] == "mlp"] == [0, 2, 4]
     assert all(module.modes) and module.model.training  # train mode survives each trace
-    # The latest traces are those of the trained model.
+    # The latest traces are those of the trained model, the first of the initial one: the
+    # answer and its clean probability are the model's own greedy next token and its softmax
+    # probability, from a plain forward pass of each model.
     t = cb.latest[1]["mlp"]
     assert isinstance(t, CausalTrace) and t.prompt == "Beats Music is owned by"
+    initial_model = peaked_gpt2(n_layer=2, seed=0)
+    initial_model.load_state_dict(initial)
+    first = [h for h in cb.history if h["prompt"] == 1 and h["kind"] == "mlp"]
+    for m, entry, trace in ((module.model, first[-1], t), (initial_model, first[0], None)):
+        ids = gpt2_tokenizer(t.prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            probs = m.eval()(ids).logits[0, -1].double().softmax(-1)  # (V,)
+        top = int(probs.argmax())
+        assert entry["answer"] == gpt2_tokenizer.decode([top])
+        assert entry["high_score"] == pytest.approx(float(probs[top]), rel=1e-4)
+        if trace is not None:
+            assert trace.answer == entry["answer"] and trace.high_score == entry["high_score"]
+    module.model.train()
+    assert first[0]["high_score"] != first[-1]["high_score"]  # training moved the model
     assert CausalTrace.load(tmp_path / "traces" / "epoch=1" / "prompt1-mlp.json") == t
     acc = EventAccumulator(logger.log_dir)
     acc.Reload()
