@@ -41,12 +41,15 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
-# The newest versions pyproject.toml allows, in their own venv (never the lock file).
+# The newest versions pyproject.toml allows, in their own venv (never the lock file);
+# torch stays at TORCH_SPEC.
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install "$(TORCH_SPEC)"
-	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch-spec.txt  # torch stays the build this machine uses
+	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager \
+	    -c $(LATEST_VENV)/torch-spec.txt -e ".[$(EXTRAS)]"
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|lightning|torchmetrics|datasets|tokenizers|jsonargparse|torch)=='
 	$(LATEST_VENV)/bin/python -m pytest
 
