@@ -1,11 +1,26 @@
 """Benchmark: layer statistics (the second moment C = E[k kᵀ] of W_out's input).
 
-Two comparisons on WikiText-2 texts (the local copy), cache off:
+Three comparisons on WikiText-2 texts (the local copy), cache off:
 
-1. tokens/s of :func:`lightning_rome.stats.get_second_moment` (padded batches, the forward pass
-   cut after the hooked module, one ``addmm`` per batch) against a naive loop: one text at a
-   time, a full forward pass with a hook, and a float64 outer product per token. The two C are
-   checked to agree.
+1. tokens/s of :func:`lightning_rome.stats.get_second_moment` (texts sorted by length into
+   batches of at most 4,096 padded tokens, each pass stopped before the hooked module, a blocked
+   symmetric float64 product) against
+
+   - the *published* loop (:func:`published_second_moment`, ROME's ``layer_stats``
+     re-implemented step by step: groups of 100 texts, each sorted longest first and cut into
+     sub-batches of at most ``3 x n_positions`` padded tokens with its collation rule, the
+     padded batch run with ``attention_mask`` and ``position_ids`` until a forward hook on the
+     module raises after the module ran, the real tokens' inputs cast to the precision and
+     added with ``mom2 += aᵀ a``). It runs at ``float32`` (ROME's and MEMIT's
+     ``mom2_dtype``) and at ``float64`` (``layer_stats``' own default), each against the
+     package at the same precision, interleaved in one run;
+   - a naive loop: one text at a time, a full forward pass with a hook, and a float64 outer
+     product per token (on fewer texts).
+
+   The table gives the padded tokens of each path, the FLOPs of the minimal work (the blocks up
+   to the hooked module over the real tokens, and the symmetric rank-n update) and the measured
+   time as a multiple of that work at this machine's measured GEMM rates. The C of all paths
+   are checked to agree.
 2. Several layers in one pass (:func:`get_second_moments`) against one pass per layer.
 3. The Lightning job (:func:`lightning_rome.stats.lightning.compute_second_moments_distributed`,
    ``Trainer.predict`` on the CPU) with 1 process and with 2 (``ddp_spawn``, one corpus shard per
@@ -14,13 +29,14 @@ Two comparisons on WikiText-2 texts (the local copy), cache off:
 
 Usage::
 
-    python -m benchmarks.bench_stats [--quick] [--texts 64] [--naive-texts 4]
+    python -m benchmarks.bench_stats [--quick] [--texts 200] [--naive-texts 4] [--no-ddp]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import time
 from typing import Any
 
 import torch
@@ -36,7 +52,6 @@ from benchmarks.common import (
     section,
     settings_from_args,
     time_interleaved,
-    time_runs,
     write_json,
 )
 from lightning_rome.hooks import module_hooks
@@ -47,6 +62,7 @@ from lightning_rome.stats.collect import default_seq_len
 DEFAULT_LAYER = {"gpt2-small": 5, "gpt2-mini": 1, "tiny": 0, "fact": 1}
 MULTI_LAYERS = {"gpt2-small": [3, 4, 5, 6, 7], "gpt2-mini": [0, 1, 2, 3], "tiny": [0, 1],
                 "fact": [0, 1, 2, 3]}
+PUBLISHED_GROUP = 100  # layer_stats' DataLoader batch_size: texts sorted together
 
 
 def wikitext(n: int) -> list[str]:
@@ -79,9 +95,197 @@ def naive_second_moment(bm: BenchModel, texts: list[str], module_name: str) -> t
     return C / n, n
 
 
-def _fast(bm: BenchModel, texts: list[str], layer: int) -> Any:
+class _Stop(Exception):
+    """The published loop's way out of the forward pass (raised after the module ran)."""
+
+
+def _published_collate(items: list[dict[str, torch.Tensor]], token_size: int
+                       ) -> list[dict[str, torch.Tensor]]:
+    """The published length collation: sort the group longest first, drop empty texts, and
+    start a new sub-batch when (first row's width) x (rows + 1) would exceed ``token_size``;
+    each sub-batch is right-padded with zeros (ids, positions and mask alike)."""
+    items = sorted(items, key=lambda it: -len(it["input_ids"]))
+    groups: list[list[dict[str, torch.Tensor]]] = []
+    current: list[dict[str, torch.Tensor]] = []
+    width = 0
+    for it in items:
+        n = len(it["input_ids"])
+        if n == 0:
+            break
+        if width * (len(current) + 1) > token_size:
+            groups.append(current)
+            current, width = [], 0
+        if not current:
+            width = n
+        current.append(it)
+    if current:
+        groups.append(current)
+    return [{k: torch.nn.utils.rnn.pad_sequence([it[k] for it in g], batch_first=True)
+             for k in g[0]} for g in groups]
+
+
+@torch.no_grad()
+def published_second_moment(bm: BenchModel, texts: list[str], module_name: str, *,
+                            precision: torch.dtype = torch.float32,
+                            batch_tokens: int | None = None) -> dict[str, Any]:
+    """ROME's ``layer_stats`` loop, step by step (written for this benchmark; see the module
+    docstring). Returns ``C``, the token count and the padded tokens."""
+    model, tok = bm.model, bm.tokenizer
+    device = next(model.parameters()).device
+    npos = int(model.config.n_positions)
+    token_size = batch_tokens or 3 * npos
+    maxlen = min(npos, token_size)
+    module = model.get_submodule(module_name)
+    mom2, count, padded = None, 0, 0
+    for g in range(0, len(texts), PUBLISHED_GROUP):
+        items = []
+        for text in texts[g:g + PUBLISHED_GROUP]:  # the dataset's __getitem__
+            ids = tok.encode(text, truncation=True, max_length=maxlen)
+            items.append({"input_ids": torch.tensor(ids, dtype=torch.long),
+                          "position_ids": torch.arange(len(ids)),
+                          "attention_mask": torch.ones(len(ids), dtype=torch.long)})
+        for batch in _published_collate(items, token_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            kept: dict[str, torch.Tensor] = {}
+
+            def hook(mod: Any, inputs: Any, output: Any, kept: dict = kept) -> Any:
+                kept["input"] = inputs[0]
+                raise _Stop
+
+            handle = module.register_forward_hook(hook)
+            try:
+                model(**batch)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+            padded += batch["input_ids"].numel()
+            x = kept["input"]  # (B, T, d)
+            flat = x.reshape(-1, x.shape[-1])  # (B*T, d)
+            a = flat[batch["attention_mask"].reshape(-1).nonzero()[:, 0]].to(precision)  # (n, d)
+            if mom2 is None:
+                mom2 = a.new_zeros(a.shape[1], a.shape[1])  # (d, d)
+            count += a.shape[0]
+            mom2 += a.t().mm(a)  # (d, d)
+    return {"C": mom2 / count, "count": count, "padded": padded}
+
+
+def _fast(bm: BenchModel, texts: list[str], layer: int, dtype: torch.dtype = torch.float64
+          ) -> Any:
     return get_second_moment(bm.model, bm.tokenizer, layer, corpus=texts, n_samples=len(texts),
-                             cache=False, progress=False, checkpoint_every=None)
+                             dtype=dtype, cache=False, progress=False, checkpoint_every=None)
+
+
+def minimal_flops(bm: BenchModel, texts: list[str], layer: int) -> dict[str, float]:
+    """FLOPs of the minimal work for the input of block ``layer``'s W_out over the real tokens
+    (GPT-2 layout): the ``layer`` blocks below in full (QKV, attention output, both MLP
+    matrices) and block ``layer`` up to W_out (QKV, attention output, W_in), 2 FLOPs per
+    multiply-add, plus causal attention (QKᵀ and AV over the prefix) in the ``layer + 1``
+    blocks; layer norms, GELU and softmax are left out. ``accumulate``: the symmetric rank-n
+    update ``d_ff (d_ff + 1) n``."""
+    c = bm.model.config
+    d, dff = int(c.n_embd), bm.d_ff
+    seq_len = default_seq_len(bm.model)
+    lens = [len(bm.tokenizer(t, add_special_tokens=False, truncation=True,
+                             max_length=seq_len)["input_ids"]) for t in texts]
+    n = sum(lens)
+    full, part = 2 * (4 * d * d + 2 * d * dff), 2 * (4 * d * d + d * dff)
+    attention = (layer + 1) * sum(2 * d * L * (L + 1) for L in lens)
+    return {"tokens": n, "forward": n * (layer * full + part) + attention,
+            "accumulate": float(dff * (dff + 1) * n)}
+
+
+def gemm_rates(device: torch.device, n: int = 1536) -> dict[torch.dtype, float]:
+    """This machine's measured matrix-product rate (FLOP/s, best of 3) in float32 and float64,
+    the yardstick for "times the minimal work"."""
+    out = {}
+    for dt in (torch.float32, torch.float64):
+        a = torch.randn(n, n, dtype=dt, device=device)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ a
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        out[dt] = 2 * n ** 3 / best
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def published_rows(bm: BenchModel, texts: list[str], naive_texts: list[str], layer: int,
+                   s: Settings) -> dict[str, Any]:
+    """Package, published loop (float32 and float64) and naive loop, interleaved; prints the
+    table and returns the figures."""
+    name = get_layout(bm.model).name("mlp_out", layer)
+    variants = {
+        "package, float64 sums": lambda: _fast(bm, texts, layer, torch.float64),
+        "published loop, float64": lambda: published_second_moment(bm, texts, name,
+                                                                   precision=torch.float64),
+        "package, float32 sums": lambda: _fast(bm, texts, layer, torch.float32),
+        "published loop, float32": lambda: published_second_moment(bm, texts, name,
+                                                                   precision=torch.float32),
+    }
+    timed = time_interleaved(list(variants.values()), s)
+    res = dict(zip(variants, timed))
+    (naive_t, (C_naive, n_naive)), = time_interleaved(
+        [lambda: naive_second_moment(bm, naive_texts, name)], s, runs=1, warmup=0)
+    sub = _fast(bm, naive_texts, layer)
+    rates = gemm_rates(s.device)
+    fl = minimal_flops(bm, texts, layer)
+    n = fl["tokens"]
+    rows, out = [], {"variants": {}, "flops": fl,
+                     "gemm_rate": {str(k): v for k, v in rates.items()}}
+    for label, (t, r) in res.items():
+        ours = label.startswith("package")
+        prec = torch.float64 if "64" in label else torch.float32
+        count = r.count if ours else r["count"]
+        padded = r.meta["padded_tokens"] if ours else r["padded"]
+        C = r.mom2 if ours else r["C"]
+        t_min = fl["forward"] / rates[torch.float32] + fl["accumulate"] / rates[prec]
+        other = res[label.replace("package", "published loop").replace(" sums", "")
+                    if ours else label.replace("published loop", "package") + " sums"]
+        ratio = other[0].median / t.median if ours else 1.0
+        rows.append([label, count, padded, fmt_s(t.median), f"{t.spread} s",
+                     f"{count / t.median:,.0f}", f"{ratio:.2f}x" if ours else "1.00x",
+                     f"{t.median / t_min:.2f}x"])
+        out["variants"][label] = {"times": t.times, "tokens": count, "padded_tokens": padded,
+                                  "x_minimal": t.median / t_min, "C": C}
+    rows.append([f"naive loop ({len(naive_texts)} texts, one run)", n_naive, n_naive,
+                 fmt_s(naive_t.median), "-", f"{n_naive / naive_t.median:,.1f}", "-", "-"])
+    print_table(["path", "tokens", "padded tokens", "median", "min-max", "tokens/s",
+                 "vs published (same precision)", "time / minimal work"], rows,
+                title=f"Second moment of {name}: {len(texts)} texts, {n:,} tokens (cache off, "
+                      f"{s.runs} interleaved runs after {s.warmup} warm-up)")
+    print(f"minimal work: forward {fl['forward'] / 1e9:,.1f} GFLOP (blocks 0-{layer} up to "
+          f"W_out) + accumulation {fl['accumulate'] / 1e9:,.1f} GFLOP; measured GEMM rates "
+          f"{rates[torch.float32] / 1e9:,.1f} GFLOP/s (float32), "
+          f"{rates[torch.float64] / 1e9:,.1f} GFLOP/s (float64)")
+    v = out["variants"]
+    checks = {
+        "package vs published, float64": _rel(v["package, float64 sums"]["C"],
+                                              v["published loop, float64"]["C"]),
+        "package vs published, float32": _rel(v["package, float32 sums"]["C"],
+                                              v["published loop, float32"]["C"]),
+        "package vs naive": _rel(sub.mom2, C_naive),
+    }
+    # float32 forward passes batched differently agree to ~1e-7; float32 sums to ~1e-6
+    scale = 1.0 if s.dtype == torch.float32 else 2e4  # a bf16 model: bf16 rounding
+    tols = {"package vs published, float64": 1e-6 * scale,
+            "package vs published, float32": 1e-5 * scale, "package vs naive": 1e-6 * scale}
+    ok = all(checks[k] < tols[k] for k in checks) and sub.count == n_naive and all(
+        x["tokens"] == n for x in v.values())
+    for k, r in checks.items():
+        print(f"correctness: {k}: |ΔC|/|C| = {r:.1e} (tolerance {tols[k]:.0e})")
+    print(f"correctness: {'PASS' if ok else 'FAIL'} (and the token counts are equal)")
+    for x in v.values():
+        del x["C"]
+    out.update(checks=checks, ok=ok, naive={"tokens": n_naive, "s": naive_t.times})
+    return out
 
 
 def lightning_rows(bm: BenchModel, texts: list[str], layer: int, s: Settings
@@ -128,43 +332,19 @@ def run(s: Settings, *, texts: int | None = None, naive_texts: int | None = None
     """Run both comparisons and print their tables; returns the figures."""
     print(machine_line(s.device), flush=True)
     small = s.quick or s.model == "tiny"
-    texts = texts or (8 if small else 64)
-    naive_texts = naive_texts or (2 if small else 6)
+    texts = texts or (8 if small else 200)
+    naive_texts = naive_texts or (2 if small else 4)
     multi_texts = multi_texts or (4 if small else 16)
     bm = build_model(s.model, s.device, s.dtype, s.seed)
     layer = DEFAULT_LAYER.get(bm.name, 0)
     name = get_layout(bm.model).name("mlp_out", layer)
     corpus = wikitext(max(texts, naive_texts, multi_texts))
     print(f"model: {bm.description}")
-    print(f"statistics of {name} (d = {bm.d_ff}); WikiText-2 valid paragraphs; float64 sums; "
+    print(f"statistics of {name} (d = {bm.d_ff}); WikiText-2 valid paragraphs; "
           f"{s.runs} timed runs after {s.warmup} warm-up")
     results: dict[str, Any] = {}
-    with section("second moment: package vs naive loop"):
-        fast_t, m = time_runs(lambda: _fast(bm, corpus[:texts], layer), s)
-        sub_fast = _fast(bm, corpus[:naive_texts], layer)
-        (sub_t, _), (naive_t, (C_naive, n_naive)) = time_interleaved(
-            [lambda: _fast(bm, corpus[:naive_texts], layer),
-             lambda: naive_second_moment(bm, corpus[:naive_texts], name)], s)
-        C_fast = sub_fast.mom2.to(C_naive)
-        rel = float((C_fast - C_naive).norm() / C_naive.norm())
-        tol = 1e-6 if s.dtype == torch.float32 else 2e-2  # batched vs one-by-one rounding
-        ok = rel < tol and sub_fast.count == n_naive
-    rows = [
-        [f"get_second_moment, {texts} texts", m.count, fmt_s(fast_t.median),
-         f"{m.count / fast_t.median:,.0f}",
-         f"{(m.count / fast_t.median) / (n_naive / naive_t.median):.1f}x"],
-        [f"get_second_moment, {naive_texts} texts", sub_fast.count, fmt_s(sub_t.median),
-         f"{sub_fast.count / sub_t.median:,.0f}",
-         f"{(sub_fast.count / sub_t.median) / (n_naive / naive_t.median):.1f}x"],
-        [f"naive loop, {naive_texts} texts", n_naive, fmt_s(naive_t.median),
-         f"{n_naive / naive_t.median:,.0f}", "1.0x"],
-    ]
-    print_table(["path", "tokens", "time (median)", "tokens/s", "vs naive"], rows,
-                title="Second moment: tokens per second (cache off)")
-    print(f"correctness: {'PASS' if ok else 'FAIL'}: |C_fast − C_naive|/|C_naive| = {rel:.1e} "
-          f"over the same {naive_texts} texts ({n_naive} tokens both)")
-    results["single"] = {"fast_tokens": m.count, "fast_s": fast_t.times,
-                         "naive_tokens": n_naive, "naive_s": naive_t.times, "rel": rel, "ok": ok}
+    with section("second moment: package vs the published loop vs naive"):
+        results["single"] = published_rows(bm, corpus[:texts], corpus[:naive_texts], layer, s)
 
     layers = MULTI_LAYERS.get(bm.name, [0])
     with section("several layers: one pass vs one pass per layer"):
@@ -205,9 +385,10 @@ def run(s: Settings, *, texts: int | None = None, naive_texts: int | None = None
 def main(argv: list[str] | None = None) -> int:
     ap = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     ap.add_argument("--texts", type=int, default=None,
-                    help="texts for the package's throughput (default 64; 8 with --quick)")
+                    help="texts for the package against the published loop (default 200; 8 "
+                         "with --quick)")
     ap.add_argument("--naive-texts", type=int, default=None,
-                    help="texts for the naive loop (default 6; 2 with --quick)")
+                    help="texts for the naive loop (default 4; 2 with --quick)")
     ap.add_argument("--multi-texts", type=int, default=None,
                     help="texts for the multi-layer comparison (default 16; 4 with --quick)")
     ap.add_argument("--no-ddp", action="store_true",

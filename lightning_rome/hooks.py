@@ -11,6 +11,15 @@ Example:
     >>> with module_hooks(model, ["transformer.h.3"], retain_output=True) as rec:
     ...     model(input_ids)
     >>> h3 = rec["transformer.h.3"].output          # (B, T, d)
+
+With ``stop=True`` the pass ends as soon as every hooked module has given what was asked (its
+input, or its output when outputs are retained or edited): the blocks above and the LM head are
+not run, and ``model(...)`` returns ``None``::
+
+    >>> with module_hooks(model, ["transformer.h.3.mlp.c_proj"], retain_input=True,
+    ...                   stop=True) as rec:
+    ...     model(input_ids)                        # None: stopped before c_proj runs
+    >>> k = rec["transformer.h.3.mlp.c_proj"].input  # (B, T, d_ff)
 """
 
 from __future__ import annotations
@@ -28,6 +37,15 @@ __all__ = ["EditFn", "ModuleRecord", "first_tensor", "module_hooks", "replace_po
 EditFn = Callable[[Tensor, str], Tensor]
 """An edit function takes the module's tensor (the first element if it returns a tuple) and the
 module's name, and returns its replacement."""
+
+
+class _StopForward(Exception):
+    """Raised from a hook to cut a ``module_hooks(..., stop=True)`` pass; the wrapped
+    ``model.forward`` catches it. Seeing it means the model was called some other way."""
+
+    def __init__(self) -> None:
+        super().__init__("the forward pass was cut by module_hooks(stop=True); call the model "
+                         "given to module_hooks, inside its context")
 
 
 @dataclass
@@ -78,6 +96,7 @@ def module_hooks(
     edit_output: EditFn | Mapping[str, EditFn] | None = None,
     detach: bool = True,
     clone: bool = False,
+    stop: bool = False,
 ) -> Iterator[dict[str, ModuleRecord]]:
     """Record and/or replace the inputs and outputs of the named modules.
 
@@ -90,6 +109,10 @@ def module_hooks(
         edit_output: a function (or one per name) that replaces the module's (first) output.
         detach: detach recorded tensors from the graph (set False to backprop through them).
         clone: copy recorded tensors (needed when a later in-place op would change them).
+        stop: end each pass once every named module has been reached: right after its input
+            hook when only its input is recorded or edited, after it has run when its output is
+            wanted. ``model(...)`` (the ``model`` given here) then returns ``None``. Each call
+            of the model is a new pass.
 
     Yields:
         A dict from module name to :class:`ModuleRecord`, filled in by each forward pass (the
@@ -99,7 +122,7 @@ def module_hooks(
     Raises:
         AttributeError: a name is not a submodule of ``model`` (nothing is hooked then).
         ValueError: a mapping of edit functions names a module not in ``names`` (it would
-            silently never run).
+            silently never run), or ``stop`` with nothing to record or edit.
     """
     if isinstance(names, str):  # one name, not an iterable of its characters
         names = [names]
@@ -111,6 +134,18 @@ def module_hooks(
                              f"{sorted(set(fn) - set(names))}; add them to names")
     records = {n: ModuleRecord() for n in names}
     handles: list[torch.utils.hooks.RemovableHandle] = []
+    # stop: the modules whose output is wanted stop the pass after running, the others before
+    after = {n for n in names if retain_output or _resolve(edit_output, n) is not None}
+    before = {n for n in names if n not in after
+              and (retain_input or _resolve(edit_input, n) is not None)}
+    if stop and not after | before:
+        raise ValueError("stop=True needs something to record or edit")
+    reached: set[str] = set()  # the modules reached in the current pass
+
+    def reach(name: str) -> None:
+        reached.add(name)
+        if len(reached) == len(after | before):
+            raise _StopForward
 
     def pre_hook(name: str) -> Callable[..., Any]:
         fn = _resolve(edit_input, name)
@@ -127,6 +162,8 @@ def module_hooks(
                 x = fn(x, name)
             if retain_input:
                 records[name].input = _keep(x, detach, clone)
+            if stop and name in before:
+                reach(name)
             if fn is None:
                 return None
             if key is None:
@@ -143,20 +180,42 @@ def module_hooks(
                 output = _replace_first(output, fn(first_tensor(output), name))
             if retain_output:
                 records[name].output = _keep(first_tensor(output), detach, clone)
+            if stop:
+                reach(name)
             return output if fn is not None else None
 
         return hook
 
+    own_forward = "forward" in vars(model)  # an instance attribute (e.g. set by accelerate)
+    saved_forward = vars(model).get("forward")
     try:
         for n, m in modules.items():
             if retain_input or _resolve(edit_input, n) is not None:
                 handles.append(m.register_forward_pre_hook(pre_hook(n), with_kwargs=True))
             if retain_output or _resolve(edit_output, n) is not None:
                 handles.append(m.register_forward_hook(post_hook(n)))
+        if stop:
+            inner = model.forward
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                reached.clear()
+                try:
+                    return inner(*args, **kwargs)
+                except _StopForward:
+                    return None
+                finally:
+                    reached.clear()
+
+            model.forward = forward  # type: ignore[method-assign]
         yield records
     finally:
         for h in handles:
             h.remove()
+        if stop:
+            if own_forward:
+                model.forward = saved_forward  # type: ignore[method-assign]
+            else:
+                vars(model).pop("forward", None)
 
 
 def replace_positions(positions: Tensor | list[int] | int, values: Tensor,

@@ -9,7 +9,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SecondMoment"]
+__all__ = ["SecondMoment", "add_gram"]
+
+_BLOCKS = 8  # column blocks of the symmetric product
+_BLOCKED_MIN_D = 1024  # below this dimension (or few rows) one addmm is as fast
+_BLOCKED_MIN_N = 64
+
+
+@torch.no_grad()
+def add_gram(S: Tensor, k: Tensor) -> None:
+    """``S += kᵀ k`` in place, for a symmetric ``S`` ``(d, d)`` and keys ``k`` ``(n, d)`` of
+    the same dtype.
+
+    For large ``d`` only the block upper triangle is multiplied (``_BLOCKS`` column blocks:
+    ``(b + 1) / 2b`` of the full product's FLOPs) and the strictly lower blocks are copied
+    from it, so ``S`` stays exactly symmetric off the diagonal blocks.
+    """
+    n, d = k.shape
+    if d < _BLOCKED_MIN_D or n < _BLOCKED_MIN_N:
+        S.addmm_(k.T, k)  # (d, d) += (d, n) @ (n, d)
+        return
+    w = -(-d // _BLOCKS)
+    for i in range(0, d, w):
+        S[i:i + w, i:].addmm_(k[:, i:i + w].T, k[:, i:])  # (w, d - i) += (w, n) @ (n, d - i)
+    for i in range(0, d - w, w):
+        S[i + w:, i:i + w] = S[i:i + w, i + w:].T  # (d - i - w, w): the mirrored blocks
 
 
 @dataclass
@@ -109,7 +133,7 @@ class SecondMoment:
         if mask is not None:
             k = k[mask.reshape(-1).to(device=k.device, dtype=torch.bool)]  # (n, d)
         k = k.to(device=self.mom2_sum.device, dtype=self.mom2_sum.dtype)  # (n, d)
-        self.mom2_sum.addmm_(k.T, k)  # (d, d) += (d, n) @ (n, d)
+        add_gram(self.mom2_sum, k)  # (d, d) += (d, n) @ (n, d)
         if self.k_sum is not None:
             self.k_sum.add_(k.sum(0))  # (d,)
         self.count += int(k.shape[0])
