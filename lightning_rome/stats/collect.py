@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.hooks import ModuleRecord, module_hooks
 from lightning_rome.models import canonical_weight, get_layout
+from lightning_rome.models.modes import eval_mode
 from lightning_rome.stats.cache import (
     load_second_moments,
     partial_path,
@@ -310,19 +311,6 @@ def _hooks(model: nn.Module, names: Sequence[str], stop_early: bool) -> Any:
     return module_hooks(model, names, retain_input=True, stop=stop_early)
 
 
-class _EvalMode:
-    """Put the model in eval mode (no dropout) and restore its mode afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was_training)
-
-
 def _progress(total: int | None, enabled: bool | None, desc: str) -> Any:
     return progress_bar(total, desc, enabled=enabled, unit="text")
 
@@ -421,7 +409,7 @@ def collect_second_moments(
     window = min(sort_window, checkpoint_every) if checkpoint_every else sort_window
     n_texts, last_ckpt, tokens, padded, t0 = skip, skip, 0, 0, time.perf_counter()
     try:
-        with _EvalMode(model), _hooks(model, modules, stop_early) as records:
+        with eval_mode(model), _hooks(model, modules, stop_early) as records:
             for chunk in _windows(rows, window):
                 for batch in sorted_batches(chunk, batch_size=batch_size,
                                             batch_tokens=batch_tokens):
