@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import codecs
 import os
+import re
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -589,6 +591,123 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
+#: ``--model.init_args.hparams.FIELD VALUE`` (or ``--model.hparams.FIELD=VALUE``).
+_HPARAM_FIELD = re.compile(r"^--model\.(?:init_args\.)?hparams\.([A-Za-z_]\w*)(?:=(.*))?$", re.S)
+#: The method whose presets a module's ``hparams`` names (EditEvaluator: its ``editor``).
+_MODULE_METHODS = {"MENDModule": "mend", "KEModule": "ke", "FTModule": "ft"}
+
+
+def _split_hparam_fields(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take the per-field hparams overrides out of ``argv`` (values read as YAML)."""
+    import yaml
+
+    rest: list[str] = []
+    fields: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        m = _HPARAM_FIELD.match(argv[i])
+        if m is None:
+            rest.append(argv[i])
+            i += 1
+            continue
+        if m.group(2) is not None:
+            value, i = m.group(2), i + 1
+        elif i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        else:
+            raise ValueError(f"{argv[i]} needs a value")
+        try:
+            fields[m.group(1)] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{argv[i - 1]}: not a YAML value: {_yaml_problem(e)}") from None
+    return rest, fields
+
+
+def _merged_hparams(base: Any, method: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (a preset name, a YAML file, a mapping or ``None``) with ``fields`` replaced."""
+    from lightning_rome.editing.hparams import load_preset_file
+
+    if base is None:
+        settings: dict[str, Any] = {}
+    elif isinstance(base, str) and base.endswith((".yaml", ".yml")):
+        settings = _read_hparams_file(base)
+    elif isinstance(base, str):
+        if method is None:
+            raise ValueError(f"hparams {base!r}: cannot tell which method's preset it names")
+        presets = load_preset_file(method)
+        if base not in presets:
+            raise ValueError(f"unknown {method} preset {base!r} (--model.init_args.hparams); "
+                             f"known: {sorted(presets)}")
+        settings = dict(presets[base])
+    elif hasattr(base, "as_dict"):
+        settings = base.as_dict()
+    elif isinstance(base, dict):
+        settings = dict(base)
+    elif hasattr(base, "to_dict"):
+        settings = base.to_dict()
+    else:
+        raise TypeError(f"cannot override fields of hparams of type {type(base).__name__}")
+    return {**settings, **fields}
+
+
+def _class_help(name: str, root: str = "model") -> str:
+    """A short help for one of the package's classes: each init argument with its type,
+    default and the first line of its docstring entry (no list of every ``torch.nn`` class)."""
+    import importlib
+    import inspect
+
+    cls = None
+    for pkg, names in _SHORT_NAMES.items():
+        mod = {"modules": "lightning_rome.modules", "data": "lightning_rome.data",
+               "callbacks": "lightning_rome.callbacks"}[pkg]
+        if name in names or (name.rsplit(".", 1)[-1] in names
+                             and name.startswith("lightning_rome")):
+            short = name.rsplit(".", 1)[-1]
+            module = importlib.import_module(mod)
+            cls = getattr(module, short, None)
+            if cls is None and short == "CausalTraceCallback":
+                cls = importlib.import_module("lightning_rome.callbacks.trace").CausalTraceCallback
+            if cls is not None:
+                break
+    if cls is None:
+        raise ValueError(f"unknown class {name!r}; the package's: "
+                         f"{', '.join(n for ns in _SHORT_NAMES.values() for n in ns)}")
+    doc = inspect.getdoc(cls) or ""
+    described: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    in_args = False
+    for line in doc.splitlines():
+        if line.strip() in ("Args:", "Arguments:"):
+            in_args = True
+            continue
+        if not in_args:
+            continue
+        if line and not line.startswith(" "):
+            break
+        m = re.match(r"^ {4}([\w, *]+): (.*)$", line)
+        if m:
+            current = [m.group(2).strip()]
+            for arg in m.group(1).split(","):
+                described[arg.strip().lstrip("*")] = current
+        elif current is not None and line.startswith(" " * 6):
+            current.append(line.strip())
+    sig = inspect.signature(cls.__init__)
+    lines = [f"{cls.__module__}.{cls.__name__}: {doc.splitlines()[0] if doc else ''}", "",
+             f"init arguments (--{root}.NAME VALUE on the command line, NAME: under init_args "
+             "in YAML):"]
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        ann = p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(
+            p.annotation)
+        default = "required" if p.default is p.empty else f"default: {p.default!r}"
+        lines.append(f"  --{root}.{p.name}: {ann} ({default})")
+        if p.name in described:
+            lines += textwrap.wrap(" ".join(described[p.name]), 96, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
 def _lightning_cli(argv: Sequence[str] | None) -> int:
     """``fit``/``validate``/``test``/``predict`` through LightningCLI (``argv`` includes the
     subcommand; ``None`` reads ``sys.argv``)."""
@@ -602,12 +721,33 @@ def _lightning_cli(argv: Sequence[str] | None) -> int:
     import lightning_rome.data
     import lightning_rome.modules  # noqa: F401
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(args):  # the package's own short class help
+        for flag in ("--model.help", "--data.help", "--trainer.callbacks.help"):
+            if (a == flag and i + 1 < len(args)) or a.startswith(flag + "="):
+                name = a.split("=", 1)[1] if "=" in a else args[i + 1]
+                print(_class_help(name, flag[2:].removesuffix(".help")))
+                return 0
+    args, fields = _split_hparam_fields(args)
+
+    class CLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            if not fields:
+                return
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            init = cfg["model"]["init_args"]
+            cls_name = str(cfg["model"]["class_path"]).rsplit(".", 1)[-1]
+            editor = init.get("editor") if hasattr(init, "get") else None
+            method = editor if isinstance(editor, str) else _MODULE_METHODS.get(cls_name)
+            init["hparams"] = _merged_hparams(init.get("hparams"), method, fields)
+
     with warnings.catch_warnings():
         # Called from Python with explicit args (tests, scripts): not a mistake.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        LightningCLI(args=None if argv is None else list(argv), subclass_mode_model=True,
-                     subclass_mode_data=True, save_config_kwargs={"overwrite": True},
-                     auto_configure_optimizers=False)
+        no_exit = {"exit_on_error": False}
+        CLI(args=args, subclass_mode_model=True, subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+            parser_kwargs={**no_exit, **{c: dict(no_exit) for c in LIGHTNING_SUBCOMMANDS}})
     return 0
 
 
@@ -622,6 +762,15 @@ def _one_line(cmd: str, e: BaseException) -> str:
     text = str(e).strip()
     if isinstance(e, yaml.YAMLError):  # the problem and where it is, on one line
         msg = _yaml_problem(e)
+    elif isinstance(e, argparse.ArgumentError):  # jsonargparse: the problem and where, joined
+        msg = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+        msg = msg if len(msg) <= 400 else msg[:400] + " ..."
+
+    elif "Does not validate against any of the Union subtypes" in text:
+        # jsonargparse wraps an error raised while building a class: show that error.
+        causes = [line.strip()[2:] for line in text.splitlines()
+                  if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+        msg = causes[0] if causes else text.splitlines()[0]
     else:
         msg = text.splitlines()[0] if text else type(e).__name__
     for py, flag in _FLAG_HINTS.get(cmd, {}).items():
@@ -636,7 +785,7 @@ def _run_guarded(cmd: str, run: Callable[[], int]) -> int:
 
     try:
         return run()
-    except (*_user_errors(), yaml.YAMLError) as e:
+    except (*_user_errors(), yaml.YAMLError, argparse.ArgumentError) as e:
         if os.environ.get("LIGHTNING_ROME_DEBUG"):
             raise
         print(f"lightning-rome {cmd}: error: {type(e).__name__}: {_one_line(cmd, e)}",
