@@ -805,6 +805,25 @@ def load_results(folder: str | os.PathLike[str], pattern: str = "cases.rank*.jso
 
 
 # ---------------------------------------------------------------------------------- module
+def _warn_if_no_edit_took(method: str, editor: Any, post: Mapping[str, MetricCI]) -> None:
+    """Warn when no edit succeeded on any case (ES, or zsRE efficacy, 0): the editor's settings
+    (the layer above all) most likely do not fit the model, which is otherwise a silent 0."""
+    key = "post/ES" if "post/ES" in post else "post/efficacy"
+    r = post.get(key)
+    if r is None or r["mean"] > 0.0:
+        return
+    hp = getattr(editor, "hparams", None)
+    where = ""
+    if hp is not None:
+        fields = hp.to_dict() if hasattr(hp, "to_dict") else {}
+        layers = fields.get("layer", fields.get("layers"))
+        where = f" (edited layer(s) {layers})" if layers is not None else ""
+    rank_zero_warn(
+        f"{method}: efficacy is 0 on all {r['n']} cases{where}: the hyperparameters probably do "
+        "not fit this model (a preset for another model, the wrong layer or token); trace the "
+        "model to choose the layer, or pass hparams (CLI: --hparams, --layer)")
+
+
 def _strip(results: Mapping[str, MetricCI], prefix: str) -> dict[str, MetricCI]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in results.items()}
 
@@ -960,8 +979,12 @@ class EditEvaluator(pl.LightningModule):
             return
         self.kind = kind
         opts = dict(generation=self.generation, tfidf=self.tfidf, snippets=self.snippets)
-        self.pre_metrics = make_metrics(kind, "pre/", **opts) if self.baseline else None
-        self.post_metrics = make_metrics(kind, "post/", **opts)
+        if self.editor is None:  # the unedited model: its one measurement is named pre/
+            self.pre_metrics = None
+            self.post_metrics = make_metrics(kind, "pre/", **opts)
+        else:
+            self.pre_metrics = make_metrics(kind, "pre/", **opts) if self.baseline else None
+            self.post_metrics = make_metrics(kind, "post/", **opts)
         for m in (self.pre_metrics, self.post_metrics):
             if m is not None:
                 m.to(self.device)
@@ -1108,13 +1131,6 @@ class EditEvaluator(pl.LightningModule):
                           on_error=self.on_error, verify_revert=self.verify_revert,
                           on_result=on_result)
         self._counts["evaluated"] += len(records)
-        ok = [r for r in records if r["status"] == "ok" and r["post"] is not None]
-        if ok and self.kind == "counterfact":
-            es = [float(sum(a > b for a, b in zip(r["post"]["rewrite"]["p_new"],
-                                                  r["post"]["rewrite"]["p_true"]))
-                        / len(r["post"]["rewrite"]["p_new"])) for r in ok]
-            self.log("post/ES_batch", sum(es) / len(es), batch_size=len(ok), on_step=True,
-                     on_epoch=False)
 
     # ------------------------------------------------------------------ summary
     @override
@@ -1123,19 +1139,22 @@ class EditEvaluator(pl.LightningModule):
             self._make_metrics(self.kind or "counterfact")
         pre = compute_results(self.pre_metrics) if self.pre_metrics is not None else {}
         post = compute_results(self.post_metrics)  # type: ignore[arg-type]
+        if self.editor is None:  # the unedited model's scores are its pre/ scores
+            pre, post = post, {}
         edit = compute_results(self.edit_metrics)
         n_cases = edit.get("edit/error_rate", {}).get("n", 0)
         n_errors = round(edit.get("edit/error_rate", {}).get("mean", 0.0) * n_cases)
         values = {k: v["mean"] for k, v in {**pre, **post, **edit}.items()}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-            for k, v in values.items():
-                self.log(k, float(v), sync_dist=False)
+        for k, v in values.items():
+            # Already reduced over every rank by the metrics: the mean of equal values is exact.
+            self.log(k, float(v), sync_dist=True)
+        if self.editor is not None and n_cases > n_errors:
+            _warn_if_no_edit_took(self.method, self.editor, post)
         rows: dict[str, dict[str, MetricCI]] = {}
         if pre:
             rows[f"{self.label} (pre-edit)" if self.editor is not None else self.label] = \
                 _strip(pre, "pre/")
-        if self.editor is not None or not pre:
+        if self.editor is not None:
             rows[self.label] = _strip(post, "post/")
         table = summary_table(rows) if any(rows.values()) else ""
         self.results = {
