@@ -203,12 +203,17 @@ def _check_counterfact(results: Path, n: int) -> dict:
     return summary
 
 
-def _scalars(logdir: Path) -> dict[str, float]:
+def _events(logdir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     [events] = list(logdir.rglob("events.out.tfevents.*"))
     acc = EventAccumulator(str(events))
     acc.Reload()
+    return acc
+
+
+def _scalars(logdir: Path) -> dict[str, float]:
+    acc = _events(logdir)
     return {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()["scalars"]}
 
 
@@ -222,6 +227,9 @@ def test_tiny_rome_counterfact(full, in_tmp, fact_model_path):
     logged = _scalars(out / "tb")
     assert logged["post/ES"] == pytest.approx(summary["post"]["post/ES"]["mean"], abs=1e-6)
     assert "pre/NS" in logged and "edit/patch_norm" in logged
+    # No clutter: no hp_metric placeholder, no per-batch scalars; the summary table as text.
+    assert "hp_metric" not in logged and not any(t.endswith("_batch") for t in logged), logged
+    assert any(t.startswith("summary/ROME") for t in _events(out / "tb").Tags()["tensors"])
     header = json.loads((out / "results" / "run.json").read_text())
     assert header["hparams"]["layer"] == 0  # the tiny override replaced the gpt2-xl preset
 

@@ -1168,6 +1168,12 @@ class EditEvaluator(pl.LightningModule):
                   f"{n_cases} cases, {n_errors} errors. Values × 100, ± 95% CI.\n\n{table}\n")
             with atomic_path(self.results_dir / "summary.md") as tmp:
                 tmp.write_text(md, encoding="utf-8")
+        if self.trainer.is_global_zero and table:
+            for logger in self.loggers:  # the table as text in TensorBoard (Markdown renders)
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_text"):
+                    experiment.add_text(f"summary/{self.label}", table,
+                                        global_step=self.global_step)
             if self.verbose:
                 print(f"\n{table}\n")
 
