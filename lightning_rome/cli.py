@@ -512,6 +512,18 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
                    "per-case JSONL, summary)")
 
 
+def _trainer_device(device: str | None) -> dict[str, Any]:
+    """The Trainer's ``accelerator``/``devices`` for ``--device`` (default: Lightning's auto)."""
+    if device is None:
+        return {"accelerator": "auto", "devices": 1}
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return {"accelerator": "gpu", "devices": [dev.index or 0]}
+    return {"accelerator": dev.type, "devices": 1}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -542,7 +554,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     trainer = pl.Trainer(default_root_dir=out, logger=TensorBoardLogger(out, name="tb",
                                                                          default_hp_metric=False),
                          enable_checkpointing=False, enable_progress_bar=True,
-                         enable_model_summary=False, accelerator="auto", devices=1)
+                         enable_model_summary=False, **_trainer_device(args.device))
     trainer.test(evaluator, datamodule=dm)
     return 0
 

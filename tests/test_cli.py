@@ -311,3 +311,12 @@ def test_trace_window_defaults_to_depth_and_validates_before_writing(model_dir, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b-hidden.png", "b-mlp.png"]
     assert main([*base, "--out", str(tmp_path / "c.xyz")]) == 2
     assert "unknown image type" in capsys.readouterr().err
+
+
+def test_evaluate_runs_the_trainer_on_the_given_device():
+    from lightning_rome.cli import _trainer_device
+
+    assert _trainer_device(None) == {"accelerator": "auto", "devices": 1}
+    assert _trainer_device("cpu") == {"accelerator": "cpu", "devices": 1}
+    assert _trainer_device("cuda:1") == {"accelerator": "gpu", "devices": [1]}
+    assert _trainer_device("cuda") == {"accelerator": "gpu", "devices": [0]}

@@ -859,7 +859,8 @@ class EditEvaluator(pl.LightningModule):
             ``"ft-l"``, ``"kn"``, ...) or any object with ``edit(model, tokenizer, requests) ->
             WeightPatch`` (ROME, MEMIT, FT, FTL, KN, MEND, KE, ...).
         hparams: the method's hyperparameters (a dataclass, dict, preset name or YAML path), with
-            a method name.
+            a method name; ``None`` chooses them from the model
+            (:func:`lightning_rome.presets.for_model`).
         mode: ``"independent"`` (each case edited alone; the COUNTERFACT/zsRE tables) or
             ``"sequential"`` (the cases of each test batch are edited one after another without
             reverting and then evaluated together: set the DataModule's ``batch_size`` to the
@@ -926,6 +927,13 @@ class EditEvaluator(pl.LightningModule):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.model, self.tokenizer = resolve_model(model, tokenizer)
+        if (hparams is None and isinstance(editor, str)
+                and editor.lower() not in ("none", "baseline")):
+            from lightning_rome.presets import for_model
+
+            # No settings: the preset for this model's family and size, else settings from
+            # its depth (one PresetNotice saying which), never GPT-2 XL's on another model.
+            hparams = for_model(editor, self.model)
         self.editor = resolve_editor(editor, hparams)
         self.method = editor_name(self.editor)
         self.mode = mode

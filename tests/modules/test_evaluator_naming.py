@@ -86,3 +86,12 @@ def test_efficacy_zero_on_every_case_warns(lm, tmp_path):
         warnings.filterwarnings("ignore", message="(?!.*efficacy is 0)")
         ev = _run(model, tok, tmp_path / "fixed", FixedEditor(scale=3.0), cases=CASES)
     assert ev.results["post"]["post/ES"]["mean"] > 0.0
+
+
+def test_a_method_name_without_hparams_gets_settings_for_the_model(lm):
+    from lightning_rome.presets import PresetNotice
+
+    model, tok = lm  # 2 layers: GPT-2 XL's layer 17 would be out of range
+    with pytest.warns(PresetNotice, match="derived from its depth: layer 0"):
+        ev = EditEvaluator(model, tok, "rome")
+    assert ev.editor.hparams.layer == 0
