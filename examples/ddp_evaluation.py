@@ -3,8 +3,10 @@ processes.
 
 Each process edits, scores and reverts its own share of the cases (no case twice) on its own
 replica of the model and appends its results to ``cases.rank{r}.jsonl``; the metrics are
-synchronised at the end and rank zero writes ``summary.json`` / ``summary.md``. Offline on CPU
-with ``ddp_spawn`` and the small fact model by default::
+synchronised at the end and rank zero writes ``summary.json`` / ``summary.md``; the numbers are
+those of a single-process run (``--devices 1 --strategy auto``). Offline on CPU with
+``ddp_spawn`` and, by default, the demo's COUNTERFACT model (it knows the true facts of the first
+cases of ``counterfact-val.json``, so ES/PS/NS mean something) with its ``demo-model`` preset::
 
     python examples/ddp_evaluation.py --devices 2 --cases 4
     python examples/ddp_evaluation.py --model gpt2-xl --hparams gpt2-xl --accelerator gpu \\
@@ -46,8 +48,9 @@ class SpawnSafeEditor:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="hub name or local folder (default: the "
-                   "offline fact model)")
-    p.add_argument("--hparams", default=None, help="ROME preset (default: fact-model)")
+                   "offline COUNTERFACT demo model)")
+    p.add_argument("--hparams", default=None, help="ROME preset (default: demo-model, or "
+                   "gpt2-xl with --model)")
     p.add_argument("--data", default="counterfact/counterfact-val.json",
                    help="COUNTERFACT file (relative to $LIGHTNING_ROME_DATA)")
     p.add_argument("--cases", type=int, default=4)
@@ -58,10 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.model is None:
-        from lightning_rome.testing import get_fact_model
+        from lightning_rome.testing import get_counterfact_model
 
-        model: Any = str(get_fact_model().path)  # each process loads its own replica
-        hparams = args.hparams or "fact-model"
+        model: Any = str(get_counterfact_model().path)  # each process loads its own replica
+        hparams = args.hparams or "demo-model"
     else:
         model, hparams = args.model, args.hparams or "gpt2-xl"
     out = Path(args.out)

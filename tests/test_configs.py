@@ -109,18 +109,55 @@ def test_hypernetwork_configs_name_the_published_settings(name, monkeypatch, cap
 
 
 def test_lightning_help_lists_the_package_classes(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["test", "--model.help", "EditEvaluator"])
-    assert e.value.code == 0
+    assert main(["test", "--model.help", "EditEvaluator"]) == 0
     out = capsys.readouterr().out
     for arg in ("--model.editor", "--model.hparams", "--model.results_dir", "--model.mode"):
         assert arg in out
-    with pytest.raises(SystemExit):
-        main(["fit", "--trainer.callbacks.help", "ROMECallback"])
+    # Short: the arguments and their docs, not every torch.nn subclass that fits `model`.
+    assert len(out.splitlines()) < 100 and "torch.nn.Identity" not in out
+    assert "(default: 'independent')" in out and "--model.model: nn.Module | str (required)" in out
+    assert main(["fit", "--trainer.callbacks.help", "ROMECallback"]) == 0
     assert "--trainer.callbacks.requests" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["test", "--data.help", "KnownFactsDataModule"])
+    assert main(["test", "--data.help=KnownFactsDataModule"]) == 0
     assert "--data.limit" in capsys.readouterr().out
+    assert main(["test", "--model.help", "NoSuchModule"]) == 2
+    assert "unknown class 'NoSuchModule'" in capsys.readouterr().err
+
+
+def test_a_python_tag_in_a_config_is_one_line(tmp_path, capsys):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("model:\n  class_path: EditEvaluator\n  init_args:\n"
+                    "    model: !!python/object/apply:os.system ['echo hi']\n")
+    assert main(["test", "--config", str(evil)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "python/object" in err and "line 4" in err
+
+
+def test_nested_hparams_overrides_merge_with_the_preset(monkeypatch, capsys):
+    """``--model.init_args.hparams.FIELD VALUE`` replaces one field of the config's preset (the
+    rest of the preset is kept) and reaches the module."""
+    import lightning_rome.models.loading as loading
+    import lightning_rome.modules.evaluator as ev
+
+    seen = {}
+
+    def fake_resolve_editor(editor, hparams=None):
+        seen["hparams"] = hparams
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(loading, "resolve_model", lambda model, tok=None: (None, None))
+    monkeypatch.setattr(ev, "resolve_editor", fake_resolve_editor)
+    assert main(["test", "--config", str(CONFIGS / "rome-gpt2xl-counterfact.yaml"),
+                 "--config", str(CONFIGS / "tiny" / "rome-counterfact.yaml"),
+                 "--model.init_args.hparams.fact_token", "last", "--model.hparams.layer=2"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    from lightning_rome.editing.hparams import load_preset_file
+
+    assert seen["hparams"] == {**load_preset_file("rome")["fact-model"], "fact_token": "last",
+                               "layer": 2}
+    assert main(["test", "--config", str(CONFIGS / "rome-gpt2xl-counterfact.yaml"),
+                 "--model.init_args.hparams", "nope", "--model.hparams.layer", "1"]) == 2
+    assert "unknown rome preset 'nope'" in capsys.readouterr().err
 
 
 def test_a_missing_data_file_is_one_line(in_tmp, fact_model_path, capsys):
@@ -166,12 +203,17 @@ def _check_counterfact(results: Path, n: int) -> dict:
     return summary
 
 
-def _scalars(logdir: Path) -> dict[str, float]:
+def _events(logdir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     [events] = list(logdir.rglob("events.out.tfevents.*"))
     acc = EventAccumulator(str(events))
     acc.Reload()
+    return acc
+
+
+def _scalars(logdir: Path) -> dict[str, float]:
+    acc = _events(logdir)
     return {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()["scalars"]}
 
 
@@ -185,6 +227,9 @@ def test_tiny_rome_counterfact(full, in_tmp, fact_model_path):
     logged = _scalars(out / "tb")
     assert logged["post/ES"] == pytest.approx(summary["post"]["post/ES"]["mean"], abs=1e-6)
     assert "pre/NS" in logged and "edit/patch_norm" in logged
+    # No clutter: no hp_metric placeholder, no per-batch scalars; the summary table as text.
+    assert "hp_metric" not in logged and not any(t.endswith("_batch") for t in logged), logged
+    assert any(t.startswith("summary/ROME") for t in _events(out / "tb").Tags()["tensors"])
     header = json.loads((out / "results" / "run.json").read_text())
     assert header["hparams"]["layer"] == 0  # the tiny override replaced the gpt2-xl preset
 

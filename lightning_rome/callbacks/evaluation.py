@@ -71,6 +71,23 @@ def load_cases(cases: Any, *, dataset: Literal["counterfact", "zsre"] = "counter
     return out
 
 
+def _no_validation_loop(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+    """Why a ``fit`` will run no validation epoch (``None``: it will run them)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("validation_step", pl_module):
+        return f"{type(pl_module).__name__} has no validation_step"
+    if trainer.limit_val_batches == 0:
+        return "limit_val_batches=0"
+    # Lightning's own check (`_DataConnector`): val dataloaders passed to fit, or a module /
+    # DataModule that defines val_dataloader.
+    source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None),
+                     "_data_source", None)
+    if source is not None and not source.is_defined():
+        return "no val_dataloader"
+    return None
+
+
 class EditEvaluation(Callback):
     """Evaluate a fixed set of edit cases every few epochs of a ``fit`` and log the metrics.
 
@@ -100,7 +117,9 @@ class EditEvaluation(Callback):
         hparams: the method's hyperparameters, with a method name.
         every_n_epochs: evaluate after every n-th epoch.
         when: ``"validation_epoch_end"`` (default; not during the sanity check) or
-            ``"train_epoch_end"``.
+            ``"train_epoch_end"``. A ``fit`` with no validation loop (no ``validation_step``,
+            no val dataloader, or ``limit_val_batches=0``) is refused at setup with the
+            default, which would never run there.
         at_fit_start: also evaluate once when ``fit`` starts (logged at step 0).
         mode: ``"independent"`` or ``"sequential"`` (all cases edited one after another).
         dataset: for a file path, ``"counterfact"`` or ``"zsre"``.
@@ -196,6 +215,12 @@ class EditEvaluation(Callback):
             raise MisconfigurationException(
                 f"EditEvaluation does not support sharded strategies ({name}): edits need the "
                 "full parameters on each rank; use DDP or a single device")
+        if stage == "fit" and self._when == "validation_epoch_end":
+            why = _no_validation_loop(trainer, pl_module)
+            if why:
+                raise MisconfigurationException(
+                    f"EditEvaluation(when='validation_epoch_end') would never run: this fit has "
+                    f"no validation loop ({why}); pass when='train_epoch_end' or add validation")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

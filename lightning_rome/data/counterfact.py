@@ -34,7 +34,8 @@ class CounterFactDataModule(EditCaseDataModule):
 
     1. a split's own file (``test_split="counterfact/counterfact-val.json"``), else ``path``;
        relative paths are looked up under ``data_dir`` / ``$LIGHTNING_ROME_DATA`` first;
-    2. ``counterfact.json`` or ``counterfact/counterfact.json`` under ``data_dir`` /
+    2. ``counterfact.json``, ``counterfact/counterfact.json`` or (the offline folder's
+       evaluation split) ``counterfact/counterfact-val.json`` under ``data_dir`` /
        ``$LIGHTNING_ROME_DATA``;
     3. ``url`` (ROME's release), downloaded once by :meth:`prepare_data` into
        ``$LIGHTNING_ROME_CACHE/data``. Offline (``HF_DATASETS_OFFLINE=1``, or no network), an
@@ -79,7 +80,10 @@ class CounterFactDataModule(EditCaseDataModule):
     """
 
     what: ClassVar[str] = "COUNTERFACT"
-    default_files: ClassVar[tuple[str, ...]] = ("counterfact.json", "counterfact/counterfact.json")
+    default_files: ClassVar[tuple[str, ...]] = (
+        "counterfact.json", "counterfact/counterfact.json",
+        # The offline folder's evaluation split (`$LIGHTNING_ROME_DATA/counterfact/`).
+        "counterfact/counterfact-val.json")
 
     def __init__(
         self,

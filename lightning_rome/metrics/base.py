@@ -68,6 +68,9 @@ class CaseMeanMetric(MetricWithCI):
     higher_is_better = True
     full_state_update = False
     _state_prefix = "case"
+    #: The interval: ``"normal"`` (mean ± 1.96 s.e., clipped to the metric's plot bounds when
+    #: it has both) or ``"wilson"`` (success rates: the Wilson score interval inside them).
+    ci_method: str = "normal"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -113,7 +116,11 @@ class CaseMeanMetric(MetricWithCI):
                 f"{type(self).__name__} has no cases to average: call update() with at least "
                 "one case first"
             )
-        return _mean_ci_from_sums(total, total_sq, n)
+        lo = getattr(self, "plot_lower_bound", None)
+        hi = getattr(self, "plot_upper_bound", None)
+        bounds = (float(lo), float(hi)) if lo is not None and hi is not None else None
+        return _mean_ci_from_sums(total, total_sq, n, bounds=bounds,
+                                  wilson=self.ci_method == "wilson")
 
 
 class CaseMean(CaseMeanMetric):

@@ -157,7 +157,7 @@ def compute_with_ci(metrics: MetricCollection | Mapping[str, Metric] | MetricWit
         ...                neighborhood_correct=[[True, False], [True, True]])
         >>> r = compute_with_ci(metrics)["efficacy"]
         >>> r["mean"], round(r["ci_low"], 3), round(r["ci_high"], 3), r["n"]
-        (0.5, -0.48, 1.48, 2)
+        (0.5, 0.095, 0.905, 2)
     """
     if isinstance(metrics, MetricWithCI):
         return metrics.compute_with_ci()
@@ -224,7 +224,9 @@ def summary_table(
     digits: int = 1,
     rich: bool = False,
 ) -> Any:
-    """Format results as a row (or rows) of the papers' tables: ``mean ± half-width``, × 100.
+    """Format results as a row (or rows) of the papers' tables, × 100: ``mean ± half-width``
+    for a symmetric interval, ``mean [low, high]`` for an asymmetric one (the Wilson interval of
+    a rate, or an interval clipped to the metric's range).
 
     Args:
         results: ``{key: result}`` for one row, where a result is a ``compute_with_ci()`` dict,
@@ -259,10 +261,13 @@ def summary_table(
         cells: dict[str, str] = {}
         for key, r in to_percent(row, scale).items():
             name = key[len(prefix) :] if prefix and key.startswith(prefix) else key
-            half = (r["ci_high"] - r["ci_low"]) / 2
             cell = f"{r['mean']:.{digits}f}"
-            if math.isfinite(half):
-                cell += f" ± {half:.{digits}f}"
+            lo, hi = r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]
+            if math.isfinite(lo) and math.isfinite(hi):
+                if abs(lo - hi) < 0.5 * 10.0 ** -digits:  # symmetric as shown: mean ± half
+                    cell += f" ± {(lo + hi) / 2:.{digits}f}"
+                else:  # Wilson or clipped to the metric's range: the interval itself
+                    cell += f" [{r['ci_low']:.{digits}f}, {r['ci_high']:.{digits}f}]"
             cells[name] = cell
             if name not in keys:
                 keys.append(name)

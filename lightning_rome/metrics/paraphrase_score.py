@@ -33,6 +33,7 @@ class ParaphraseScore(CaseMeanMetric):
     higher_is_better = True
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
+    ci_method = "wilson"
     _state_prefix = "ps"
 
     def __init__(self, score_type: ScoreType = "nll", **kwargs: Any) -> None:

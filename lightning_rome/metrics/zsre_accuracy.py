@@ -35,6 +35,7 @@ class ZsREAccuracy(CaseMeanMetric):
     higher_is_better = True
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
+    ci_method = "wilson"
     _state_prefix = "zsre"
 
     def __init__(self, ignore_index: int = -100, **kwargs: Any) -> None:

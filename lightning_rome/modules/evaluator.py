@@ -955,6 +955,25 @@ def _check_label(label: str) -> str:
     return label
 
 
+def _warn_if_no_edit_took(method: str, editor: Any, post: Mapping[str, MetricCI]) -> None:
+    """Warn when no edit succeeded on any case (ES, or zsRE efficacy, 0): the editor's settings
+    (the layer above all) most likely do not fit the model, which is otherwise a silent 0."""
+    key = "post/ES" if "post/ES" in post else "post/efficacy"
+    r = post.get(key)
+    if r is None or r["mean"] > 0.0:
+        return
+    hp = getattr(editor, "hparams", None)
+    where = ""
+    if hp is not None:
+        fields = hp.to_dict() if hasattr(hp, "to_dict") else {}
+        layers = fields.get("layer", fields.get("layers"))
+        where = f" (edited layer(s) {layers})" if layers is not None else ""
+    rank_zero_warn(
+        f"{method}: efficacy is 0 on all {r['n']} cases{where}: the hyperparameters probably do "
+        "not fit this model (a preset for another model, the wrong layer or token); trace the "
+        "model to choose the layer, or pass hparams (CLI: --hparams, --layer)")
+
+
 def _strip(results: Mapping[str, MetricCI], prefix: str) -> dict[str, MetricCI]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in results.items()}
 
@@ -995,7 +1014,8 @@ class EditEvaluator(pl.LightningModule):
             ``"ft-l"``, ``"kn"``, ...) or any object with ``edit(model, tokenizer, requests) ->
             WeightPatch`` (ROME, MEMIT, FT, FTL, KN, MEND, KE, ...).
         hparams: the method's hyperparameters (a dataclass, dict, preset name or YAML path), with
-            a method name.
+            a method name; ``None`` chooses them from the model
+            (:func:`lightning_rome.presets.for_model`).
         mode: ``"independent"`` (each case edited alone; the COUNTERFACT/zsRE tables) or
             ``"sequential"`` (the cases of each test batch are edited one after another without
             reverting and then evaluated together: set the DataModule's ``batch_size`` to the
@@ -1065,6 +1085,13 @@ class EditEvaluator(pl.LightningModule):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.model, self.tokenizer = resolve_model(model, tokenizer)
+        if (hparams is None and isinstance(editor, str)
+                and editor.lower() not in ("none", "baseline")):
+            from lightning_rome.presets import for_model
+
+            # No settings: the preset for this model's family and size, else settings from
+            # its depth (one PresetNotice saying which), never GPT-2 XL's on another model.
+            hparams = for_model(editor, self.model)
         self.editor = resolve_editor(editor, hparams)
         self.method = editor_name(self.editor)
         self.mode = mode
@@ -1128,8 +1155,12 @@ class EditEvaluator(pl.LightningModule):
             return
         self.kind = kind
         opts = dict(generation=self.generation, tfidf=self.tfidf, snippets=self.snippets)
-        self.pre_metrics = make_metrics(kind, "pre/", **opts) if self.baseline else None
-        self.post_metrics = make_metrics(kind, "post/", **opts)
+        if self.editor is None:  # the unedited model: its one measurement is named pre/
+            self.pre_metrics = None
+            self.post_metrics = make_metrics(kind, "pre/", **opts)
+        else:
+            self.pre_metrics = make_metrics(kind, "pre/", **opts) if self.baseline else None
+            self.post_metrics = make_metrics(kind, "post/", **opts)
         for m in (self.pre_metrics, self.post_metrics):
             if m is not None:
                 m.to(self.device)
@@ -1278,13 +1309,6 @@ class EditEvaluator(pl.LightningModule):
                           on_error=self.on_error, verify_revert=self.verify_revert,
                           on_result=on_result)
         self._counts["evaluated"] += len(records)
-        ok = [r for r in records if r["status"] == "ok" and r["post"] is not None]
-        if ok and self.kind == "counterfact":
-            es = [float(sum(a > b for a, b in zip(r["post"]["rewrite"]["p_new"],
-                                                  r["post"]["rewrite"]["p_true"]))
-                        / len(r["post"]["rewrite"]["p_new"])) for r in ok]
-            self.log("post/ES_batch", sum(es) / len(es), batch_size=len(ok), on_step=True,
-                     on_epoch=False)
 
     # ------------------------------------------------------------------ summary
     @override
@@ -1293,19 +1317,22 @@ class EditEvaluator(pl.LightningModule):
             self._make_metrics(self.kind or "counterfact")
         pre = compute_results(self.pre_metrics) if self.pre_metrics is not None else {}
         post = compute_results(self.post_metrics)  # type: ignore[arg-type]
+        if self.editor is None:  # the unedited model's scores are its pre/ scores
+            pre, post = post, {}
         edit = compute_results(self.edit_metrics)
         n_cases = edit.get("edit/error_rate", {}).get("n", 0)
         n_errors = round(edit.get("edit/error_rate", {}).get("mean", 0.0) * n_cases)
         values = {k: v["mean"] for k, v in {**pre, **post, **edit}.items()}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-            for k, v in values.items():
-                self.log(k, float(v), sync_dist=False)
+        for k, v in values.items():
+            # Already reduced over every rank by the metrics: the mean of equal values is exact.
+            self.log(k, float(v), sync_dist=True)
+        if self.editor is not None and n_cases > n_errors:
+            _warn_if_no_edit_took(self.method, self.editor, post)
         rows: dict[str, dict[str, MetricCI]] = {}
         if pre:
             rows[f"{self.label} (pre-edit)" if self.editor is not None else self.label] = \
                 _strip(pre, "pre/")
-        if self.editor is not None or not pre:
+        if self.editor is not None:
             rows[self.label] = _strip(post, "post/")
         table = summary_table(rows) if any(rows.values()) else ""
         self.results = {
@@ -1319,6 +1346,12 @@ class EditEvaluator(pl.LightningModule):
                   f"{n_cases} cases, {n_errors} errors. Values × 100, ± 95% CI.\n\n{table}\n")
             with atomic_path(self.results_dir / "summary.md") as tmp:
                 tmp.write_text(md, encoding="utf-8")
+        if self.trainer.is_global_zero and table:
+            for logger in self.loggers:  # the table as text in TensorBoard (Markdown renders)
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_text"):
+                    experiment.add_text(f"summary/{self.label}", table,
+                                        global_step=self.global_step)
             if self.verbose:
                 print(f"\n{table}\n")
 

@@ -60,7 +60,8 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     _, Figure = _matplotlib()
     if ax is not None:
         return ax.figure, ax
-    fig = Figure(figsize=figsize)
+    # Constrained layout keeps row labels, titles and colour-bar labels inside the figure.
+    fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots()
 
 
@@ -109,7 +110,8 @@ def plot_trace(trace: CausalTrace, ax: Axes | None = None, *, title: str | None 
     ax.set_xlabel(xlabel, fontsize="small")
     if colorbar:
         cb = fig.colorbar(mesh, ax=ax)
-        cb.ax.set_title(f"p({trace.answer.strip()})", y=-0.16, fontsize="small")
+        # Beside the bar: under it, the label collided with the x-axis label.
+        cb.set_label(f"p({trace.answer.strip()})", fontsize="small")
     return fig
 
 
@@ -146,7 +148,7 @@ def plot_average(agg: TraceAggregate, ax: Axes | None = None, *, title: str | No
                   fontsize="small")
     if colorbar:
         cb = fig.colorbar(mesh, ax=ax)
-        cb.ax.set_title("AIE", fontsize="small")
+        cb.set_label("AIE", fontsize="small")  # beside the bar, clear of the title
     return fig
 
 

@@ -49,6 +49,22 @@ def reference_per_case(new_nll, true_nll, prefer_new, magnitude):
     return np.array(out)
 
 
+def wilson_by_quadratic(p_hat, n, z=1.96):
+    """The Wilson interval as the roots in p of (p_hat - p)^2 = z^2 p (1 - p) / n (numpy)."""
+    k = z * z / n
+    a, b, c = 1 + k, -(2 * p_hat + k), p_hat * p_hat
+    root = np.sqrt(max(b * b - 4 * a * c, 0.0))
+    return float((-b - root) / (2 * a)), float((-b + root) / (2 * a))
+
+
+def reference_ci(expected, magnitude):
+    """Rates: the Wilson interval; magnitudes: mean ± 1.96 s.e. clipped to [-1, 1]."""
+    if not magnitude:
+        return wilson_by_quadratic(expected.mean(), len(expected))
+    se = np.std(expected, ddof=1) / math.sqrt(len(expected))
+    return max(expected.mean() - 1.96 * se, -1.0), min(expected.mean() + 1.96 * se, 1.0)
+
+
 def random_cases(seed, n_cases, max_prompts=4):
     """Variable prompt counts per case, mean NLLs in [0, 6)."""
     rng = np.random.default_rng(seed)
@@ -77,11 +93,10 @@ def test_matches_reference_with_variable_prompt_counts(cls, fn, kind, prefer_new
     assert m.compute().dtype == torch.float32
 
     ci = m.compute_with_ci()
-    se = np.std(expected, ddof=1) / math.sqrt(len(expected))
     assert ci["n"] == 37
     assert ci["mean"] == pytest.approx(expected.mean(), abs=1e-12)
-    assert ci["ci_low"] == pytest.approx(expected.mean() - 1.96 * se, abs=1e-12)
-    assert ci["ci_high"] == pytest.approx(expected.mean() + 1.96 * se, abs=1e-12)
+    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx(reference_ci(expected, magnitude),
+                                                          abs=1e-9)
 
 
 def test_cases_are_averaged_before_the_mean_over_cases():
@@ -129,6 +144,44 @@ def test_single_case_has_undefined_interval():
     ci = m.compute_with_ci()
     assert ci["mean"] == 1.0 and ci["n"] == 1
     assert math.isnan(ci["ci_low"]) and math.isnan(ci["ci_high"])
+
+
+@pytest.mark.parametrize(("p", "n"), [(0.0, 2), (0.5, 2), (1.0, 3), (0.3, 10), (1.0, 100),
+                                     (0.97, 1000)])
+def test_wilson_interval_against_the_quadratic(p, n):
+    from lightning_rome.metrics.functional import wilson_interval
+
+    lo, hi = wilson_interval(p, n)
+    want = wilson_by_quadratic(p, n)
+    assert (lo, hi) == pytest.approx(want, abs=1e-9)
+    assert 0.0 <= lo <= p <= hi <= 1.0
+
+
+@pytest.mark.parametrize(("cls", "kind", "prefer_new"), [
+    (EfficacyScore, "rewrite", True), (ParaphraseScore, "paraphrase", True),
+    (NeighborhoodScore, "neighborhood", False)])
+def test_rate_intervals_stay_within_0_and_1_at_small_n(cls, kind, prefer_new):
+    """Two cases, one success: the normal interval would be 50 ± 98; Wilson stays in [0, 1]."""
+    m = cls(score_type="prob")
+    good, bad = ([0.9, 0.1], [0.1, 0.9]) if prefer_new else ([0.1, 0.9], [0.9, 0.1])
+    m.update(**{f"{kind}_new": good, f"{kind}_true": bad})
+    ci = m.compute_with_ci()
+    assert ci["mean"] == 0.5
+    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx(wilson_by_quadratic(0.5, 2), abs=1e-9)
+    assert 0.0 < ci["ci_low"] < 0.5 < ci["ci_high"] < 1.0
+    all_good = cls(score_type="prob")
+    all_good.update(**{f"{kind}_new": [good[0]] * 3, f"{kind}_true": [bad[0]] * 3})
+    ci = all_good.compute_with_ci()
+    assert ci["ci_high"] == 1.0 and ci["ci_low"] == pytest.approx(wilson_by_quadratic(1.0, 3)[0])
+
+
+def test_summary_table_shows_asymmetric_intervals():
+    from lightning_rome.metrics import summary_table
+
+    row = {"ES": {"mean": 0.5, "ci_low": 0.0945, "ci_high": 0.9055, "n": 2},
+           "PS": {"mean": 1.0, "ci_low": 0.4385, "ci_high": 1.0, "n": 3}}
+    text = summary_table(row, label="ROME")
+    assert "50.0 ± 40.5" in text and "100.0 [43.9, 100.0]" in text
 
 
 def test_mean_ci_helper_against_numpy():

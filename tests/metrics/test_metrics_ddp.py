@@ -83,15 +83,21 @@ def expected_results() -> dict:
         "specificity": _zsre_accuracy_update(d["neighborhood_preds"], d["neighborhood_target"]),
     }
     out = {}
+    rates = {"ES", "PS", "NS", "efficacy", "paraphrase", "specificity"}
+    bounds = {"EM": (-1, 1), "PM": (-1, 1), "NM": (-1, 1), "RS": (0, 1)}
     for k, v in per_case.items():
         x = v.numpy()
-        half = 1.96 * x.std(ddof=1) / np.sqrt(len(x))
-        out[k] = {
-            "mean": float(x.mean()),
-            "ci_low": float(x.mean() - half),
-            "ci_high": float(x.mean() + half),
-            "n": len(x),
-        }
+        m, n = float(x.mean()), len(x)
+        if k in rates:  # Wilson: the roots in p of (m - p)^2 = z^2 p (1 - p) / n
+            q = 1.96**2 / n
+            a, b, c = 1 + q, -(2 * m + q), m * m
+            root = np.sqrt(b * b - 4 * a * c)
+            low, high = (-b - root) / (2 * a), (-b + root) / (2 * a)
+        else:  # mean ± 1.96 s.e., clipped to the metric's range
+            half = 1.96 * x.std(ddof=1) / np.sqrt(n)
+            lo, hi = bounds.get(k, (-np.inf, np.inf))
+            low, high = max(m - half, lo), min(m + half, hi)
+        out[k] = {"mean": m, "ci_low": float(low), "ci_high": float(high), "n": n}
     # S: the harmonic mean of the case-averaged ES, PS and NS
     s = 3 / sum(1 / out[k]["mean"] for k in ("ES", "PS", "NS"))
     out["S"] = {"mean": s, "n": len(d["rewrite_new"])}

@@ -52,10 +52,13 @@ def test_lists_padded_tensors_logits_and_masks_agree_with_numpy():
     m.update(p_pad[:10], t_pad[:10])
     m.update(correct=correct[10:])
     ci = m.compute_with_ci()
-    se = expected.std(ddof=1) / math.sqrt(23)
+    # Accuracies are rates: the Wilson interval, from the roots of its defining quadratic.
     assert ci["mean"] == pytest.approx(expected.mean(), abs=1e-12)
+    p, k = expected.mean(), 1.96**2 / 23
+    a, b, c = 1 + k, -(2 * p + k), p * p
+    root = math.sqrt(b * b - 4 * a * c)
     assert (ci["ci_low"], ci["ci_high"]) == pytest.approx(
-        (expected.mean() - 1.96 * se, expected.mean() + 1.96 * se), abs=1e-12
+        ((-b - root) / (2 * a), (-b + root) / (2 * a)), abs=1e-12
     )
 
 

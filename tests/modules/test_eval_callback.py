@@ -167,3 +167,26 @@ def test_load_cases_and_bad_settings(tmp_path):
         zs = make_case(9, "Q", "What is {}?", "a", "b")
         zs = type(zs)(zs.request, source="zsre")
         EditEvaluation([CASES[0], zs])
+
+
+class NoValLM(LM):
+    """The same module without a validation loop."""
+
+    validation_step = pl.LightningModule.validation_step
+    val_dataloader = pl.LightningModule.val_dataloader
+
+
+@pytest.mark.parametrize(("module_cls", "extra", "why"), [
+    (NoValLM, {}, "NoValLM has no validation_step"),
+    (LM, {"limit_val_batches": 0}, "limit_val_batches=0"),
+])
+def test_default_when_is_refused_in_a_fit_without_validation(lm, tmp_path, module_cls, extra,
+                                                             why):
+    model, tok = lm
+    cb = EditEvaluation(CASES[:1], FixedEditor(scale=3.0))
+    with pytest.raises(MisconfigurationException, match=f"never run.*{why}.*train_epoch_end"):
+        fit(tmp_path, module_cls(model, tok), [cb], epochs=1, **extra)
+    # when="train_epoch_end" runs in the same fit.
+    cb = EditEvaluation(CASES[:1], FixedEditor(scale=3.0), when="train_epoch_end")
+    fit(tmp_path, module_cls(model, tok), [cb], epochs=1, **extra)
+    assert [h["epoch"] for h in cb.history] == [0]

@@ -86,3 +86,46 @@ def test_log_figure_to_tensorboard(tmp_path):
         assert (event.step, event.width, event.height) == (step, 300, 200)
     with pytest.raises(TypeError, match="TensorBoardLogger or a SummaryWriter"):
         log_figure(object(), "x", fig)
+
+
+def _boxes(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer(), fig.bbox
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("figsize", [(4.0, 2.2), (3.0, 2.0)])
+def test_average_plot_keeps_labels_inside_and_apart(figsize):
+    """Row labels such as 'first subject token (4)' are not cropped at the left edge, and the
+    colour bar's 'AIE' label does not overlap the title."""
+    rng = np.random.default_rng(1)
+    agg = average_traces([make_trace(scores=torch.tensor(rng.uniform(0, 1, (4, 3)),
+                                                         dtype=torch.float32))
+                          for _ in range(3)])
+    fig = plot_average(agg, figsize=figsize)
+    renderer, page = _boxes(fig)
+    ax, cbar = fig.axes
+    for label in ax.get_yticklabels():
+        box = label.get_window_extent(renderer)
+        assert box.x0 >= page.x0 - 0.5 and box.x1 <= page.x1 + 0.5, label.get_text()
+    title = ax.title.get_window_extent(renderer)
+    aie = cbar.yaxis.label.get_window_extent(renderer)
+    assert cbar.yaxis.label.get_text() == "AIE" and not _overlap(title, aie)
+
+
+def test_trace_colour_bar_label_clear_of_the_x_label():
+    fig = plot_trace(make_trace(kind="mlp"), figsize=(4, 3))
+    renderer, page = _boxes(fig)
+    ax, cbar = fig.axes
+    xlabel = ax.xaxis.label.get_window_extent(renderer)
+    answer = cbar.yaxis.label.get_window_extent(renderer)
+    assert cbar.yaxis.label.get_text().startswith("p(")
+    assert not _overlap(xlabel, answer)
+    for box in (xlabel, answer):
+        assert page.x0 - 0.5 <= box.x0 and box.x1 <= page.x1 + 0.5

@@ -10,6 +10,7 @@ from lightning_rome.metrics.functional._utils import (
     PromptScores,
     ScoreType,
     mean_ci,
+    wilson_interval,
 )
 from lightning_rome.metrics.functional.counterfact import (
     efficacy_magnitude,
@@ -49,6 +50,7 @@ __all__ = [
     "paraphrase_magnitude",
     "paraphrase_score",
     "reference_score",
+    "wilson_interval",
     "word_tokenize",
     "zsre_accuracy",
 ]

@@ -15,7 +15,7 @@ from typing import Literal, TypedDict
 import torch
 from torch import Tensor
 
-__all__ = ["Z_95", "MetricCI", "PromptScores", "ScoreType", "mean_ci"]
+__all__ = ["Z_95", "MetricCI", "PromptScores", "ScoreType", "mean_ci", "wilson_interval"]
 
 #: The normal quantile of a two-sided 95% interval: mean ± 1.96 standard errors.
 Z_95 = 1.96
@@ -28,9 +28,13 @@ PromptScores = Tensor | Sequence[Tensor | Sequence[float] | float]
 
 
 class MetricCI(TypedDict):
-    """A mean over cases with its 95% confidence interval (``mean ± 1.96·s/√n``).
+    """A mean over cases with its 95% confidence interval.
 
-    ``s`` is the sample standard deviation over cases (``ddof=1``). With a single case the
+    By default the normal interval ``mean ± 1.96·s/√n`` (``s``: the sample standard deviation
+    over cases, ``ddof=1``), clipped to the metric's range where it has one (the magnitudes to
+    [-1, 1], S to [0, 1]). The success rates (ES, PS, NS, zsRE accuracies) use the Wilson score
+    interval, which stays inside [0, 1] and is not degenerate at 0 or 1 (see
+    :func:`wilson_interval`). Either way the interval may be asymmetric. With a single case the
     interval is undefined and ``ci_low``/``ci_high`` are NaN.
     """
 
@@ -169,16 +173,52 @@ def _case_mean_compute(per_case: Tensor) -> Tensor:
     return per_case.to(torch.float64).mean().to(torch.get_default_dtype())
 
 
-def _mean_ci_from_sums(total: float, total_sq: float, n: int, z: float = Z_95) -> MetricCI:
-    """Mean ± ``z`` standard errors from the sum and the sum of squares of ``n`` values."""
+def wilson_interval(p: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``p`` observed over ``n`` cases.
+
+    ``(p + z²/2n ± z·√(p(1-p)/n + z²/4n²)) / (1 + z²/n)``: always inside [0, 1], and of
+    non-zero width at ``p = 0`` or ``1`` (Wilson 1927; Brown, Cai & DasGupta 2001). For per-case
+    values that are fractions in [0, 1] rather than 0/1 (several prompts per case), it is
+    conservative: such values have a variance of at most ``p(1-p)``.
+
+    Example:
+        >>> [round(x, 4) for x in wilson_interval(1.0, 10)]
+        [0.7225, 1.0]
+    """
+    if n <= 0:
+        raise ValueError(f"wilson_interval needs n >= 1, got {n}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"wilson_interval needs a proportion in [0, 1], got {p}")
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n)) / denom
+    # It always holds p; min/max only undo rounding (p = 1 gives 0.9999999999999999).
+    return max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p))
+
+
+def _mean_ci_from_sums(total: float, total_sq: float, n: int, z: float = Z_95, *,
+                       bounds: tuple[float, float] | None = None,
+                       wilson: bool = False) -> MetricCI:
+    """Mean and interval from the sum and the sum of squares of ``n`` values: ``z`` standard
+    errors either side, clipped to ``bounds``; or with ``wilson``, the Wilson interval of the
+    mean rescaled from ``bounds`` (default ``(0, 1)``) to [0, 1]."""
     if n <= 0:
         raise ValueError("no cases to average: call update() with at least one case first")
     mean = total / n
     if n == 1:
         return MetricCI(mean=mean, ci_low=math.nan, ci_high=math.nan, n=n)
+    if wilson:
+        lo, hi = bounds or (0.0, 1.0)
+        p = min(max((mean - lo) / (hi - lo), 0.0), 1.0)
+        a, b = wilson_interval(p, n, z)
+        return MetricCI(mean=mean, ci_low=lo + a * (hi - lo), ci_high=lo + b * (hi - lo), n=n)
     var = max(total_sq - n * mean * mean, 0.0) / (n - 1)  # sample variance, ddof=1
     half = z * math.sqrt(var / n)
-    return MetricCI(mean=mean, ci_low=mean - half, ci_high=mean + half, n=n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return MetricCI(mean=mean, ci_low=low, ci_high=high, n=n)
 
 
 def mean_ci(values: Tensor | Sequence[float], z: float = Z_95) -> MetricCI:

@@ -93,7 +93,8 @@ def _edit_score_compute(total: Tensor, outer: Tensor, n: int, z: float = Z_95) -
     cov = (outer.to(torch.float64) - n * torch.outer(m, m)) / (n - 1)  # (3, 3)
     var = max(float(g @ cov @ g), 0.0) / n
     half = z * math.sqrt(var)
-    return MetricCI(mean=s, ci_low=s - half, ci_high=s + half, n=n)
+    # S is a harmonic mean of rates: the delta-method interval is clipped to [0, 1].
+    return MetricCI(mean=s, ci_low=max(s - half, 0.0), ci_high=min(s + half, 1.0), n=n)
 
 
 def edit_score(
