@@ -25,7 +25,8 @@ __all__ = ["main"]
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: The package's classes that configs name in short form (``class_path: MENDModule``).
 _SHORT_NAMES = {
-    "modules": ("EditEvaluator", "FTModule", "MENDModule", "KEModule", "CausalTracer"),
+    "modules": ("EditEvaluator", "FTModule", "MENDModule", "KEModule", "CausalTracer",
+                "SequentialEditBenchmark"),
     "data": ("CounterFactDataModule", "ZsREDataModule", "KnownFactsDataModule",
              "TextCorpusDataModule"),
     "callbacks": ("ROMECallback", "MEMITCallback", "EditorCallback", "EditEvaluation",
@@ -89,7 +90,8 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", required=True)
     p.add_argument("--target", required=True, help="the new object o*")
     p.add_argument("--target-true", default=None, help="the true object (for reporting)")
-    p.add_argument("--method", default="rome", choices=["rome", "memit", "ft", "ft-l", "kn"])
+    p.add_argument("--method", default="rome",
+                   choices=["rome", "memit", "alphaedit", "ft", "ft-l", "kn"])
     p.add_argument("--hparams", default=None, help="preset name (gpt2-xl, ...) or YAML file")
     p.add_argument("--layer", type=int, default=None, help="override the edited layer (ROME)")
     p.add_argument("--stats-corpus", default=None, help="corpus for C (wikitext, a .txt file)")
@@ -203,7 +205,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- evaluate
 def _evaluate_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--method", default="rome", help="rome, memit, ft, ft-l, kn, or none")
+    p.add_argument("--method", default="rome",
+                   help="rome, memit, alphaedit, ft, ft-l, kn, or none")
     p.add_argument("--hparams", default=None, help="preset name or YAML file")
     p.add_argument("--data", default="counterfact", choices=["counterfact", "zsre"])
     p.add_argument("--path", default=None, help="data file (default: from LIGHTNING_ROME_DATA)")
