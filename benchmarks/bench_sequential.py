@@ -38,24 +38,34 @@ HPARAMS: dict[str, Any] = {
 COLUMNS = ("efficacy", "paraphrase", "neighborhood", "retain_accuracy", "fluency", "update_norm")
 
 
-def make_editor(method: str, corpus: list[str]) -> Any:
-    """The method's editor with its statistics over ``corpus`` (the fact model's sentences)."""
+def make_editor(method: str, corpus: list[str], hparams: Any = None) -> Any:
+    """The method's editor (``hparams``, default :data:`HPARAMS`) with its statistics over
+    ``corpus`` (the fact model's sentences)."""
     from lightning_rome.editing import get_editor
     from lightning_rome.stats import get_second_moment
 
+    hparams = HPARAMS[method] if hparams is None else hparams
     if method == "alphaedit":
-        return get_editor(method, HPARAMS[method], corpus=corpus)
+        return get_editor(method, hparams, corpus=corpus)
 
     def second_moment(model: Any, tok: Any, name: str) -> Any:
         return get_second_moment(model, tok, name, corpus=corpus, n_samples=2000,
                                  progress=False).mom2
 
-    return get_editor(method, HPARAMS[method], second_moment=second_moment)
+    return get_editor(method, hparams, second_moment=second_moment)
+
+
+def alphaedit_variant(l2_weight: float) -> dict[str, Any]:
+    """The ``fact-model`` preset with another α."""
+    from lightning_rome.editing.hparams import load_preset_file
+
+    return {**load_preset_file("alphaedit")["fact-model"], "l2_weight": l2_weight}
 
 
 def run_one(method: str, n: int, b: int, eval_every: int, out: Path, fluency: bool = True,
-            ) -> dict[str, Any]:
-    """One (method, N, b) run, resumed from ``out`` when interrupted; returns its summary."""
+            hparams: Any = None, label: str | None = None) -> dict[str, Any]:
+    """One (method, N, b) run, resumed from ``out`` when interrupted; returns its summary.
+    ``hparams`` overrides :data:`HPARAMS` (``label`` then names the run)."""
     import torch
 
     from lightning_rome.evaluation import SequentialSettings, fact_model_benchmark, run_sequential
@@ -64,15 +74,16 @@ def run_one(method: str, n: int, b: int, eval_every: int, out: Path, fluency: bo
     torch.set_num_threads(1)
     fm = get_fact_model()
     cases, retain, prompts = fact_model_benchmark(fm, n)
-    editor = make_editor(method, list(fm.kb.text_corpus()))
-    folder = out / f"{method}-n{n}-b{b}"
+    editor = make_editor(method, list(fm.kb.text_corpus()), hparams)
+    label = label or method
+    folder = out / f"{label}-n{n}-b{b}"
     t0 = time.perf_counter()
     res = run_sequential(fm.model, fm.tokenizer, editor, cases, retain=retain,
                          fluency_prompts=prompts if fluency else (),
                          settings=SequentialSettings(batch_size=b, eval_every=eval_every),
                          results_dir=folder)
     first, last = res.points[0], res.points[-1]
-    return {"method": method, "n": n, "b": b, "folder": str(folder), "points": res.points,
+    return {"method": label, "n": n, "b": b, "folder": str(folder), "points": res.points,
             "unedited": {k: first[k] for k in COLUMNS},
             "final": {k: last[k] for k in COLUMNS},
             "edit_seconds": last["edit_seconds"], "wall_seconds": time.perf_counter() - t0,
@@ -86,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["rome", "memit", "alphaedit"])
     p.add_argument("--eval-every-edits", type=int, default=10,
                    help="measure after every this many edits (k = this / b, at least 1)")
+    p.add_argument("--alphaedit-l2", type=float, nargs="*", default=[1.5],
+                   help="extra AlphaEdit runs with the fact-model preset at these α (l2_weight)")
     p.add_argument("--no-fluency", action="store_true")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench_sequential"))
     args = p.parse_args(argv)
@@ -95,11 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.b:
             for method in args.methods:
                 k = max(1, args.eval_every_edits // b)
-                rows.append(run_one(method, n, b, k, out, fluency=not args.no_fluency))
-                r = rows[-1]
-                print(f"{method:<10} N={n:<5} b={b:<3} " + " ".join(
-                    f"{c}={r['final'][c]:.3f}" for c in COLUMNS if r["final"][c] is not None)
-                    + f" edit_s={r['edit_seconds']:.0f}", flush=True)
+                runs: list[tuple[Any, str | None]] = [(None, None)]
+                if method == "alphaedit":
+                    runs += [(alphaedit_variant(a), f"alphaedit-a{a:g}")
+                             for a in args.alphaedit_l2]
+                for hp, label in runs:
+                    rows.append(run_one(method, n, b, k, out, fluency=not args.no_fluency,
+                                        hparams=hp, label=label))
+                    r = rows[-1]
+                    print(f"{r['method']:<14} N={n:<5} b={b:<3} " + " ".join(
+                        f"{c}={r['final'][c]:.3f}" for c in COLUMNS if r["final"][c] is not None)
+                        + f" edit_s={r['edit_seconds']:.0f}", flush=True)
     from lightning_rome.modules.sequential import plot_curves
 
     for n in args.n:

@@ -274,8 +274,9 @@ class AlphaEdit:
 
     The editor remembers the keys of every batch it edits (``K_p``): it assumes that the
     patches it returns are applied, in order, to the model it is called with (the sequential
-    setting). Call :meth:`reset_preserved_keys` after reverting them, or pass
-    ``remember=False`` to :meth:`edit`.
+    setting). A batch whose patch was reverted by the next call (the edited weights are back to
+    their state before it, as in an independent evaluation) is forgotten; call
+    :meth:`reset_preserved_keys` to forget them all, or pass ``remember=False`` to :meth:`edit`.
 
     Example:
         >>> ae = AlphaEdit("gpt2-xl")
@@ -298,6 +299,9 @@ class AlphaEdit:
         self._keys_p: dict[str, Tensor] = {}  # module name -> (d_in, n_p) float32, CPU
         self._gram: dict[str, Tensor] = {}  # module name -> K_p K_pᵀ (d_in, d_in) float64
         self._model_id: dict[str, Any] | None = None
+        # One entry per remembered batch: its size and the edited weights' checksums before and
+        # after it, to notice a batch that was reverted.
+        self._history: list[dict[str, Any]] = []
         self.n_preserved_edits = 0
         self.last_stats: dict[str, Any] = {}
 
@@ -321,8 +325,39 @@ class AlphaEdit:
     # ------------------------------------------------------------------ preserved keys
     def reset_preserved_keys(self) -> None:
         """Forget the keys of the earlier edits (``K_p = ∅``)."""
-        self._keys_p, self._gram, self._model_id = {}, {}, None
+        self._keys_p, self._gram, self._model_id, self._history = {}, {}, None, []
         self.n_preserved_edits = 0
+
+    def _forget_last(self) -> None:
+        n = self._history.pop()["n"]
+        self.n_preserved_edits -= n
+        if not self._history:
+            self.reset_preserved_keys()
+            return
+        for name, k in self._keys_p.items():
+            self._keys_p[name] = k[:, :-n].contiguous()
+            k64 = self._keys_p[name].double()
+            self._gram[name] = k64 @ k64.T
+
+    @staticmethod
+    def _weights(model: nn.Module, names: list[str]) -> dict[str, str]:
+        return {n: tensor_checksum(model.get_parameter(weight_param_name(n))) for n in names}
+
+    def _sync(self, model: nn.Module, names: list[str]) -> None:
+        """Drop the keys of remembered batches whose patches were reverted since (the edited
+        weights are back to what they were before the batch), so that ``K_p`` holds the edits
+        the model still carries (an independent evaluation reverts every edit)."""
+        current = self._weights(model, names) if self._history else {}
+        while self._history and current != self._history[-1]["post"]:
+            if current == self._history[-1]["pre"]:
+                self._forget_last()
+                continue
+            warnings.warn(
+                "AlphaEdit: the edited layers hold neither the weights its last edit left nor "
+                "those before it (another edit, or training?); keeping the preserved keys K_p "
+                "(call reset_preserved_keys() to drop them)", stacklevel=3)
+            self._history[-1]["post"] = current
+            break
 
     @property
     def preserved_keys(self) -> dict[str, Tensor]:
@@ -347,7 +382,7 @@ class AlphaEdit:
         return {
             "header": json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION,
                                   "hparams": self.hparams.to_dict(), "model": self._model_id,
-                                  "n_edits": self.n_preserved_edits,
+                                  "n_edits": self.n_preserved_edits, "history": self._history,
                                   "modules": list(self._keys_p)}, sort_keys=True),
             "keys": {n: k.contiguous() for n, k in self._keys_p.items()},
         }
@@ -372,6 +407,9 @@ class AlphaEdit:
             raise ValueError(f"AlphaEdit state for layers {header['hparams'].get('layers')}, "
                              f"this editor edits {self.hparams.layers}")
         n = int(header.get("n_edits", 0))
+        history = header.get("history", [])
+        if not isinstance(history, list) or sum(int(h.get("n", 0)) for h in history) != n:
+            raise ValueError("AlphaEdit state: its batch history does not add up to its edits")
         for name, k in keys.items():
             if not isinstance(k, Tensor) or k.ndim != 2 or k.shape[1] != n or not bool(
                     torch.isfinite(k).all()):
@@ -379,6 +417,7 @@ class AlphaEdit:
         self._keys_p = {name: k.float().cpu().clone() for name, k in keys.items()}
         self._gram = {name: k.double() @ k.double().T for name, k in self._keys_p.items()}
         self._model_id = header.get("model")
+        self._history = [dict(h) for h in history]
         self.n_preserved_edits = n
 
     # ------------------------------------------------------------------ projector
@@ -437,6 +476,7 @@ class AlphaEdit:
             layout.check_layer(model, layer)
         names = [layout.name("mlp_out", layer) for layer in hp.layers]
         self._check_model(model, names)
+        self._sync(model, names)
         for r in reqs:
             subject_span(tokenizer, r.prompt, r.subject)
         check_requests(model, tokenizer, reqs)
@@ -447,6 +487,8 @@ class AlphaEdit:
             check_requests(model, tokenizer, reqs, contexts)
             projectors = {n: self.projector(model, tokenizer, n) for n in names}
             new_keys: dict[str, Tensor] = {}
+            pre = self._weights(model, names) if remember else {}
+            post: dict[str, str] = {}
             try:
                 Z = memit.compute_z(model, tokenizer, reqs)  # (d, u)
                 block = layout.block(hp.layers[-1])
@@ -463,6 +505,7 @@ class AlphaEdit:
                     p.apply(model)
                     applied.append(p)
                 if remember:
+                    post = self._weights(model, names)
                     for name in names:
                         new_keys[name] = memit._keys(model, tokenizer, name, reqs,
                                                      contexts).cpu()  # (d_in, u)
@@ -486,6 +529,7 @@ class AlphaEdit:
                 g = k64 @ k64.T  # (d_in, d_in)
                 self._gram[name] = g if name not in self._gram else self._gram[name] + g
             self.n_preserved_edits += len(reqs)
+            self._history.append({"n": len(reqs), "pre": pre, "post": post})
         return total
 
 

@@ -188,7 +188,8 @@ def test_bad_state_and_foreign_model_are_refused(fm, corpus):
     with pytest.raises(ValueError, match="not an AlphaEdit state"):
         ae.load_state_dict({"keys": {}})
     state = {"header": '{"format": "lightning_rome.alphaedit_state", "version": 1, '
-                       '"hparams": {"layers": [1]}, "model": null, "n_edits": 2, '
+                       '"hparams": {"layers": [1]}, "model": null, "n_edits": 2, "history": '
+                       '[{"n": 2, "pre": {}, "post": {}}], '
                        '"modules": ["transformer.h.1.mlp.c_proj"]}',
              "keys": {LAYER1: torch.full((384, 2), float("nan"))}}
     with pytest.raises(ValueError, match="bad preserved keys"):
@@ -245,3 +246,31 @@ def test_eigensystem_is_cached_beside_the_statistics_and_validated(fm, corpus, t
         e3, _ = mom2_eigh(model, tok, LAYER1, corpus=texts, n_samples=200, cache=tmp_path)
     assert any("invalid eigensystem" in str(w.message) for w in caught)
     torch.testing.assert_close(e3, evals, rtol=0, atol=0)
+
+
+def test_reverted_batches_leave_the_preserved_keys(fm, corpus):
+    """An independent evaluation edits, applies, scores and reverts each case: the next edit must
+    not be constrained by the reverted one."""
+    model, tok = fm.model, fm.tokenizer
+    r1, r2 = fm.edit_requests(2, seed=13)
+    ae = AlphaEdit(HP, corpus=corpus)
+    p1 = ae.edit(model, tok, [r1])
+    p1.apply(model)
+    p1.revert(model)
+    p2 = ae.edit(model, tok, [r2])
+    assert ae.n_preserved_edits == 1 and ae.preserved_keys[LAYER1].shape == (384, 1)
+    alone = AlphaEdit(HP, corpus=corpus).edit(model, tok, [r2])
+    torch.testing.assert_close(p2.dense(f"{LAYER1}.weight"), alone.dense(f"{LAYER1}.weight"),
+                               rtol=0, atol=0)
+    # Weights changed by something else since (an edit it was told not to remember): the keys
+    # are kept, with a warning.
+    p2.apply(model)
+    p3 = ae.edit(model, tok, [r1], remember=False)
+    p3.apply(model)
+    try:
+        with pytest.warns(UserWarning, match="neither the weights"):
+            ae.edit(model, tok, [r1], remember=False)
+        assert ae.n_preserved_edits == 1
+    finally:
+        p3.revert(model)
+        p2.revert(model)
