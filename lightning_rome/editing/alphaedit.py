@@ -294,7 +294,7 @@ class AlphaEdit:
         self.corpus = corpus
         self.layout_override = layout
         self._memit: MEMIT | None = None
-        self._P: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = (
+        self._P: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Tensor]] = (
             weakref.WeakKeyDictionary())
         self._keys_p: dict[str, Tensor] = {}  # module name -> (d_in, n_p) float32, CPU
         self._gram: dict[str, Tensor] = {}  # module name -> K_p K_pᵀ (d_in, d_in) float64
@@ -424,9 +424,12 @@ class AlphaEdit:
     def projector(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str,
                   ) -> Tensor:
         """``P`` for module ``name`` (``(d_in, d_in)`` float64), computed once per model."""
+        hp = self.hparams
         per_model = self._P.setdefault(model, {})
-        if name not in per_model:
-            hp = self.hparams
+        # Keyed by what determines P, so that replacing ``self.hparams`` takes effect.
+        key = (name, hp.nullspace_threshold, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_dtype,
+               id(self.second_moment), id(self.corpus))
+        if key not in per_model:
             if self.second_moment is not None:
                 from lightning_rome.editing.context import second_moment
 
@@ -445,8 +448,8 @@ class AlphaEdit:
                     f"nullspace_threshold={hp.nullspace_threshold} (smallest "
                     f"{float(evals[0]):.3g}); AlphaEdit could not change this layer")
             self.last_stats.setdefault("null_dims", {})[name] = r
-            per_model[name] = null_space_projector(evals, evecs, hp.nullspace_threshold)
-        return per_model[name]
+            per_model[key] = null_space_projector(evals, evecs, hp.nullspace_threshold)
+        return per_model[key]
 
     # ------------------------------------------------------------------ editing
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any, *,

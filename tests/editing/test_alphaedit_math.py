@@ -274,3 +274,11 @@ def test_reverted_batches_leave_the_preserved_keys(fm, corpus):
     finally:
         p3.revert(model)
         p2.revert(model)
+
+
+def test_replaced_hparams_change_the_projector(fm, corpus):
+    ae = AlphaEdit(HP, corpus=corpus)
+    small = ae.projector(fm.model, fm.tokenizer, LAYER1)
+    ae.hparams = AlphaEditHyperParams.from_dict({**HP, "nullspace_threshold": 1e-2})
+    large = ae.projector(fm.model, fm.tokenizer, LAYER1)
+    assert round(float(torch.trace(large))) > round(float(torch.trace(small))) > 0
