@@ -28,7 +28,8 @@ __all__ = ["main"]
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: The package's classes that configs name in short form (``class_path: MENDModule``).
 _SHORT_NAMES = {
-    "modules": ("EditEvaluator", "FTModule", "MENDModule", "KEModule", "CausalTracer"),
+    "modules": ("EditEvaluator", "FTModule", "MENDModule", "KEModule", "CausalTracer",
+                "SequentialEditBenchmark"),
     "data": ("CounterFactDataModule", "ZsREDataModule", "KnownFactsDataModule",
              "TextCorpusDataModule"),
     "callbacks": ("ROMECallback", "MEMITCallback", "EditorCallback", "EditEvaluation",
@@ -305,7 +306,8 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", required=True, help="the subject s, as it appears in the prompt")
     p.add_argument("--target", required=True, help="the new object o*")
     p.add_argument("--target-true", default=None, help="the true object (for reporting)")
-    p.add_argument("--method", default="rome", choices=["rome", "memit", "ft", "ft-l", "kn"],
+    p.add_argument("--method", default="rome",
+                   choices=["rome", "memit", "alphaedit", "ft", "ft-l", "kn"],
                    help="the editing method")
     p.add_argument("--hparams", default=None, help="preset name (gpt2-xl, ...) or YAML file "
                    "(default: the preset for the model's family and size, else settings "
@@ -486,8 +488,8 @@ def _data_file(data: str, path: str | None) -> str | None:
 
 def _evaluate_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--method", default="rome", choices=["rome", "memit", "ft", "ft-l", "kn",
-                                                        "none"],
+    p.add_argument("--method", default="rome", choices=["rome", "memit", "alphaedit", "ft",
+                                                        "ft-l", "kn", "none"],
                    help="the editor (none: the unedited model only)")
     p.add_argument("--hparams", default=None, help="preset name or YAML file (default: the "
                    "preset for the model's family and size, else settings derived from its "

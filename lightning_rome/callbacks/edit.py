@@ -528,7 +528,9 @@ class EditorCallback(EditCallback):
         requests: the edits (objects, dicts, or a JSON/YAML path).
         editor: an object with ``edit(model, tokenizer, requests) -> WeightPatch`` (for example
             ``FT({"layers": [1]})`` or ``MENDEditor.from_checkpoint(...)``), or a method name
-            for :func:`~lightning_rome.editing.get_editor` (``"ft"``, ``"ft-l"``, ``"kn"``).
+            for :func:`~lightning_rome.editing.get_editor` (``"ft"``, ``"ft-l"``, ``"kn"``,
+            ``"alphaedit"``). An editor with ``state_dict``/``load_state_dict`` (AlphaEdit's
+            preserved keys) has its state saved in checkpoints and restored from them.
         hparams: hyperparameters when ``editor`` is a name.
         **kwargs: see :class:`EditCallback`.
     """
@@ -549,3 +551,23 @@ class EditorCallback(EditCallback):
 
     def make_editor(self) -> Any:
         return self._editor
+
+    def _stateful_editor(self) -> bool:
+        """Editors with a state of their own (AlphaEdit's preserved keys) save it in checkpoints;
+        networks (``nn.Module`` editors) are left to their own checkpoints."""
+        return callable(getattr(self._editor, "state_dict", None)) and callable(
+            getattr(self._editor, "load_state_dict", None)) and not isinstance(self._editor,
+                                                                               nn.Module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._stateful_editor():
+            state["editor_state"] = self._editor.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self._stateful_editor() and state_dict.get("editor_state") is not None:
+            self._editor.load_state_dict(state_dict["editor_state"])

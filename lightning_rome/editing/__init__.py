@@ -11,6 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_rome.editing.alphaedit import AlphaEdit, AlphaEditHyperParams
 from lightning_rome.editing.ft import FT, FTL, FTHyperParams
 from lightning_rome.editing.hparams import HyperParams, list_presets
 from lightning_rome.editing.ke import KEEditor, KEHyperParams, KENetwork
@@ -31,6 +32,8 @@ __all__ = [
     "KN",
     "MEMIT",
     "ROME",
+    "AlphaEdit",
+    "AlphaEditHyperParams",
     "Editor",
     "EditorMismatchError",
     "FTHyperParams",
@@ -62,6 +65,7 @@ class Editor(Protocol):
 _EDITORS: dict[str, str] = {
     "rome": "lightning_rome.editing.rome:ROME",
     "memit": "lightning_rome.editing.memit:MEMIT",
+    "alphaedit": "lightning_rome.editing.alphaedit:AlphaEdit",
     "ft": "lightning_rome.editing.ft:FT",
     "ft-l": "lightning_rome.editing.ft:FTL",
     "ft+l": "lightning_rome.editing.ft:FTL",
@@ -70,7 +74,7 @@ _EDITORS: dict[str, str] = {
 
 
 def get_editor(method: str, hparams: Any = None, **kwargs: Any) -> Editor:
-    """An editor by name: ``rome``, ``memit``, ``ft``, ``ft-l``, ``kn``. MEND and KE need a
+    """An editor by name: ``rome``, ``memit``, ``alphaedit``, ``ft``, ``ft-l``, ``kn``. MEND and KE need a
     trained network: use ``MENDEditor.from_checkpoint`` / ``KEEditor.from_checkpoint``."""
     import importlib
 

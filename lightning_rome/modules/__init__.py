@@ -4,5 +4,6 @@ from lightning_rome.modules.evaluator import EditEvaluator, evaluate_cases, eval
 from lightning_rome.modules.ft import FTModule
 from lightning_rome.modules.ke import KEModule
 from lightning_rome.modules.mend import HypernetworkModule, MENDModule
+from lightning_rome.modules.sequential import SequentialEditBenchmark
 
-__all__ = ["EditEvaluator", "FTModule", "HypernetworkModule", "KEModule", "MENDModule", "evaluate_cases", "evaluate_sequential"]
+__all__ = ["EditEvaluator", "FTModule", "HypernetworkModule", "KEModule", "MENDModule", "SequentialEditBenchmark", "evaluate_cases", "evaluate_sequential"]

@@ -31,6 +31,7 @@ _SIGNATURES: dict[str, tuple[str, int, int, int | None]] = {
     "gpt-j-6b": ("gptj", 28, 4096, None),
     "gpt-neox-20b": ("gpt_neox", 44, 6144, None),
     "llama-7b": ("llama", 32, 4096, None),
+    "llama3-8b": ("llama", 32, 4096, 128256),
     # The package's own small test models (lightning_rome.testing).
     "fact-model": ("gpt2", 4, 96, 2048),
     "demo-model": ("gpt2", 4, 128, 4096),
@@ -87,7 +88,7 @@ def _derived(method: str, n: int) -> dict[str, Any]:
     layer = min(n - 1, round(_ROME_DEPTH * (n - 1)))
     if method == "rome":
         return {"layer": layer}
-    if method == "memit":
+    if method in ("memit", "alphaedit"):
         # GPT-2 XL edits 5 of 48 layers ending at ROME's layer, GPT-J 6 of 28: about 1/9.
         count = max(1, min(layer + 1, round(n / 9)))
         return {"layers": list(range(layer - count + 1, layer + 1))}
