@@ -315,7 +315,19 @@ class ROME:
     def edit_one(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  request: EditRequest) -> WeightPatch:
         """One request on the current model; the model is not modified."""
+        return self.edit_modes(model, tokenizer, request, [self.hparams.key_mode])[
+            self.hparams.key_mode]
+
+    def edit_modes(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   request: EditRequest, modes: Sequence[str] = KEY_MODES,
+                   ) -> dict[str, WeightPatch]:
+        """One request's patch under each of ``modes`` (see the module docstring), from one key
+        and one value optimisation (the modes differ only in the right vector); the model is
+        not modified. ``last_results`` gets one entry, for the first mode."""
         hp = self.hparams
+        bad = [m for m in modes if m not in KEY_MODES]
+        if bad or not modes:
+            raise ValueError(f"key modes must be among {list(KEY_MODES)}, got {list(modes)}")
         layout = get_layout(model, self.layout_override)
         name = _module_name(model, hp, layout)
         _validate(tokenizer, request)
@@ -323,32 +335,39 @@ class ROME:
         contexts = _contexts(model, tokenizer, hp)
         k_star = compute_key(model, tokenizer, request, hp, layout=layout, contexts=contexts)
         u = self.C_inv_times(model, tokenizer, name, k_star) if hp.mom2_adjustment else k_star
+        u = u.to(k_star.device)  # (d_in,)
         res = compute_value(model, tokenizer, request, hp, layout=layout, contexts=contexts)
-        v_star = res.v_star[0].detach().to(k_star.device)  # (d_out,) v_init + δ, bare prompt
-        if hp.key_mode == "r-rome":
-            # One key everywhere: Λ = (v_init + δ − v̄) / (uᵀ k̄), v̄ = W k̄ + b (insert's default).
-            delta = insert(module, k_star, v_star, u.to(k_star.device), normalise_u=True)
-        elif hp.key_mode == "paper":
-            if hp.v_mode == "add":
-                # δ was added to every context's own value, so the value to write at the
-                # averaged key is that key's own value plus δ: v* = W k* + b + δ (Λ = δ).
-                v_star = (_module_value(module, k_star).float()
-                          + (res.v_star[0] - res.v_init[0]).detach().to(k_star.device))
-            delta = insert(module, k_star, v_star, u.to(k_star.device))
-        else:
-            k_bare, _ = read_keys(model, tokenizer, name, [request.prompt], [request.subject],
-                                  hp.fact_token)
-            delta = insert(module, k_star, v_star, u.to(k_star.device), k_right=k_bare[0],
-                           normalise_u=True)
+        z = res.v_star[0].detach().to(k_star.device)  # (d_out,) v_init + δ, bare prompt
+        patches: dict[str, WeightPatch] = {}
+        written: dict[str, Tensor] = {}
+        for mode in modes:
+            v_star = z
+            if mode == "r-rome":
+                # One key everywhere: Λ = (v_init + δ − v̄) / (uᵀ k̄), v̄ = W k̄ + b.
+                delta = insert(module, k_star, z, u, normalise_u=True)
+            elif mode == "paper":
+                if hp.v_mode == "add":
+                    # δ was added to every context's own value, so the value to write at the
+                    # averaged key is that key's own value plus δ: v* = W k* + b + δ (Λ = δ).
+                    v_star = (_module_value(module, k_star).float()
+                              + (res.v_star[0] - res.v_init[0]).detach().to(k_star.device))
+                delta = insert(module, k_star, v_star, u)
+            else:  # reference: Λ from the bare prompt's key
+                k_bare, _ = read_keys(model, tokenizer, name, [request.prompt],
+                                      [request.subject], hp.fact_token)
+                delta = insert(module, k_star, z, u, k_right=k_bare[0], normalise_u=True)
+            written[mode] = v_star
+            dev = canonical_weight(module).device
+            patches[mode] = WeightPatch.from_model(
+                model, {weight_param_name(name): delta.to(dev)}, method="rome",
+                hparams={**hp.to_dict(), "key_mode": mode}, requests=[request])
         self.last_results.append({"case_id": request.case_id, "steps": res.steps,
                                   "loss": res.losses[-1] if res.losses else None,
                                   "v_init_norm": float(res.v_init.norm()),
                                   "delta_v_norm": float((res.v_star - res.v_init).norm()),
-                                  "k_star": k_star.detach().cpu(), "v_star": v_star.cpu()})
-        dev = canonical_weight(module).device
-        return WeightPatch.from_model(
-            model, {weight_param_name(name): delta.to(dev)}, method="rome",
-            hparams=hp.to_dict(), requests=[request])
+                                  "k_star": k_star.detach().cpu(),
+                                  "v_star": written[modes[0]].cpu(), "z": z.cpu()})
+        return patches
 
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
              requests: EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]],
