@@ -30,6 +30,7 @@ __all__ = [
     "ValueOptimisationError",
     "ValueResult",
     "as_template_groups",
+    "check_start_words",
     "context_template_groups",
     "context_templates",
     "optimise_values",
@@ -155,6 +156,16 @@ def context_templates(
     """The templates of :func:`context_template_groups`, flattened (the bare ``"{}"`` first)."""
     return [t for grp in context_template_groups(model, tokenizer, lengths, seed, starts=starts)
             for t in grp]
+
+
+def check_start_words(starts: Sequence[str] | None) -> None:
+    """``context_template_starts``: ``None`` or a non-empty list of non-empty strings."""
+    if starts is None:
+        return
+    if isinstance(starts, str) or not starts or not all(
+            isinstance(s, str) and s.strip() for s in starts):
+        raise ValueError("context_template_starts must be None or a non-empty list of "
+                         f"non-empty strings, got {starts!r}")
 
 
 def as_template_groups(templates: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:

@@ -37,6 +37,7 @@ from lightning_rome.editing.context import (
     SecondMomentFn,
     TemplateAverage,
     as_template_groups,
+    check_start_words,
     context_template_groups,
     optimise_values,
     read_keys,
@@ -115,6 +116,7 @@ class MEMITHyperParams(HyperParams):
             raise ValueError("mom2_update_weight (λ) must be non-negative")
         if self.context_templates is not None:
             as_template_groups(self.context_templates)
+        check_start_words(self.context_template_starts)
         if self.key_average not in ("templates", "groups"):
             raise ValueError(f"key_average must be 'templates' or 'groups', got "
                              f"{self.key_average!r}")

@@ -42,6 +42,7 @@ from lightning_rome.editing.context import (
     TemplateAverage,
     ValueResult,
     as_template_groups,
+    check_start_words,
     context_template_groups,
     optimise_values,
     read_keys,
@@ -143,6 +144,7 @@ class ROMEHyperParams(HyperParams):
             raise ValueError("v_num_grad_steps must be at least 1")
         if self.context_templates is not None:
             as_template_groups(self.context_templates)
+        check_start_words(self.context_template_starts)
 
 
 def _module_name(model: nn.Module, hp: ROMEHyperParams, layout: ModelLayout) -> str:

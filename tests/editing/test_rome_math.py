@@ -310,3 +310,6 @@ def test_key_mode_and_templates_are_validated():
         ROMEHyperParams(key_average="mean")
     with pytest.raises(ValueError, match="exactly once"):
         ROMEHyperParams(context_templates=[["{}", "none"]])
+    for bad in ("The", [], [""]):
+        with pytest.raises(ValueError, match="context_template_starts"):
+            ROMEHyperParams(context_template_starts=bad)
