@@ -252,10 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--tol", type=float, default=1e-5)
-    ap.add_argument("--quick", action="store_true", help="two requests")
+    ap.add_argument("--steps", type=int, default=25, help="value-optimisation steps")
+    ap.add_argument("--quick", action="store_true", help="one request, 8 steps")
     args, _ = ap.parse_known_args(argv)  # the suite passes its common options too
     torch.set_num_threads(1)
-    rows = check(2 if args.quick else args.requests, args.tol)
+    rows = check(1 if args.quick else args.requests, args.tol, 8 if args.quick else args.steps)
     width = max(len(w) for w, _, _ in rows)
     print(f"Fidelity against the published algorithm (float64, tolerance {args.tol:g}):")
     for what, d, ok in rows:

@@ -3,7 +3,7 @@
 Usage::
 
     python -m benchmarks.bench_rome_modes                    # all models, 100 + 100 edits
-    python -m benchmarks.bench_rome_modes --quick            # the fact model, 5 + 5 edits
+    python -m benchmarks.bench_rome_modes --quick            # the fact model, 3 + 3 edits
     python -m benchmarks.bench_rome_modes --models fact counterfact --single 150 --json out.json
 
 Models (all built once and cached by :mod:`lightning_rome.testing`):
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=100, help="unedited known cases to check")
     ap.add_argument("--modes", nargs="+", choices=KEY_MODES, default=list(KEY_MODES))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="the fact model, 5 + 5 edits")
+    ap.add_argument("--quick", action="store_true", help="the fact model, 3 + 3 edits")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print the table of earlier --json results and exit")
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table([r for p in args.table for r in json.loads(p.read_text())]))
         return 0
     if args.quick:
-        args.models, args.single, args.sequential, args.pool = ["fact"], 5, 5, 20
+        args.models, args.single, args.sequential, args.pool = ["fact"], 3, 3, 10
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
