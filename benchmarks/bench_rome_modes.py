@@ -168,7 +168,7 @@ def run_modes(bench: Bench, n_single: int, n_sequential: int, n_pool: int,
     out: dict[str, Any] = {"model": bench.name, "preset": bench.preset,
                            "n_single": len(single_cases), "n_sequential": len(seq_cases),
                            "n_pool": len(pool), "single": {}, "sequential": {}}
-    out["unedited"] = _summary(_rates(model, tok, single_cases))
+    out["unedited"] = _summary(_rates(model, tok, single_cases or seq_cases))
 
     # Single edits: one key and one value per case, three right vectors.
     rome = ROME(bench.preset, second_moment=bench.second_moment)
@@ -188,7 +188,7 @@ def run_modes(bench: Bench, n_single: int, n_sequential: int, n_pool: int,
             log(f"  {bench.name}: {i + 1}/{len(single_cases)} single edits "
                 f"({time.perf_counter() - t0:.0f} s)")
     out["single_seconds"] = time.perf_counter() - t0
-    for m in modes:
+    for m in modes if single_cases else ():
         out["single"][m] = _summary(rates[m])
 
     # Sequential edits: one model per mode, edited one request after another.
@@ -231,11 +231,12 @@ def table(results: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {res['model']} ({n1} single / {n2} seq.) | unedited | {u['ES']:.3f} | "
                      f"{u['PS']:.3f} | {u['NS']:.3f} | - | - | "
                      f"{'-' if before is None else f'{before:.3f}'} |")
-        for m, s in res["single"].items():
-            q = res["sequential"].get(m, {})
+        for m in dict.fromkeys([*res["single"], *res["sequential"]]):
+            s, q = res["single"].get(m), res["sequential"].get(m, {})
             acc, ret = q.get("unedited_accuracy"), q.get("retention")
-            lines.append(f"| | {m} | {s['ES']:.3f} | {s['PS']:.3f} | {s['NS']:.3f} | "
-                         f"**{s['Score']:.3f}** | {'-' if ret is None else f'{ret:.3f}'} | "
+            one = (f"{s['ES']:.3f} | {s['PS']:.3f} | {s['NS']:.3f} | **{s['Score']:.3f}**"
+                   if s else "- | - | - | -")
+            lines.append(f"| | {m} | {one} | {'-' if ret is None else f'{ret:.3f}'} | "
                          f"{'-' if acc is None else f'{acc:.3f}'} |")
     return "\n".join(lines)
 

@@ -92,7 +92,7 @@ def test_rome_update_is_the_least_squares_optimum():
 
 
 def test_edit_writes_v_star_at_k_star(model, gpt2_tokenizer):
-    rome = make_rome()
+    rome = make_rome(key_mode="paper")  # the paper's eq. 2 at the averaged key
     req = EditRequest("{} plays the", "Toko Yasuda", "piano")
     before = weights(model)
     patch = rome.edit(model, gpt2_tokenizer, req)
@@ -117,7 +117,7 @@ def test_edit_writes_v_star_at_k_star(model, gpt2_tokenizer):
 
 
 def test_mom2_adjustment_off_gives_u_equal_k_star(model, gpt2_tokenizer):
-    rome = make_rome(mom2_adjustment=False)
+    rome = make_rome(mom2_adjustment=False, key_mode="paper")  # u not normalised
     req = EditRequest("{} plays the", "Toko Yasuda", "piano")
     patch = rome.edit(model, gpt2_tokenizer, req)
     right = patch.deltas["transformer.h.1.mlp.c_proj.weight"].right[0].double()  # (d_in,)
