@@ -171,10 +171,10 @@ def _contexts(model: nn.Module, tok: PreTrainedTokenizerBase, hp: ROMEHyperParam
 
 
 def _weights(hp: ROMEHyperParams, groups: Sequence[Sequence[str]], n_ctx: int) -> Tensor:
-    """The key-average weight of each of ``n_ctx`` contexts, ``(n_ctx,)`` float64. Contexts
-    given by the caller that are not this editor's own templates weigh equally."""
+    """The key-average weight of each of ``n_ctx`` contexts, ``(n_ctx,)`` float64."""
     if sum(len(g) for g in groups) != n_ctx:
-        return torch.full((n_ctx,), 1.0 / n_ctx, dtype=torch.float64)
+        raise ValueError(f"key_average='groups' needs the editor's own template groups (sizes "
+                         f"{[len(g) for g in groups]}), got {n_ctx} contexts")
     return template_weights(groups, hp.key_average)
 
 
@@ -186,8 +186,9 @@ def compute_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: E
                 hparams: ROMEHyperParams, *, layout: ModelLayout | None = None,
                 contexts: Sequence[str] | None = None) -> Tensor:
     """k*: the input of ``W_out`` at the fact token, averaged over the context templates
-    (ROME paper, eq. 3; weighted as ``hparams.key_average`` says when ``contexts`` are the
-    editor's own templates, else equally). Returns ``(d_in,)`` float32."""
+    (ROME paper, eq. 3), weighted as ``hparams.key_average`` says (with ``"groups"``,
+    ``contexts`` must be laid out as the editor's template groups). Returns ``(d_in,)``
+    float32."""
     layout = layout or get_layout(model)
     name = _module_name(model, hparams, layout)
     groups = _template_groups(model, tokenizer, hparams) if (
