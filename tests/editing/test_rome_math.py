@@ -301,6 +301,9 @@ def test_key_averages_over_templates_or_groups(model, gpt2_tokenizer, average):
     expect = each.mean(0) if average == "templates" else 0.5 * each[0] + 0.5 * each[1:].mean(0)
     torch.testing.assert_close(k, expect, rtol=1e-5, atol=1e-6)
     assert float((each.mean(0) - (0.5 * each[0] + 0.5 * each[1:].mean(0))).norm()) > 1e-4
+    if average == "groups":  # contexts laid out otherwise than the groups: an error
+        with pytest.raises(ValueError, match="template groups"):
+            compute_key(model, gpt2_tokenizer, req, hp, contexts=["{}", "Some text. {}"])
 
 
 def test_key_mode_and_templates_are_validated():
