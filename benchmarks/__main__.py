@@ -6,6 +6,7 @@ Usage::
     python -m benchmarks --quick            # small workloads, under 2 minutes on 2 CPU cores
     python -m benchmarks --only rome memit  # some of them
     python -m benchmarks --device cuda --dtype bf16
+    python -m benchmarks fidelity           # ROME / MEMIT against the published algorithm
 
 The suite's own benchmarks (rome, memit, stats, memory, samples) take every common option, and so does
 any other built on ``benchmarks.common.add_common_args``. The rest are called with ``--quick``
@@ -36,6 +37,8 @@ SUITE: tuple[tuple[str, str], ...] = (
     ("samples", "bench_samples"),
     ("tracing", "bench_tracing"),
     ("evaluation", "bench_evaluation"),
+    ("fidelity", "bench_fidelity"),
+    ("rome-modes", "bench_rome_modes"),
 )
 #: The benchmarks that accept the common options (``benchmarks/common.py``).
 OWN = frozenset({"rome", "memit", "stats", "memory", "samples"})
@@ -97,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=names, metavar="NAME",
                     help=f"run only these ({', '.join(names)})")
     ap.add_argument("--no-fact", action="store_true", help="skip the fact-model rows")
+    ap.add_argument("names", nargs="*", metavar="NAME",
+                    help="benchmarks to run, as --only (e.g. `python -m benchmarks fidelity`)")
     args = ap.parse_args(argv)
+    unknown = [n for n in args.names if n not in names]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {unknown}; choose from {names}")
+    if args.names:
+        args.only = [*(args.only or []), *args.names]
     selected = [(n, m) for n, m in SUITE if not args.only or n in args.only]
     common = _common_argv(args)
     print(machine_line(args.device), flush=True)

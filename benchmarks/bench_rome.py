@@ -124,8 +124,10 @@ def _hparams(bm: BenchModel, s: Settings, steps: int, layer: int | None) -> ROME
         lengths = [[3, 2]]
     # early_stop_loss=0: the random-weight models never reach the published 0.05, and the fact
     # model sometimes does; without early stopping every run takes the same number of steps.
+    # key_mode="paper": the naive ROME of naive_rome.py follows the paper's formula.
     return ROMEHyperParams(layer=layer, v_num_grad_steps=steps, context_template_lengths=lengths,
-                           clamp_norm_factor=4.0, early_stop_loss=0.0, seed=s.seed)
+                           clamp_norm_factor=4.0, early_stop_loss=0.0, seed=s.seed,
+                           key_mode="paper")
 
 
 def profile_edit(bm: BenchModel, hp: ROMEHyperParams, C: torch.Tensor, request: EditRequest,

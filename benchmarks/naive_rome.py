@@ -58,7 +58,8 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def naive_context_templates(model: nn.Module, tokenizer, lengths=((5, 10), (10, 10)),
                             seed: int = 0) -> list[str]:
-    """``"{}"`` plus ``count`` texts of ``length`` tokens per ``(length, count)``, sampled with
+    """``"{}"`` plus ``count`` texts of ``length - 1`` tokens after the end-of-text token per
+    ``(length, count)`` (the published ``max_out_len`` counts the start token), sampled with
     top-k = 5 from the end-of-text token, each followed by ``". {}"``. Every new token re-runs
     the whole prefix (no KV cache)."""
     device = _device(model)
@@ -68,7 +69,7 @@ def naive_context_templates(model: nn.Module, tokenizer, lengths=((5, 10), (10, 
     templates = ["{}"]
     for length, count in lengths:
         ids = torch.full((count, 1), int(start), dtype=torch.long, device=device)  # (n, 1)
-        for _ in range(length):
+        for _ in range(length - 1):  # length counts the start token (published max_out_len)
             logits = _forward(model, ids).logits[:, -1].float()  # (n, V)
             vals, idx = logits.topk(5, dim=-1)  # (n, 5)
             choice = torch.multinomial(F.softmax(vals, -1), 1, generator=g)  # (n, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -25,13 +25,19 @@ from lightning_rome.tokens import (
 from lightning_rome.utils.progress import progress_bar
 
 __all__ = [
+    "MEMIT_START_WORDS",
     "SecondMomentFn",
+    "TemplateAverage",
     "ValueOptimisationError",
     "ValueResult",
+    "as_template_groups",
+    "check_start_words",
+    "context_template_groups",
     "context_templates",
     "optimise_values",
     "read_keys",
     "second_moment",
+    "template_weights",
     "wrap",
 ]
 
@@ -67,33 +73,129 @@ class ValueOptimisationError(FloatingPointError):
     """The value optimisation produced NaN or inf (the model is left unchanged)."""
 
 
+MEMIT_START_WORDS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+"""The start words of the published MEMIT code's generated context templates."""
+
+TemplateAverage = Literal["templates", "groups"]
+"""How keys are averaged over the context templates: ``"templates"`` weighs every template
+equally (published ROME); ``"groups"`` averages within each group, then over the groups
+(published MEMIT, where the bare ``"{}"`` is a group of its own and so weighs ``1 / n_groups``)."""
+
+
+def _generate_group(model: nn.Module, tokenizer: PreTrainedTokenizerBase, length: int,
+                    count: int, starts: Sequence[str] | None, g: torch.Generator) -> list[str]:
+    """One group of ``count`` generated texts of ``length`` tokens (the start word's tokens
+    included, as ``max_out_len`` of the published ``generate_fast``), top-k = 5."""
+    from lightning_rome.scoring import generate
+
+    if not starts:  # published ROME: from the end-of-text token, which is not in the text
+        if length < 2:
+            raise ValueError(f"a generated context template needs length >= 2, got {length}")
+        texts = generate(model, tokenizer, [""] * count, max_new_tokens=length - 1, top_k=5,
+                         generator=g)
+    else:  # published MEMIT: count // len(starts) texts from each start word
+        if count % len(starts):
+            raise ValueError(f"context template count {count} is not a multiple of the "
+                             f"{len(starts)} start words {list(starts)}")
+        texts = []
+        for s in starts:
+            n_new = length - len(encode_prompt(tokenizer, s))
+            if n_new < 1:
+                raise ValueError(f"context template length {length} leaves no token to "
+                                 f"generate after the start word {s!r}")
+            texts += generate(model, tokenizer, [s] * (count // len(starts)),
+                              max_new_tokens=n_new, top_k=5, generator=g)
+    return [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]
+
+
+def context_template_groups(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    lengths: Sequence[Sequence[int]] = ((5, 10), (10, 10)),
+    seed: int = 0,
+    *,
+    starts: Sequence[str] | None = None,
+) -> list[list[str]]:
+    """``[["{}"], group_1, ...]``: the bare prompt as its own group, then one group of ``count``
+    texts of ``length`` tokens per ``(length, count)``, sampled from the model itself with
+    top-k = 5, each followed by ``". {}"``.
+
+    ``starts=None`` starts every text from the BOS/EOS token (published ROME,
+    ``[[5, 10], [10, 10]]``); start words (published MEMIT: ``"The", "Therefore", "Because",
+    "I", "You"`` with ``[[10, 5]]``) each start ``count / len(starts)`` texts, which include
+    them. ``length`` counts the start's tokens, as the published ``max_out_len`` does.
+
+    Generated once per model, lengths, start words and seed, and cached (editing many facts
+    must not regenerate them). Braces in generated text are replaced by spaces so that
+    templates keep exactly one ``{}``.
+    """
+    key = (tuple(tuple(int(v) for v in x) for x in lengths), seed,
+           tuple(starts) if starts else None)
+    cache = _TEMPLATE_CACHE.setdefault(model, {})
+    if key not in cache:
+        for x in lengths:
+            if len(x) != 2 or int(x[1]) < 1:
+                raise ValueError(f"context template lengths must be [length, count] pairs with "
+                                 f"count >= 1, got {list(x)}")
+        device = model_device(model)
+        g = torch.Generator(device=device).manual_seed(seed)
+        groups = [["{}"]]
+        for length, count in lengths:
+            groups.append(_generate_group(model, tokenizer, int(length), int(count), starts, g))
+        cache[key] = groups
+    return [list(grp) for grp in cache[key]]
+
+
 def context_templates(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     lengths: Sequence[Sequence[int]] = ((5, 10), (10, 10)),
     seed: int = 0,
+    *,
+    starts: Sequence[str] | None = None,
 ) -> list[str]:
-    """The bare ``"{}"`` plus ``count`` texts of ``length`` tokens per ``(length, count)``, sampled
-    from the model itself with top-k = 5 from the start token, each followed by ``". {}"``.
+    """The templates of :func:`context_template_groups`, flattened (the bare ``"{}"`` first)."""
+    return [t for grp in context_template_groups(model, tokenizer, lengths, seed, starts=starts)
+            for t in grp]
 
-    Generated once per model, lengths and seed, and cached (issue: editing many facts must not
-    regenerate them). Braces in generated text are replaced by spaces so that templates keep
-    exactly one ``{}``.
-    """
-    key = (tuple(tuple(x) for x in lengths), seed)
-    cache = _TEMPLATE_CACHE.setdefault(model, {})
-    if key not in cache:
-        from lightning_rome.scoring import generate
 
-        templates = ["{}"]
-        device = model_device(model)
-        g = torch.Generator(device=device).manual_seed(seed)
-        for length, count in lengths:
-            texts = generate(model, tokenizer, [""] * count, max_new_tokens=length, top_k=5,
-                             generator=g)
-            templates += [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]
-        cache[key] = templates
-    return list(cache[key])
+def check_start_words(starts: Sequence[str] | None) -> None:
+    """``context_template_starts``: ``None`` or a non-empty list of non-empty strings."""
+    if starts is None:
+        return
+    if isinstance(starts, str) or not starts or not all(
+            isinstance(s, str) and s.strip() for s in starts):
+        raise ValueError("context_template_starts must be None or a non-empty list of "
+                         f"non-empty strings, got {starts!r}")
+
+
+def as_template_groups(templates: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+    """Explicit ``context_templates`` as groups: a flat list of strings is one group per
+    template; a list of lists is taken as given. Each template must contain ``{}`` once."""
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"context_templates must be a non-empty list, got {templates!r}")
+    flat = all(isinstance(t, str) for t in templates)
+    groups = [[t] for t in templates] if flat else [list(g) for g in templates]  # type: ignore
+    for grp in groups:
+        if isinstance(grp, str) or not grp:
+            raise ValueError("context_templates must be a list of strings or a list of "
+                             f"non-empty lists of strings, got {templates!r}")
+        for t in grp:
+            if not isinstance(t, str) or t.count("{}") != 1:
+                raise ValueError(f"context template must contain '{{}}' exactly once: {t!r}")
+    return groups
+
+
+def template_weights(groups: Sequence[Sequence[str]], average: TemplateAverage) -> Tensor:
+    """Each template's weight in the key average, ``(n_ctx,)`` float64 summing to 1, in the
+    order of the flattened groups (see :data:`TemplateAverage`)."""
+    if average == "templates":
+        n = sum(len(g) for g in groups)
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if average == "groups":
+        return torch.cat([torch.full((len(g),), 1.0 / (len(g) * len(groups)),
+                                     dtype=torch.float64) for g in groups])
+    raise ValueError(f"key_average must be 'templates' or 'groups', got {average!r}")
 
 
 def wrap(context: str, prompt: str) -> str:
@@ -141,7 +243,8 @@ class ValueResult:
     v_star: Tensor  # (n, d) the optimised values (v_init + δ)
     v_init: Tensor  # (n, d) the module's value at the bare prompt's lookup token
     losses: list[float]  # total loss per step (summed over requests)
-    steps: int
+    steps: int  # steps run (the most of any request)
+    steps_each: list[int] = field(default_factory=list)  # steps each request ran until it stopped
 
 
 def optimise_values(model: nn.Module, *args: object, **kwargs: object) -> ValueResult:
@@ -179,8 +282,9 @@ def _optimise_values(
                + weight_decay · ‖δ‖ / ‖v_init‖²
 
     All contexts of all requests, and the essence prompts, run in one padded batch per step. Adam
-    takes up to ``num_steps`` steps; the last step takes no gradient step; optimisation stops early
-    once every request's loss is below ``early_stop_loss``; after each step δ is clamped to norm
+    takes up to ``num_steps`` steps; the last step takes no gradient step; each request stops on its
+    own once its loss is below ``early_stop_loss`` (its δ is frozen from then on, so its v* is
+    what optimising it alone gives, whatever else shares the batch); after each step δ is clamped to norm
     ``clamp_norm_factor · ‖v_init‖``.
 
     ``mode="add"`` (the published code) adds δ to each context's own value at the fact token, which
@@ -285,6 +389,11 @@ def _optimise_values(
     losses: list[float] = []
     steps = 0
     bar = progress_bar(num_steps, f"optimising v for {n} edit(s)", unit="step")
+    # Each request stops on its own, as the published code (which optimises one request at a
+    # time) does: once its loss is below early_stop_loss its δ is frozen, so a request's v* does
+    # not depend on the other requests of its batch.
+    active = torch.ones(n, dtype=torch.bool, device=device)  # (n,)
+    steps_each = [num_steps] * n
     try:
         for step in range(num_steps):
             steps = step + 1
@@ -312,15 +421,21 @@ def _optimise_values(
                     f"step {step} (NLL {nll.tolist()}, KL {kl.tolist()}); the model was not "
                     "modified")
             losses.append(float(loss.detach()))
-            if bool((loss_each < early_stop_loss).all()) or last:
+            stop = active & (loss_each.detach() < early_stop_loss)  # (n,) stop at this step
+            for i in stop.nonzero()[:, 0].tolist():
+                steps_each[i] = steps
+            active = active & ~stop
+            if last or not bool(active.any()):
                 break
             opt.zero_grad()
-            loss.backward()
+            loss_each[active].sum().backward()
+            frozen_delta = delta.detach()[~active].clone()  # (n_done, d)
             opt.step()
             with torch.no_grad():  # clamp ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖
                 norm = delta.norm(dim=-1)
                 scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
                 delta.mul_(scale[:, None])
+                delta[~active] = frozen_delta  # Adam's momentum must not move stopped ones
     finally:
         bar.close()
         for p in frozen:
@@ -328,4 +443,5 @@ def _optimise_values(
     v_star = (v_init + delta).detach()  # (n, d)
     if not bool(torch.isfinite(v_star).all()):
         raise ValueOptimisationError(f"value optimisation at {module_name!r} produced NaN/inf")
-    return ValueResult(v_star=v_star, v_init=v_init.detach(), losses=losses, steps=steps)
+    return ValueResult(v_star=v_star, v_init=v_init.detach(), losses=losses, steps=steps,
+                       steps_each=steps_each)

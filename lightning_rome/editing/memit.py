@@ -32,11 +32,16 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.editing.context import (
+    MEMIT_START_WORDS,
     SecondMomentFn,
-    context_templates,
+    TemplateAverage,
+    as_template_groups,
+    check_start_words,
+    context_template_groups,
     optimise_values,
     read_keys,
     second_moment,
+    template_weights,
     wrap,
 )
 from lightning_rome.editing.hparams import INT, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
@@ -68,7 +73,13 @@ class MEMITHyperParams(HyperParams):
         v_loss_layer: kept for parity with the published configs (the loss reads the logits).
         mom2_update_weight: λ, the weight of the preserved keys' second moment.
         mom2_dataset, mom2_n_samples, mom2_dtype: the statistics for C (as in ROME).
-        context_template_lengths, context_templates, seed: the key-averaging templates.
+        context_template_lengths, context_template_starts, seed: the generated templates,
+            ``[length, count]`` groups (published: ``[[10, 5]]``, from the start words
+            :data:`MEMIT_START_WORDS`; ``None`` starts from the BOS token as ROME does).
+        context_templates: explicit templates instead: a list of strings (one group each) or a
+            list of groups (lists of strings), e.g. ``[["{}"], [five templates]]``.
+        key_average: ``"groups"`` (published: average within each group, then over the groups,
+            with the bare ``"{}"`` a group of its own) or ``"templates"`` (all equal).
         z_batch_size: requests whose z are optimised together (memory bound); ``None``: all.
         key_batch_size: prompts per forward pass when reading keys.
         z_cache: cache the optimised z per request on disk (``True``: under the cache dir; a
@@ -103,8 +114,11 @@ class MEMITHyperParams(HyperParams):
     mom2_n_samples: int = 100_000
     mom2_dtype: str = "float32"
     context_template_lengths: list[list[int]] = dataclasses.field(
-        default_factory=lambda: [[5, 10], [10, 10]])
-    context_templates: list[str] | None = None
+        default_factory=lambda: [[10, 5]])
+    context_template_starts: list[str] | None = dataclasses.field(
+        default_factory=lambda: list(MEMIT_START_WORDS))
+    context_templates: list[str] | list[list[str]] | None = None
+    key_average: TemplateAverage = "groups"
     seed: int = 0
     z_batch_size: int | None = 64
     key_batch_size: int = 256
@@ -114,6 +128,12 @@ class MEMITHyperParams(HyperParams):
         super().__post_init__()
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be a non-empty ascending list, got {self.layers}")
+        if self.context_templates is not None:
+            as_template_groups(self.context_templates)
+        check_start_words(self.context_template_starts)
+        if self.key_average not in ("templates", "groups"):
+            raise ValueError(f"key_average must be 'templates' or 'groups', got "
+                             f"{self.key_average!r}")
 
 
 def memit_update(K: Tensor, R: Tensor, C: Tensor, lam: float) -> LowRankDelta:
@@ -177,25 +197,36 @@ class MEMIT:
                                             dtype=hp.mom2_dtype)
         return per_model[name]
 
-    def _contexts(self, model: nn.Module, tok: PreTrainedTokenizerBase) -> list[str]:
+    def _template_groups(self, model: nn.Module, tok: PreTrainedTokenizerBase,
+                         ) -> list[list[str]]:
+        """The context templates in their groups (explicit, or generated from the model)."""
         hp = self.hparams
         if hp.context_templates is not None:
-            return list(hp.context_templates)
-        return context_templates(model, tok, hp.context_template_lengths, hp.seed)
+            return as_template_groups(hp.context_templates)
+        return context_template_groups(model, tok, hp.context_template_lengths, hp.seed,
+                                       starts=hp.context_template_starts)
+
+    def _contexts(self, model: nn.Module, tok: PreTrainedTokenizerBase) -> list[str]:
+        """The context templates, flattened (the order of :meth:`_context_weights`)."""
+        return [t for g in self._template_groups(model, tok) for t in g]
 
     def _context_weights(self, contexts: Sequence[str]) -> Tensor:
-        """Each context's weight in the key average, ``(n_ctx,)``, summing to 1.
+        """Each context's weight in the key average, ``(n_ctx,)`` float32, summing to 1.
 
-        As in the published MEMIT code, keys are averaged within each group of templates (the
-        bare ``"{}"``; the generated ones of each ``(length, count)``), then over the groups, so
-        the bare prompt weighs ``1 / n_groups``. Explicit ``context_templates`` weigh equally.
+        With ``key_average="groups"`` (the published MEMIT code) keys are averaged within each
+        group of templates (the bare ``"{}"``; the generated ones of each ``(length, count)``;
+        or the given groups), then over the groups, so the bare prompt weighs ``1 / n_groups``.
         """
         hp = self.hparams
         if hp.context_templates is not None:
-            return torch.full((len(contexts),), 1.0 / len(contexts))
-        sizes = [1] + [int(count) for _, count in hp.context_template_lengths]
-        assert sum(sizes) == len(contexts)
-        return torch.cat([torch.full((n,), 1.0 / (n * len(sizes))) for n in sizes])
+            sizes = [len(g) for g in as_template_groups(hp.context_templates)]
+        else:
+            sizes = [1] + [int(count) for _, count in hp.context_template_lengths]
+        if sum(sizes) != len(contexts):
+            raise ValueError(f"{len(contexts)} contexts do not match the template groups "
+                             f"of sizes {sizes}")
+        groups = [[""] * n for n in sizes]
+        return template_weights(groups, hp.key_average).float()
 
     def _keys(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str,
               reqs: Sequence[EditRequest], contexts: Sequence[str]) -> Tensor:
@@ -271,7 +302,8 @@ class MEMIT:
         zs: list[Tensor | None] = [self._load_z(p, d) if d else None for p in paths]
         todo = [i for i, z in enumerate(zs) if z is None]
         step = hp.z_batch_size or max(1, len(todo))
-        steps_taken = []
+        steps_taken: list[int] = []
+        steps_each: dict[int, int] = {}  # request index -> steps its z took
         for s in range(0, len(todo), step):
             idx = todo[s:s + step]
             res = optimise_values(
@@ -281,6 +313,7 @@ class MEMIT:
                 clamp_norm_factor=hp.clamp_norm_factor, early_stop_loss=hp.early_stop_loss,
                 mode=hp.v_mode)
             steps_taken.append(res.steps)
+            steps_each.update(zip(idx, res.steps_each))
             for j, i in enumerate(idx):
                 zs[i] = res.v_star[j].cpu()
                 if paths[i] is not None:  # a write error warns; z is used uncached
@@ -288,8 +321,11 @@ class MEMIT:
                     write_safetensors(paths[i], {"z": z}, {"sha256": tensor_checksum(z)},
                                       what="MEMIT z cache")
         self.last_stats["z_steps"] = steps_taken
+        self.last_stats["z_steps_each"] = [steps_each.get(i) for i in range(len(reqs))]  # None: cached
         self.last_stats["z_cached"] = len(reqs) - len(todo)
-        return torch.stack([z for z in zs if z is not None]).T  # (d, u)
+        Z = torch.stack([z for z in zs if z is not None]).T  # (d, u)
+        self.last_stats["z"] = Z
+        return Z
 
     # ------------------------------------------------------------------ editing
     @in_eval_mode

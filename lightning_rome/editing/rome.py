@@ -9,12 +9,26 @@ moment C = E[k kᵀ]) has the closed form (paper, eq. 2)::
 Three steps (:func:`compute_key`, :func:`compute_value`, :func:`insert`) return a
 :class:`~lightning_rome.patches.WeightPatch` that :func:`rome_edit` composes over many requests.
 
-**key_mode.** ``"paper"`` (the default) uses the template-averaged k* in both places of the
-formula, so that ``Ŵ k* = v*`` holds exactly. ``"reference"`` reproduces the published code: the
-left vector is ``u = C⁻¹ k*`` normalised to unit length, but the right vector is computed from the
-key read on the *bare* prompt, ``Λ = (v* − W k_bare) / (uᵀ k_bare)``, so ``Ŵ k_bare = v*`` instead.
-"Rebuilding ROME" (Gupta et al., 2024) showed that this mismatch makes sequential edits collapse
-the model; keep it only to compare with published numbers.
+**key_mode.** Three ways to form the right vector Λ; all use ``u = C⁻¹ k̄`` with k̄ the
+template-averaged key, and ``z = v_init + δ`` the optimised value at the bare prompt:
+
+* ``"reference"`` (the default) reproduces the published code: u normalised to unit length, and
+  ``Λ = (z − W k_bare − b) / (uᵀ k_bare)`` from the key read on the *bare* prompt, so that
+  ``Ŵ k_bare = z``. "Rebuilding ROME" (Gupta et al., 2024) traced sequential-editing collapse to
+  this mix of two keys.
+* ``"r-rome"`` ("Rebuilding ROME"): the same key everywhere, ``Λ = (z − v̄) / (uᵀ k̄)`` with
+  ``v̄ = W k̄ + b`` the module's output averaged over the same templates (the module is linear),
+  so that ``Ŵ k̄ = z``.
+* ``"paper"``: eq. 2 at k̄ with the value that the optimisation wrote there; with
+  ``v_mode="add"`` (δ added to each context's own value) that is ``Ŵ k̄ = W k̄ + b + δ``, i.e.
+  ``Λ = δ / (uᵀ k̄)``; with ``"replace"``, ``Ŵ k̄ = z`` (then equal to ``"r-rome"``).
+
+The averages weigh the templates as ``key_average`` says (equally, as the published code).
+
+The default, ``reference``, was chosen by measurement (``benchmarks/bench_rome_modes.py``, table
+in ``benchmarks/RESULTS.md``): over 100 single edits it had the best Score on the COUNTERFACT demo
+model and was within 0.01 of the best (``paper``) on the synthetic fact model, and it kept the
+most edits over 100 sequential ones; no mode was better on both single and sequential edits.
 """
 
 from __future__ import annotations
@@ -30,11 +44,15 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.editing.context import (
     SecondMomentFn,
+    TemplateAverage,
     ValueResult,
-    context_templates,
+    as_template_groups,
+    check_start_words,
+    context_template_groups,
     optimise_values,
     read_keys,
     second_moment,
+    template_weights,
     wrap,
 )
 from lightning_rome.editing.hparams import INT, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
@@ -49,6 +67,7 @@ from lightning_rome.tokens import FactToken, subject_span
 from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
+    "KEY_MODES",
     "ROME",
     "ROMEHyperParams",
     "SecondMomentFn",
@@ -57,6 +76,10 @@ __all__ = [
     "insert",
     "rome_edit",
 ]
+
+KEY_MODES: tuple[str, ...] = ("reference", "r-rome", "paper")
+"""The ROME update's right-vector variants (see the module docstring)."""
+
 
 @dataclasses.dataclass
 class ROMEHyperParams(HyperParams):
@@ -79,9 +102,15 @@ class ROMEHyperParams(HyperParams):
         mom2_dataset: the corpus for C (``"wikitext"``, a text file path, ...).
         mom2_n_samples: texts sampled for C (100,000 in the paper).
         mom2_dtype: accumulation dtype of C.
-        context_template_lengths: ``[length, count]`` pairs for generated context templates.
-        context_templates: explicit templates (each with ``{}``); overrides generation.
-        key_mode: ``"paper"`` or ``"reference"`` (see the module docstring).
+        context_template_lengths: ``[length, count]`` pairs for generated context templates
+            (``length`` counts the start token, as the published code's ``max_out_len``).
+        context_template_starts: start words of the generated templates (``None``: the BOS
+            token, as published ROME; MEMIT's published code uses five start words).
+        context_templates: explicit templates (each with ``{}``); overrides generation. A list
+            of strings, or a list of groups (lists of strings).
+        key_average: ``"templates"`` (published ROME: every template weighs equally) or
+            ``"groups"`` (average within each group, then over the groups).
+        key_mode: ``"reference"`` (default), ``"r-rome"`` or ``"paper"`` (module docstring).
         seed: seed for template generation.
         rewrite_module: module-name template overriding the layout's ``mlp_out``.
     """
@@ -113,21 +142,25 @@ class ROMEHyperParams(HyperParams):
     mom2_dtype: str = "float32"
     context_template_lengths: list[list[int]] = dataclasses.field(
         default_factory=lambda: [[5, 10], [10, 10]])
-    context_templates: list[str] | None = None
-    key_mode: Literal["paper", "reference"] = "paper"
+    context_template_starts: list[str] | None = None
+    context_templates: list[str] | list[list[str]] | None = None
+    key_average: TemplateAverage = "templates"
+    key_mode: Literal["reference", "r-rome", "paper"] = "reference"
     seed: int = 0
     rewrite_module: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.key_mode not in ("paper", "reference"):
-            raise ValueError(f"key_mode must be 'paper' or 'reference', got {self.key_mode!r}")
+        if self.key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode must be one of {list(KEY_MODES)}, got {self.key_mode!r}")
+        if self.key_average not in ("templates", "groups"):
+            raise ValueError(f"key_average must be 'templates' or 'groups', got "
+                             f"{self.key_average!r}")
         if self.v_mode not in ("add", "replace"):
             raise ValueError(f"v_mode must be 'add' or 'replace', got {self.v_mode!r}")
         if self.context_templates is not None:
-            for t in self.context_templates:
-                if not isinstance(t, str) or t.count("{}") != 1:
-                    raise ValueError(f"context template must contain '{{}}' exactly once: {t!r}")
+            as_template_groups(self.context_templates)
+        check_start_words(self.context_template_starts)
 
 
 def _module_name(model: nn.Module, hp: ROMEHyperParams, layout: ModelLayout) -> str:
@@ -136,10 +169,24 @@ def _module_name(model: nn.Module, hp: ROMEHyperParams, layout: ModelLayout) -> 
         "mlp_out", hp.layer)
 
 
-def _contexts(model: nn.Module, tok: PreTrainedTokenizerBase, hp: ROMEHyperParams) -> list[str]:
+def _template_groups(model: nn.Module, tok: PreTrainedTokenizerBase, hp: ROMEHyperParams,
+                     ) -> list[list[str]]:
     if hp.context_templates is not None:
-        return list(hp.context_templates)
-    return context_templates(model, tok, hp.context_template_lengths, hp.seed)
+        return as_template_groups(hp.context_templates)
+    return context_template_groups(model, tok, hp.context_template_lengths, hp.seed,
+                                   starts=hp.context_template_starts)
+
+
+def _contexts(model: nn.Module, tok: PreTrainedTokenizerBase, hp: ROMEHyperParams) -> list[str]:
+    return [t for g in _template_groups(model, tok, hp) for t in g]
+
+
+def _weights(hp: ROMEHyperParams, groups: Sequence[Sequence[str]], n_ctx: int) -> Tensor:
+    """The key-average weight of each of ``n_ctx`` contexts, ``(n_ctx,)`` float64."""
+    if sum(len(g) for g in groups) != n_ctx:
+        raise ValueError(f"key_average='groups' needs the editor's own template groups (sizes "
+                         f"{[len(g) for g in groups]}), got {n_ctx} contexts")
+    return template_weights(groups, hp.key_average)
 
 
 def _validate(tok: PreTrainedTokenizerBase, r: EditRequest) -> None:
@@ -151,14 +198,21 @@ def compute_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: E
                 hparams: ROMEHyperParams, *, layout: ModelLayout | None = None,
                 contexts: Sequence[str] | None = None) -> Tensor:
     """k*: the input of ``W_out`` at the fact token, averaged over the context templates
-    (ROME paper, eq. 3). Returns ``(d_in,)`` float32."""
+    (ROME paper, eq. 3), weighted as ``hparams.key_average`` says (with ``"groups"``,
+    ``contexts`` must be laid out as the editor's template groups). Returns ``(d_in,)``
+    float32."""
     layout = layout or get_layout(model)
     name = _module_name(model, hparams, layout)
-    contexts = list(contexts) if contexts is not None else _contexts(model, tokenizer, hparams)
+    groups = _template_groups(model, tokenizer, hparams) if (
+        contexts is None or hparams.key_average == "groups") else [list(contexts)]
+    contexts = list(contexts) if contexts is not None else [t for g in groups for t in g]
     templates = [wrap(c, request.prompt) for c in contexts]
     k, _ = read_keys(model, tokenizer, name, templates, [request.subject] * len(templates),
-                     hparams.fact_token)
-    return k.mean(0)  # (d_in,)
+                     hparams.fact_token)  # (n_ctx, d_in)
+    if hparams.key_average == "templates":
+        return k.mean(0)  # (d_in,)
+    w = _weights(hparams, groups, len(contexts)).to(k)  # (n_ctx,)
+    return w @ k  # (d_in,)
 
 
 @in_eval_mode
@@ -182,10 +236,11 @@ def compute_value(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request:
 
 def _module_value(module: nn.Module, k: Tensor) -> Tensor:
     """The module's output for input ``k`` (``W k + b``), in float64. ``k``: (d_in,)."""
-    W = canonical_weight(module).double()  # (d_out, d_in)
-    v = W @ k.double()  # (d_out,)
-    bias = getattr(module, "bias", None)
-    return v + bias.double() if bias is not None else v
+    with torch.no_grad():
+        W = canonical_weight(module).double()  # (d_out, d_in)
+        v = W @ k.double()  # (d_out,)
+        bias = getattr(module, "bias", None)
+        return v + bias.double() if bias is not None else v
 
 
 def insert(module: nn.Module, k_star: Tensor, v_star: Tensor, C_inv_k: Tensor, *,
@@ -204,7 +259,7 @@ def insert(module: nn.Module, k_star: Tensor, v_star: Tensor, C_inv_k: Tensor, *
     Returns:
         The canonical ``[out, in]`` delta as ``LowRankDelta(Λ (d_out, 1), uᵀ (1, d_in))``.
     """
-    u = C_inv_k.double()  # (d_in,)
+    u = C_inv_k.detach().double()  # (d_in,)
     if normalise_u:
         u = u / u.norm()
     k = (k_right if k_right is not None else k_star).double()  # (d_in,)
@@ -212,8 +267,9 @@ def insert(module: nn.Module, k_star: Tensor, v_star: Tensor, C_inv_k: Tensor, *
     if not bool(torch.isfinite(denom)) or float(denom.abs()) < 1e-12:
         raise FloatingPointError(f"ROME denominator (C⁻¹k*)ᵀk is {float(denom)}: the key is "
                                  "degenerate or C is ill-conditioned")
-    Lam = (v_star.double() - _module_value(module, k)) / denom  # (d_out,)  Λ
-    return LowRankDelta(Lam[:, None].float(), u[None, :].float())  # (d_out, 1), (1, d_in)
+    Lam = (v_star.detach().double() - _module_value(module, k.detach())) / denom  # (d_out,) Λ
+    return LowRankDelta(Lam[:, None].float().detach(),
+                        u[None, :].float().detach())  # (d_out, 1), (1, d_in)
 
 
 class ROME:
@@ -281,8 +337,21 @@ class ROME:
     def edit_one(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  request: EditRequest) -> WeightPatch:
         """One request on the current model; the model is not modified."""
+        return self.edit_modes(model, tokenizer, request, [self.hparams.key_mode])[
+            self.hparams.key_mode]
+
+    @in_eval_mode
+    def edit_modes(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   request: EditRequest, modes: Sequence[str] = KEY_MODES,
+                   ) -> dict[str, WeightPatch]:
+        """One request's patch under each of ``modes`` (see the module docstring), from one key
+        and one value optimisation (the modes differ only in the right vector); the model is
+        not modified. ``last_results`` gets one entry, for the first mode."""
         model = unwrap_model(model)  # a torch.compile wrapper: its module
         hp = self.hparams
+        bad = [m for m in modes if m not in KEY_MODES]
+        if bad or not modes:
+            raise ValueError(f"key modes must be among {list(KEY_MODES)}, got {list(modes)}")
         layout = get_layout(model, self.layout_override)
         name = _module_name(model, hp, layout)
         _validate(tokenizer, request)
@@ -290,30 +359,40 @@ class ROME:
         contexts = _contexts(model, tokenizer, hp)
         k_star = compute_key(model, tokenizer, request, hp, layout=layout, contexts=contexts)
         u = self.C_inv_times(model, tokenizer, name, k_star) if hp.mom2_adjustment else k_star
+        u = u.to(k_star.device)  # (d_in,)
         res = compute_value(model, tokenizer, request, hp, layout=layout, contexts=contexts)
-        v_star = res.v_star[0].detach().to(k_star.device)  # (d_out,) v_init + δ, bare prompt
-        if hp.key_mode == "paper":
-            if hp.v_mode == "add":
-                # δ was added to every context's own value, so the value to write at the
-                # averaged key is that key's own value plus δ: v* = W k* + b + δ (Λ = δ).
-                v_star = (_module_value(module, k_star).float()
-                          + (res.v_star[0] - res.v_init[0]).detach().to(k_star.device))
-            delta = insert(module, k_star, v_star, u.to(k_star.device))
-        else:
-            k_bare, _ = read_keys(model, tokenizer, name, [request.prompt], [request.subject],
-                                  hp.fact_token)
-            delta = insert(module, k_star, v_star, u.to(k_star.device), k_right=k_bare[0],
-                           normalise_u=True)
+        z = res.v_star[0].detach().to(k_star.device)  # (d_out,) v_init + δ, bare prompt
+        patches: dict[str, WeightPatch] = {}
+        written: dict[str, Tensor] = {}
+        for mode in modes:
+            v_star = z
+            if mode == "r-rome":
+                # One key everywhere: Λ = (v_init + δ − v̄) / (uᵀ k̄), v̄ = W k̄ + b.
+                delta = insert(module, k_star, z, u, normalise_u=True)
+            elif mode == "paper":
+                if hp.v_mode == "add":
+                    # δ was added to every context's own value, so the value to write at the
+                    # averaged key is that key's own value plus δ: v* = W k* + b + δ (Λ = δ).
+                    v_star = (_module_value(module, k_star).float()
+                              + (res.v_star[0] - res.v_init[0]).detach().to(k_star.device))
+                delta = insert(module, k_star, v_star, u)
+            else:  # reference: Λ from the bare prompt's key
+                k_bare, _ = read_keys(model, tokenizer, name, [request.prompt],
+                                      [request.subject], hp.fact_token)
+                delta = insert(module, k_star, z, u, k_right=k_bare[0], normalise_u=True)
+            written[mode] = v_star
+            check_update_representable(model, {weight_param_name(name): delta}, "ROME")
+            dev = canonical_weight(module).device
+            patches[mode] = WeightPatch.from_model(
+                model, {weight_param_name(name): delta.to(dev)}, method="rome",
+                hparams={**hp.to_dict(), "key_mode": mode}, requests=[request])
         self.last_results.append({"case_id": request.case_id, "steps": res.steps,
                                   "loss": res.losses[-1] if res.losses else None,
                                   "v_init_norm": float(res.v_init.norm()),
                                   "delta_v_norm": float((res.v_star - res.v_init).norm()),
-                                  "k_star": k_star.detach().cpu(), "v_star": v_star.cpu()})
-        check_update_representable(model, {weight_param_name(name): delta}, "ROME")
-        dev = canonical_weight(module).device
-        return WeightPatch.from_model(
-            model, {weight_param_name(name): delta.to(dev)}, method="rome",
-            hparams=hp.to_dict(), requests=[request])
+                                  "k_star": k_star.detach().cpu(),
+                                  "v_star": written[modes[0]].cpu(), "z": z.cpu()})
+        return patches
 
     @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,

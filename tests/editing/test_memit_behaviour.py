@@ -62,9 +62,10 @@ from lightning_rome.testing import DEEP_FACT_MODEL, get_fact_model, prefers
 pytestmark = [pytest.mark.timeout(1800)]
 
 COMMON = {"v_num_grad_steps": 25, "clamp_norm_factor": 12.0, "v_weight_decay": 0.01,
-          "context_template_lengths": [[5, 2]], "mom2_n_samples": 2000, "fact_token": "last"}
+          "context_template_lengths": [[6, 2]], "context_template_starts": None,
+          "mom2_n_samples": 2000, "fact_token": "last"}
 MEMIT_HP = {**COMMON, "layers": [0, 1], "mom2_update_weight": 100.0, "z_batch_size": 100}
-ROME_HP = {**COMMON, "layer": 0}
+ROME_HP = {**COMMON, "layer": 0, "key_mode": "paper"}  # the mode these figures were measured in
 
 
 def _second_moment_fn(fm):

@@ -160,7 +160,8 @@ def test_editors_pickle_without_their_per_model_caches(model):
 
 def test_keys_average_within_then_across_template_groups(model, gpt2_tokenizer):
     """As the published code: the bare prompt weighs 1/(number of groups), not 1/(templates)."""
-    memit = MEMIT({"layers": [1], "context_template_lengths": [[3, 2], [4, 3]]})
+    memit = MEMIT({"layers": [1], "context_template_lengths": [[3, 2], [4, 3]],
+                   "context_template_starts": None})
     contexts = memit._contexts(model, gpt2_tokenizer)
     assert len(contexts) == 6 and contexts[0] == "{}"
     w = memit._context_weights(contexts)
@@ -174,3 +175,97 @@ def test_keys_average_within_then_across_template_groups(model, gpt2_tokenizer):
         torch.testing.assert_close(K[:, j], (bare + g1 + g2) / 3)
     uniform = MEMIT({"layers": [1], "context_templates": contexts})._context_weights(contexts)
     torch.testing.assert_close(uniform, torch.full((6,), 1 / 6))
+
+
+def _key_at(model, tok, name, text, subject):
+    """The input of ``name`` at the subject's last token of ``text`` (one unpadded pass, a plain
+    forward hook: independent of the package's key reading)."""
+    from lightning_rome.tokens import encode_prompt, subject_span
+
+    full = text.replace("{}", subject)
+    idx = subject_span(tok, text, subject)[1] - 1
+    seen = {}
+    h = model.get_submodule(name).register_forward_hook(
+        lambda m, args, out: seen.__setitem__("k", args[0][0, idx].detach().double()))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([encode_prompt(tok, full)]))
+    finally:
+        h.remove()
+    return seen["k"]
+
+
+def test_z_and_delta_do_not_depend_on_z_batch_size(gpt2_tokenizer):
+    """Each request stops at early_stop_loss on its own, as the published code (which optimises
+    one request at a time): its z, and ΔW, are the same whatever shares its z-batch."""
+    from lightning_rome.testing import get_fact_model
+
+    fm = get_fact_model()
+    model = fm.model.double()  # float64: batching changes nothing but the rounding
+    reqs = fm.edit_requests(9, seed=0)
+    C = C_of(4 * model.config.n_embd)
+    runs = {}
+    for zb in (1, 7, 64):
+        memit = MEMIT({"layers": [0], "v_num_grad_steps": 10, "clamp_norm_factor": 12.0,
+                       "v_weight_decay": 0.01, "context_templates": CONTEXTS,
+                       "mom2_update_weight": 10.0, "z_batch_size": zb, "early_stop_loss": 3.0},
+                      second_moment=C)
+        patch = memit.edit(model, fm.tokenizer, reqs)
+        runs[zb] = (memit.last_stats, patch.dense("transformer.h.0.mlp.c_proj.weight",
+                                                  torch.float64))
+    steps = runs[64][0]["z_steps_each"]
+    assert len(set(steps)) > 2 and min(steps) < 10  # requests did stop at different steps
+    for zb in (7, 64):
+        assert runs[zb][0]["z_steps_each"] == runs[1][0]["z_steps_each"]
+        torch.testing.assert_close(runs[zb][0]["z"], runs[1][0]["z"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(runs[zb][1], runs[1][1], rtol=0, atol=1e-6)
+
+
+def test_published_memit_templates_are_the_default_and_the_presets():
+    """memit_main.py:get_context_templates: [["{}"], five texts of 10 tokens from five start
+    words], averaged within each group, then over the two groups."""
+    published = {"context_template_lengths": [[10, 5]],
+                 "context_template_starts": ["The", "Therefore", "Because", "I", "You"],
+                 "key_average": "groups", "context_templates": None}
+    for hp in (MEMITHyperParams(), MEMITHyperParams.from_preset("gpt2-xl"),
+               MEMITHyperParams.from_preset("gpt-j-6b")):
+        assert {k: getattr(hp, k) for k in published} == published
+
+
+def test_generated_groups_start_with_their_start_words(model, gpt2_tokenizer):
+    from lightning_rome.editing.context import context_template_groups
+
+    starts = ["The", "Therefore", "Because", "I", "You"]
+    groups = context_template_groups(model, gpt2_tokenizer, [[10, 5]], 0, starts=starts)
+    assert groups[0] == ["{}"] and len(groups) == 2 and len(groups[1]) == 5
+    for s, t in zip(starts, groups[1]):
+        assert t.startswith(s) and t.endswith(". {}")
+    with pytest.raises(ValueError, match="multiple of"):
+        context_template_groups(model, gpt2_tokenizer, [[10, 4]], 0, starts=starts)
+    w = MEMIT()._context_weights(["{}"] + groups[1])
+    torch.testing.assert_close(w, torch.tensor([1 / 2] + [1 / 10] * 5))
+
+
+@pytest.mark.parametrize("average", ["groups", "templates"])
+def test_explicit_template_groups_weigh_as_the_published_code(model, gpt2_tokenizer, average):
+    """Explicit groups: the bare prompt weighs 1/2 with key_average="groups" (published MEMIT),
+    1/6 with "templates"; checked against keys read one prompt at a time."""
+    five = ["Some text. {}", "Another line of words. {}", "I. {}", "Yes, and then. {}",
+            "The end of it. {}"]
+    memit = MEMIT({"layers": [1], "context_templates": [["{}"], five], "key_average": average})
+    contexts = memit._contexts(model, gpt2_tokenizer)
+    assert contexts == ["{}", *five]
+    name = "transformer.h.1.mlp.c_proj"
+    K = memit._keys(model, gpt2_tokenizer, name, REQS[:2], contexts)  # (d_in, 2)
+    for j, r in enumerate(REQS[:2]):
+        each = [_key_at(model, gpt2_tokenizer, name, c.replace("{}", r.prompt), r.subject)
+                for c in contexts]
+        if average == "groups":
+            expect = 0.5 * each[0] + 0.5 * torch.stack(each[1:]).mean(0)
+        else:
+            expect = torch.stack(each).mean(0)
+        torch.testing.assert_close(K[:, j].double(), expect, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly once"):
+        MEMITHyperParams(context_templates=[["{}"], ["no brace"]])
+    with pytest.raises(ValueError, match="key_average"):
+        MEMITHyperParams(key_average="median")

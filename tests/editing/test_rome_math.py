@@ -92,7 +92,7 @@ def test_rome_update_is_the_least_squares_optimum():
 
 
 def test_edit_writes_v_star_at_k_star(model, gpt2_tokenizer):
-    rome = make_rome()
+    rome = make_rome(key_mode="paper")  # the paper's eq. 2 at the averaged key
     req = EditRequest("{} plays the", "Toko Yasuda", "piano")
     before = weights(model)
     patch = rome.edit(model, gpt2_tokenizer, req)
@@ -117,7 +117,7 @@ def test_edit_writes_v_star_at_k_star(model, gpt2_tokenizer):
 
 
 def test_mom2_adjustment_off_gives_u_equal_k_star(model, gpt2_tokenizer):
-    rome = make_rome(mom2_adjustment=False)
+    rome = make_rome(mom2_adjustment=False, key_mode="paper")  # u not normalised
     req = EditRequest("{} plays the", "Toko Yasuda", "piano")
     patch = rome.edit(model, gpt2_tokenizer, req)
     right = patch.deltas["transformer.h.1.mlp.c_proj.weight"].right[0].double()  # (d_in,)
@@ -265,3 +265,87 @@ def test_presets_load():
         ROMEHyperParams.from_preset("nope")
     with pytest.raises(ValueError, match="unknown ROMEHyperParams field"):
         ROMEHyperParams.from_dict({"layr": 3})
+
+
+def _keys_one_by_one(model, tok, name, contexts, req):
+    """The input of ``name`` at the subject's last token, one unpadded pass per context, with a
+    plain forward hook (independent of the package's key reading). ``(n_ctx, d_in)`` float64."""
+    from lightning_rome.tokens import encode_prompt, subject_span
+
+    out = []
+    for c in contexts:
+        tpl = c.replace("{}", req.prompt)
+        idx = subject_span(tok, tpl, req.subject)[1] - 1
+        seen = {}
+        h = model.get_submodule(name).register_forward_hook(
+            lambda m, a, o, seen=seen, idx=idx: seen.__setitem__("k", a[0][0, idx].detach().double()))
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([encode_prompt(tok, tpl.replace("{}", req.subject))]))
+        finally:
+            h.remove()
+        out.append(seen["k"])
+    return torch.stack(out)
+
+
+def test_r_rome_writes_z_at_the_averaged_key(model, gpt2_tokenizer):
+    """r-ROME: one key everywhere, Ŵ k̄ = v_init + δ (the optimised bare-prompt value), with
+    k̄ the template average, u = C⁻¹k̄ normalised."""
+    rome = make_rome(key_mode="r-rome")
+    req = EditRequest("{} plays the", "Toko Yasuda", "piano")
+    name = "transformer.h.1.mlp.c_proj"
+    patch = rome.edit(model, gpt2_tokenizer, req)
+    delta = patch.deltas[f"{name}.weight"]
+    assert abs(float(delta.right.norm()) - 1.0) < 1e-5
+    k_bar = _keys_one_by_one(model, gpt2_tokenizer, name, CONTEXTS, req).mean(0).float()
+    z = rome.last_results[0]["z"]
+    torch.testing.assert_close(rome.last_results[0]["v_star"], z)
+    module = model.get_submodule(name)
+    with torch.no_grad():
+        before = module(k_bar[None])[0]
+    patch.apply(model)
+    try:
+        with torch.no_grad():
+            after = module(k_bar[None])[0]
+        torch.testing.assert_close(after, z, rtol=1e-4, atol=1e-4)
+        assert float((after - before).norm()) > 1e-2  # the edit moved it
+    finally:
+        patch.revert(model)
+    # The three modes share one key and one value; only the right vector differs.
+    modes = make_rome().edit_modes(model, gpt2_tokenizer, req)
+    assert set(modes) == {"reference", "r-rome", "paper"}
+    dense = {m: p.dense(f"{name}.weight", torch.float64) for m, p in modes.items()}
+    torch.testing.assert_close(dense["r-rome"], patch.dense(f"{name}.weight", torch.float64),
+                               rtol=1e-5, atol=1e-7)
+    assert float((dense["r-rome"] - dense["paper"]).norm()) > 1e-4
+    assert float((dense["r-rome"] - dense["reference"]).norm()) > 1e-4
+
+
+@pytest.mark.parametrize("average", ["templates", "groups"])
+def test_key_averages_over_templates_or_groups(model, gpt2_tokenizer, average):
+    """Published ROME averages every template equally; with key_average="groups" the average is
+    within each group, then over the groups (as published MEMIT)."""
+    groups = [["{}"], ["Some text. {}", "Another line of words. {}", "I. {}"]]
+    hp = ROMEHyperParams(layer=1, context_templates=groups, key_average=average)
+    req = EditRequest("{} plays the", "Toko Yasuda", "piano")
+    name = "transformer.h.1.mlp.c_proj"
+    k = compute_key(model, gpt2_tokenizer, req, hp).double()
+    each = _keys_one_by_one(model, gpt2_tokenizer, name, [t for g in groups for t in g], req)
+    expect = each.mean(0) if average == "templates" else 0.5 * each[0] + 0.5 * each[1:].mean(0)
+    torch.testing.assert_close(k, expect, rtol=1e-5, atol=1e-6)
+    assert float((each.mean(0) - (0.5 * each[0] + 0.5 * each[1:].mean(0))).norm()) > 1e-4
+    if average == "groups":  # contexts laid out otherwise than the groups: an error
+        with pytest.raises(ValueError, match="template groups"):
+            compute_key(model, gpt2_tokenizer, req, hp, contexts=["{}", "Some text. {}"])
+
+
+def test_key_mode_and_templates_are_validated():
+    with pytest.raises(ValueError, match="key_mode"):
+        ROMEHyperParams(key_mode="rrome")
+    with pytest.raises(ValueError, match="key_average"):
+        ROMEHyperParams(key_average="mean")
+    with pytest.raises(ValueError, match="exactly once"):
+        ROMEHyperParams(context_templates=[["{}", "none"]])
+    for bad in ("The", [], [""]):
+        with pytest.raises(ValueError, match="context_template_starts"):
+            ROMEHyperParams(context_template_starts=bad)

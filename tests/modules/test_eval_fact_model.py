@@ -35,7 +35,7 @@ from lightning_rome.tokens import fill
 #: GPT-2 XL's 20 and a looser norm clamp (the model's MLP outputs are small), short generated
 #: context templates, C from the knowledge base's own training sentences.
 ROME_HPARAMS = dict(layer=0, v_num_grad_steps=40, v_lr=0.5, clamp_norm_factor=10.0,
-                    context_template_lengths=[[5, 5], [10, 5]])
+                    context_template_lengths=[[6, 5], [11, 5]], key_mode="paper")
 
 
 @pytest.fixture(scope="module", autouse=True)
