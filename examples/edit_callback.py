@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     fm = get_fact_model()
-    request = fm.edit_requests(1, seed=args.seed)[0]
+    # lives_in: the essence-drift KL prompt "{} is a" asks for a profession in this KB, so a
+    # profession edit is held back by its own KL term (see tests/editing/test_rome_behaviour.py).
+    request = fm.edit_requests(1, seed=args.seed, relation="lives_in")[0]
     corpus = list(fm.kb.text_corpus())
 
     def second_moment(model, tok, name):  # C over the model's own training text

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         fm = get_fact_model()
         model, tok = fm.model, fm.tokenizer
-        request = fm.edit_requests(1)[0]
+        request = fm.edit_requests(1, relation="lives_in")[0]  # see examples/edit_callback.py
         text = list(fm.kb.text_corpus())[:32]
         hparams = args.hparams or "fact-model"
     else:
