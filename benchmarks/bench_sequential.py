@@ -28,7 +28,8 @@ from typing import Any
 from benchmarks.common import REPO, machine_line
 
 COMMON: dict[str, Any] = {"v_num_grad_steps": 25, "clamp_norm_factor": 12.0,
-                          "v_weight_decay": 0.01, "context_template_lengths": [[5, 2]],
+                          "v_weight_decay": 0.01, "context_template_lengths": [[6, 2]],
+                          "context_template_starts": None, "key_average": "templates",
                           "mom2_n_samples": 2000, "fact_token": "last"}
 HPARAMS: dict[str, Any] = {
     "rome": {**COMMON, "layer": 0},

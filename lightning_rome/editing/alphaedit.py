@@ -29,8 +29,9 @@ import json
 import os
 import warnings
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors import safe_open
@@ -38,15 +39,18 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.editing.hparams import HyperParams
+from lightning_rome.editing.context import MEMIT_START_WORDS, TemplateAverage
+from lightning_rome.editing.hparams import POSITIVE, HyperParams, Num
 from lightning_rome.editing.memit import MEMIT, MEMITHyperParams
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
+from lightning_rome.models.modes import eval_mode
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
-from lightning_rome.requests import as_requests
+from lightning_rome.requests import as_requests, check_batch
 from lightning_rome.tokens import FactToken, subject_span
 from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum
+from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
     "AlphaEdit",
@@ -77,12 +81,17 @@ class AlphaEditHyperParams(HyperParams):
             optimisation, as in MEMIT (on the residual of ``layers[-1]``).
         v_loss_layer: kept for parity with the published configs (the loss reads the logits).
         mom2_dataset, mom2_n_samples, mom2_dtype: the statistics for ``C``.
-        context_template_lengths, context_templates, seed: the key-averaging templates
-            (published: one group of five 10-token texts).
+        context_template_lengths, context_template_starts, context_templates, key_average,
+            seed: the key-averaging templates, as in MEMIT (published: the bare prompt and one
+            group of five 10-token texts from MEMIT's start words).
         z_batch_size, key_batch_size, z_cache: as in MEMIT.
     """
 
     METHOD = "alphaedit"
+    RANGES: ClassVar[Mapping[str, Num]] = {
+        **{k: v for k, v in MEMITHyperParams.RANGES.items() if k != "mom2_update_weight"},
+        "nullspace_threshold": POSITIVE, "l2_weight": POSITIVE,
+    }
 
     layers: list[int] = dataclasses.field(default_factory=lambda: [13, 14, 15, 16, 17])
     nullspace_threshold: float = 2e-2
@@ -102,13 +111,17 @@ class AlphaEditHyperParams(HyperParams):
     mom2_dtype: str = "float32"
     context_template_lengths: list[list[int]] = dataclasses.field(
         default_factory=lambda: [[10, 5]])
-    context_templates: list[str] | None = None
+    context_template_starts: list[str] | None = dataclasses.field(
+        default_factory=lambda: list(MEMIT_START_WORDS))
+    context_templates: list[str] | list[list[str]] | None = None
+    key_average: TemplateAverage = "groups"
     seed: int = 0
     z_batch_size: int | None = 64
     key_batch_size: int = 256
     z_cache: bool | str = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be a non-empty ascending list, got {self.layers}")
         if not self.nullspace_threshold > 0:
@@ -467,11 +480,10 @@ class AlphaEdit:
             IndexError: a layer of R is out of range.
             ValueOptimisationError: NaN/inf while optimising z.
         """
-        from lightning_rome.tracing.core import eval_mode
-
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
         hp = self.hparams
         remember = hp.preserve_edits if remember is None else remember
-        reqs = as_requests(requests)
+        reqs = check_batch(as_requests(requests), "alphaedit")
         if not reqs:
             raise ValueError("no edit requests given")
         layout = get_layout(model, self.layout_override)

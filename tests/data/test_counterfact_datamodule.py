@@ -7,6 +7,8 @@ import json
 import warnings
 
 import lightning as L
+from pathlib import Path
+
 import pytest
 import torch
 from cf_fixtures import many_rome_cases, rome_cases, write_json
@@ -277,11 +279,21 @@ def test_offline_without_path_names_the_variable(monkeypatch, tmp_path):
         assert DATA_ENV in msg and "path=" in msg and "HF_DATASETS_OFFLINE" in msg
 
 
-def test_shared_folder_without_counterfact_json_is_an_error(monkeypatch, tmp_path, shared_data):
+def test_shared_folder_without_counterfact_json_uses_the_val_split(monkeypatch, tmp_path,
+                                                                  shared_data):
+    """The offline folder has counterfact-val.json (no release counterfact.json): it is used;
+    a folder holding none of the default files is an error naming them."""
     monkeypatch.setenv("LIGHTNING_ROME_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert not (Path(shared_data) / "counterfact" / "counterfact.json").exists()
+    assert "counterfact/counterfact-val.json" in CounterFactDataModule.default_files
+    dm = CounterFactDataModule(data_dir=shared_data, limit=3)
+    dm.prepare_data()
+    dm.setup("test")
+    assert len(dm.test_dataset) == 3
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds none of"):
-        CounterFactDataModule(data_dir=shared_data).prepare_data()
+        CounterFactDataModule(data_dir=tmp_path / "empty").prepare_data()
 
 
 def test_no_network_names_the_variable(monkeypatch, tmp_path):

@@ -18,7 +18,8 @@ from lightning_rome.testing import get_fact_model, prefers
 from lightning_rome.utils.io import tensor_checksum
 
 HP = {"layers": [1], "fact_token": "last", "v_num_grad_steps": 25, "clamp_norm_factor": 12.0,
-      "v_weight_decay": 0.01, "context_template_lengths": [[5, 2]], "mom2_n_samples": 2000,
+      "v_weight_decay": 0.01, "context_template_lengths": [[6, 2]],
+      "context_template_starts": None, "key_average": "templates", "mom2_n_samples": 2000,
       "nullspace_threshold": 1e-3, "l2_weight": 0.01}
 
 
