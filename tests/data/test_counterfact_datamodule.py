@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import warnings
-
-import lightning as L
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from cf_fixtures import many_rome_cases, rome_cases, write_json
