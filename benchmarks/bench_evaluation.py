@@ -55,9 +55,9 @@ from benchmarks.common import (
     time_runs,
     write_json,
 )
-from lightning_rome.data.records import EditCase
 from lightning_rome.modules.evaluator import evaluate_cases
 from lightning_rome.patches import LowRankDelta, WeightPatch
+from lightning_rome.records import EditCase
 from lightning_rome.requests import EditRequest
 from lightning_rome.scoring import candidate_nll
 from lightning_rome.tokens import continuation_ids, encode_prompt

@@ -22,7 +22,7 @@ Three comparisons on WikiText-2 texts (the local copy), cache off:
    time as a multiple of that work at this machine's measured GEMM rates. The C of all paths
    are checked to agree.
 2. Several layers in one pass (:func:`get_second_moments`) against one pass per layer.
-3. The Lightning job (:func:`lightning_rome.stats.lightning.compute_second_moments_distributed`,
+3. The Lightning job (:func:`lightning_rome.modules.stats.compute_second_moments_distributed`,
    ``Trainer.predict`` on the CPU) with 1 process and with 2 (``ddp_spawn``, one corpus shard per
    rank, one thread each): tokens/s per rank, and the check that both C agree (``--no-ddp``
    skips it; it is skipped with ``--quick``).
@@ -299,7 +299,7 @@ def lightning_rows(bm: BenchModel, texts: list[str], layer: int, s: Settings
 
     import lightning as L
 
-    from lightning_rome.stats.lightning import compute_second_moments_distributed
+    from lightning_rome.modules.stats import compute_second_moments_distributed
 
     os.environ["OMP_NUM_THREADS"] = "1"  # the spawned ranks share the cores
     out, rows = {}, []

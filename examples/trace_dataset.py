@@ -22,7 +22,8 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_rome.data import KnownFactsDataModule
-from lightning_rome.tracing import CausalTracer, suggest_edit_layer
+from lightning_rome.modules import CausalTracer
+from lightning_rome.tracing import suggest_edit_layer
 from lightning_rome.tracing.plot import plot_average, save_figure
 
 

@@ -319,7 +319,7 @@ def test_tiny_causal_trace_of_known_facts(in_tmp, fact_model_path):
 
 def test_causal_tracer_takes_a_model_path_and_the_old_name_still_works(fact_model_path):
     from lightning_rome.callbacks.trace import CausalTracerModule
-    from lightning_rome.tracing import CausalTracer
+    from lightning_rome.modules import CausalTracer
 
     assert CausalTracerModule is CausalTracer  # configs written for the former subclass
     tracer = CausalTracer(fact_model_path, kinds=("hidden",), dtype="float64")

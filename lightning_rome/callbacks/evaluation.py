@@ -19,7 +19,6 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from lightning_rome.callbacks.edit import find_model
-from lightning_rome.data.records import EditCase
 from lightning_rome.modules.evaluator import (
     Record,
     compute_results,
@@ -30,6 +29,7 @@ from lightning_rome.modules.evaluator import (
     make_metrics,
     resolve_editor,
 )
+from lightning_rome.records import EditCase
 from lightning_rome.requests import EditRequest
 
 __all__ = ["EditEvaluation", "load_cases"]

@@ -23,8 +23,8 @@ from typing_extensions import override
 
 from lightning_rome.callbacks.edit import find_model
 from lightning_rome.models import get_layout
+from lightning_rome.modules.tracer import CausalTracer, FactRecord, fact_records, prompt_seed
 from lightning_rome.tracing.core import DEFAULT_BATCH_TOKENS, parse_spec, trace_all
-from lightning_rome.tracing.module import CausalTracer, FactRecord, fact_records, prompt_seed
 from lightning_rome.tracing.noise import (
     GaussianNoise,
     NoiseLike,

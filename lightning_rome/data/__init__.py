@@ -21,14 +21,6 @@ from lightning_rome.data.parsing import (
     parse_records,
     parse_zsre_record,
 )
-from lightning_rome.data.records import (
-    EditCase,
-    KnownFact,
-    MalformedRecordError,
-    MalformedRecordWarning,
-    RecordBatch,
-    collate_records,
-)
 from lightning_rome.data.sources import SplitSpec, load_json_records, parse_split
 from lightning_rome.data.text import (
     NAMED_CORPORA,
@@ -42,6 +34,14 @@ from lightning_rome.data.text import (
     is_heading,
 )
 from lightning_rome.data.zsre import ZSRE_URL, ZsREDataModule
+from lightning_rome.records import (
+    EditCase,
+    KnownFact,
+    MalformedRecordError,
+    MalformedRecordWarning,
+    RecordBatch,
+    collate_records,
+)
 
 __all__ = [
     "COUNTERFACT_URL",

@@ -18,14 +18,6 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_rome.data.parsing import parse_records
-from lightning_rome.data.records import (
-    CaseId,
-    EditCase,
-    MalformedRecordError,
-    MalformedRecordWarning,
-    R,
-    collate_records,
-)
 from lightning_rome.data.sources import (
     SplitSpec,
     download_json,
@@ -34,6 +26,14 @@ from lightning_rome.data.sources import (
     load_json_records,
     parse_split,
     resolve_file,
+)
+from lightning_rome.records import (
+    CaseId,
+    EditCase,
+    MalformedRecordError,
+    MalformedRecordWarning,
+    R,
+    collate_records,
 )
 from lightning_rome.utils.paths import DATA_ENV, data_root
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.data.records import CaseId, EditCase, RecordBatch
+from lightning_rome.records import CaseId, EditCase, RecordBatch
 from lightning_rome.scoring import Side, make_batch
 from lightning_rome.tokens import continuation_ids, encode_prompt
 

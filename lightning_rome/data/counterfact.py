@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from lightning_rome.data.base import EditCaseDataModule, SplitArg
 from lightning_rome.data.parsing import parse_counterfact_record
-from lightning_rome.data.records import EditCase
+from lightning_rome.records import EditCase
 
 __all__ = ["COUNTERFACT_URL", "MULTI_COUNTERFACT_URL", "CounterFactDataModule"]
 

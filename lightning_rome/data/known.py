@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from lightning_rome.data.base import RecordDataModule, SplitArg
 from lightning_rome.data.parsing import parse_known_fact
-from lightning_rome.data.records import KnownFact
+from lightning_rome.records import KnownFact
 
 __all__ = ["KNOWN_FACTS_URL", "KnownFactsDataModule"]
 

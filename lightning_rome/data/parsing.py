@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lightning_rome.data.records import CaseId, EditCase, KnownFact, MalformedRecordError, R
+from lightning_rome.records import CaseId, EditCase, KnownFact, MalformedRecordError, R
 from lightning_rome.requests import EditRequest
 
 __all__ = [

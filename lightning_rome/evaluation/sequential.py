@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.patches import WeightPatch
+from lightning_rome.records import EditCase
 from lightning_rome.scoring import candidate_nll, generate, model_device
 from lightning_rome.utils.io import (
     CorruptFileError,
@@ -49,9 +50,6 @@ from lightning_rome.utils.io import (
     atomic_write_json,
     tensor_checksum,
 )
-
-if TYPE_CHECKING:  # the data package imports Lightning (its DataModules); the core must not
-    from lightning_rome.data.records import EditCase
 
 __all__ = [
     "CURVE_FILE",
@@ -532,7 +530,6 @@ def fact_model_benchmark(fm: Any, n_edits: int, *, seed: int = 0, n_retain_subje
     """
     import random
 
-    from lightning_rome.data.records import EditCase
     from lightning_rome.requests import EditRequest
     from lightning_rome.tokens import fill
 

@@ -56,11 +56,11 @@ from torchmetrics import Metric, MetricCollection
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_rome.data.records import CaseId, EditCase, RecordBatch
 from lightning_rome.metrics import CaseMean, counterfact_metrics, summary_table, zsre_metrics
 from lightning_rome.metrics.functional import MetricCI
 from lightning_rome.models.modes import eval_mode
 from lightning_rome.patches import WeightPatch
+from lightning_rome.records import CaseId, EditCase, RecordBatch
 from lightning_rome.scoring import candidate_scores, generate, model_device
 from lightning_rome.utils.io import atomic_path, atomic_write_json, tensor_checksum
 from lightning_rome.utils.modules import unwrap_model

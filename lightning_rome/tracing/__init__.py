@@ -15,12 +15,10 @@ For a dataset, measure the noise once, trace every prompt, and average::
     agg = average_traces(traces)   # AIE per token class and layer, ATE, 95% CIs
     layer = suggest_edit_layer(agg)
 
-The Lightning side: :class:`CausalTracer` (a LightningModule for ``Trainer.predict``/``test``
-over known facts, distributed across ranks) and
+The Lightning side: :class:`lightning_rome.modules.CausalTracer` (a LightningModule for
+``Trainer.predict``/``test`` over known facts, distributed across ranks) and
 :class:`lightning_rome.callbacks.trace.CausalTraceCallback`.
 """
-
-from typing import Any
 
 from lightning_rome.tracing.aggregate import (
     TOKEN_CLASSES,
@@ -53,7 +51,6 @@ __all__ = [
     "TOKEN_CLASSES",
     "AnswerMismatchWarning",
     "CausalTrace",
-    "CausalTracer",
     "Corruption",
     "GaussianNoise",
     "SubjectReplacement",
@@ -71,11 +68,3 @@ __all__ = [
     "window_layers",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # The LightningModule is imported on first use, so the core does not import Lightning.
-    if name == "CausalTracer":
-        from lightning_rome.tracing.module import CausalTracer
-
-        return CausalTracer
-    raise AttributeError(f"module 'lightning_rome.tracing' has no attribute {name!r}")

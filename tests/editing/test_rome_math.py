@@ -150,7 +150,7 @@ def test_sequential_edits_compose(model, gpt2_tokenizer):
     is mapped to ``v_j + Σ_{i>j} Λ_i u_iᵀ k_j``: checked on the module's outputs against this
     recursion run by hand in float64 from the original weights and the editor's (k_i, v_i).
     """
-    rome = make_rome(v_num_grad_steps=2)
+    rome = make_rome(v_num_grad_steps=2, key_mode="paper")  # eq. 2 at k_i, as derived above
     C = random_C(D_IN)  # what make_rome's second moment returns
     reqs = [EditRequest("{} plays the", "Toko Yasuda", "piano"),
             EditRequest("{} lives in", "Varnok Telimar", "Paris"),

@@ -82,7 +82,7 @@ def test_tracer_half_precision(dtype, gpt2_tokenizer):
 
 
 def test_causal_tracer_bad_arguments(gpt2_tokenizer):
-    from lightning_rome.tracing import CausalTracer
+    from lightning_rome.modules import CausalTracer
 
     with pytest.raises(ValueError, match="answer must be"):
         CausalTracer(tiny_gpt2(), gpt2_tokenizer, answer="best")

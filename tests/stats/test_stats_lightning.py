@@ -10,11 +10,8 @@ from testutils import tiny_gpt2
 import lightning_rome.stats.collect as collect_mod
 from lightning_rome.data.text import as_corpus
 from lightning_rome.hooks import module_hooks
-from lightning_rome.stats import (
-    SecondMomentModule,
-    compute_second_moments_distributed,
-    get_second_moments,
-)
+from lightning_rome.modules import SecondMomentModule, compute_second_moments_distributed
+from lightning_rome.stats import get_second_moments
 from lightning_rome.stats.collect import iter_token_rows
 
 N = 45  # not a multiple of the world size

@@ -116,7 +116,7 @@ def test_stats_job_output_file_write_error_is_a_one_line_error(tok, texts, tmp_p
     ``CacheWriteError`` (an ``OSError``, which the CLI reports as one line)."""
     import lightning.pytorch as L
 
-    from lightning_rome.stats.lightning import SecondMomentModule
+    from lightning_rome.modules.stats import SecondMomentModule
 
     out = tmp_path / "out.safetensors"
     module = SecondMomentModule(tiny_gpt2(), tok, [0], corpus=texts, cache=False,

@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 from tracing_helpers import peaked_gpt2
 
-from lightning_rome.tracing import CausalTracer, GaussianNoise, average_traces, trace_all
-from lightning_rome.tracing.module import fact_records, prompt_seed
+from lightning_rome.modules import CausalTracer
+from lightning_rome.modules.tracer import fact_records, prompt_seed
+from lightning_rome.tracing import GaussianNoise, average_traces, trace_all
 
 FACTS = [
     {"prompt": "The Space Needle is located in the city of", "subject": "Space Needle",
