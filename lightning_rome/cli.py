@@ -553,12 +553,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dm = dm_cls(path=path, limit=args.limit)
     out = Path(args.out)
     evaluator = EditEvaluator(model, tokenizer=tok, editor=editor, generation=args.generation,
-                              results_dir=str(out), resume=args.resume, seed=seed)
+                              results_dir=str(out), resume=args.resume, seed=seed,
+                              verbose=False)
     trainer = pl.Trainer(default_root_dir=out, logger=TensorBoardLogger(out, name="tb",
                                                                          default_hp_metric=False),
                          enable_checkpointing=False, enable_progress_bar=True,
                          enable_model_summary=False, **_trainer_device(args.device))
-    trainer.test(evaluator, datamodule=dm)
+    trainer.test(evaluator, datamodule=dm, verbose=False)
+    # The summary (values × 100, 95% intervals) instead of Lightning's per-key dump.
+    print(f"\n{evaluator.results['table']}\n\nresults: {out}")
     return 0
 
 

@@ -50,7 +50,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from transformers import PreTrainedTokenizerBase
@@ -1352,8 +1352,8 @@ class EditEvaluator(pl.LightningModule):
                 if hasattr(experiment, "add_text"):
                     experiment.add_text(f"summary/{self.label}", table,
                                         global_step=self.global_step)
-            if self.verbose:
-                print(f"\n{table}\n")
+            if self.verbose:  # the console summary, like Trainer.test's own table
+                rank_zero_info(f"\n{table}\n")
 
     @override
     def on_test_end(self) -> None:
