@@ -63,7 +63,7 @@ lock:
 	{ echo "# Exact versions the test suite passed with; pip constraints format."; \
 	  echo "# Regenerate with 'make lock'. torch comes from TORCH_SPEC (Makefile) and is not listed."; \
 	  echo "# Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -m)"; \
-	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-[a-z0-9_-]+|triton|lightning-rome)==' ; } > $(LOCK).tmp
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-[a-z0-9_-]+|cuda-[a-z0-9_-]+|triton|lightning-rome)==' ; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf $(LOCK_VENV)
 
