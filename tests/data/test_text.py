@@ -32,15 +32,6 @@ EXPECTED = ["First paragraph about alpha .", "Second paragraph , with a comma ."
             "Third one = not a heading", "Fourth paragraph ."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run much faster single-threaded on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "corpus.txt"

@@ -28,7 +28,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from testutils import REPO, tiny_gpt2
 
-import lightning_rome.stats.collect as collect_mod
 from lightning_rome.stats import (
     SecondMoment,
     get_second_moment,
@@ -41,16 +40,6 @@ from lightning_rome.utils.io import CorruptFileError
 KW = dict(n_samples=24, seq_len=12, batch_size=4, memory_cache=False)
 TEXTS = [f"Fact number {i}: the city of Town{i} lies on river {i % 7} near hill {i * 3}."
          for i in range(40)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    collect_mod._MEMO.clear()
-    yield
-    collect_mod._MEMO.clear()
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,6 @@ SEQ_LEN = 48
 NAME = "transformer.h.0.mlp.c_proj"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model64():
     return tiny_gpt2().double()

@@ -36,14 +36,6 @@ KW = dict(n_samples=40, seq_len=16, batch_size=4)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
 def _no_memo():
     collect_mod._MEMO.clear()
     yield

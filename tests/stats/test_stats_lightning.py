@@ -19,14 +19,6 @@ KW = dict(n_samples=N, seq_len=16, batch_size=4)
 NAMES = ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def texts():
     return list(as_corpus("wikitext-2").take(N))
