@@ -45,6 +45,7 @@ from lightning_rome.editing.memit import MEMIT, MEMITHyperParams
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import eval_mode
+from lightning_rome.models.precision import check_update_representable
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import as_requests, check_batch
@@ -513,6 +514,8 @@ class AlphaEdit:
                     R_l = (Z.to(h.device) - h) / (len(names) - i)  # (d, u)
                     delta = alphaedit_update(K, R_l, projectors[name], self._gram.get(name),
                                              hp.l2_weight)
+                    check_update_representable(model, {weight_param_name(name): delta},
+                                               "AlphaEdit")
                     dev = model.get_parameter(weight_param_name(name)).device
                     p = WeightPatch.from_model(model, {weight_param_name(name): delta.to(dev)},
                                                method=self.method, hparams=hp.to_dict(),

@@ -67,3 +67,20 @@ def test_check_on_a_weight():
     with torch.no_grad():
         model32[0].weight.fill_(1.0)
     check_update_representable(model32, {"0.weight": small}, "TEST")
+
+
+def test_underflowing_alphaedit_is_refused(tok):
+    """AlphaEdit checks its update like ROME and MEMIT: with a large α the fp16 update rounds
+    away; refused, naming the weight, with the model unchanged."""
+    from lightning_rome.editing import AlphaEdit
+
+    model = tiny_gpt2().to(torch.float16)
+    before = snapshot(model)
+    # τ above every eigenvalue of the synthetic C: P = I (the null space is everything)
+    editor = AlphaEdit({"layers": [0, 1], "v_num_grad_steps": 2, "context_templates": CONTEXTS,
+                        "nullspace_threshold": 1e3, "l2_weight": 1e6},
+                       second_moment=second_moment)
+    with pytest.raises(UnderflowError, match=r"AlphaEdit: .*mlp\.c_proj\.weight.*float16"):
+        editor.edit(model, tok, REQ)
+    assert_unchanged(model, before)
+    assert editor.n_preserved_edits == 0
