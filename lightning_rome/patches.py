@@ -41,7 +41,7 @@ from lightning_rome.requests import EditRequest
 from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum
 from lightning_rome.utils.modules import unwrap_model
 
-__all__ = ["LowRankDelta", "PatchMismatchError", "WeightPatch"]
+__all__ = ["EditTransaction", "LowRankDelta", "PatchMismatchError", "WeightPatch"]
 
 FORMAT = "lightning_rome.weight_patch"
 FORMAT_VERSION = 1
@@ -505,6 +505,110 @@ class WeightPatch:
             f"{n}: {'rank ' + str(d.rank) if isinstance(d, LowRankDelta) else 'dense'}"
             for n, d in self.deltas.items())
         return f"WeightPatch(method={self.method!r}, {len(self.requests)} request(s), {parts})"
+
+
+class EditTransaction:
+    """Apply patches one after another and leave the model holding all of them or none.
+
+    Inside ``with EditTransaction(model) as tx:``, each :meth:`apply` writes one patch onto the
+    model as the previous ones left it (so the next edit can be computed on the edited model).
+    On leaving the block:
+
+    * after an exception in the block (or in :meth:`commit`), every applied patch is reverted in
+      reverse order, bit-exactly, and the exception propagates;
+    * after a normal exit without :meth:`commit`, they are reverted too (the edits were only
+      needed in turn; :meth:`composed` gives their patch, unapplied);
+    * after :meth:`commit` they stay applied: as the one composed patch (the default, so that
+      one ``revert`` undoes them all) or as the separate patches (``compose=False``).
+
+    The patches' own ``apply`` is all or nothing, so a patch that fails to apply writes nothing
+    and the transaction reverts only what it applied.
+
+    Example:
+        >>> with EditTransaction(model) as tx:
+        ...     for r in requests:
+        ...         tx.apply(editor.edit_one(model, tok, r))  # each on the model edited so far
+        ...     total = tx.composed()
+        ...     if keep:
+        ...         tx.commit()  # total stays applied; without commit the model is restored
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = unwrap_model(model)
+        self.patches: list[WeightPatch] = []
+        self._total: WeightPatch | None = None
+        self._open = self._used = self._committed = False
+
+    def __enter__(self) -> EditTransaction:
+        if self._used:
+            raise RuntimeError("an EditTransaction is used once")
+        self._open = self._used = True
+        return self
+
+    def _check_open(self, what: str) -> None:
+        if not self._open:
+            raise RuntimeError(f"EditTransaction.{what} outside its `with` block")
+
+    def apply(self, patch: WeightPatch) -> WeightPatch:
+        """Apply ``patch`` to the model (all or nothing) and make it part of the transaction."""
+        self._check_open("apply")
+        if not isinstance(patch, WeightPatch):
+            raise TypeError(f"an edit returned {type(patch).__name__}, expected a WeightPatch")
+        patch.apply(self.model)
+        self.patches.append(patch)
+        self._total = None
+        return patch
+
+    def composed(self, *, requests: Iterable[EditRequest] | None = None) -> WeightPatch:
+        """The patches applied so far as one patch (the patch itself when there is one),
+        with ``requests`` as its requests when given. Repeated calls return the same object
+        until another patch is applied."""
+        if not self.patches:
+            raise ValueError("the transaction applied no patch")
+        if self._total is None:
+            total = self.patches[0]
+            for p in self.patches[1:]:
+                total = total.compose(p)
+            self._total = total
+        if requests is not None:
+            self._total.requests = list(requests)
+        return self._total
+
+    def commit(self, *, compose: bool = True) -> None:
+        """Leave the patches applied when the block ends: as the one :meth:`composed` patch
+        (re-registered bit-exactly: the separate patches are reverted, then it is applied) or,
+        with ``compose=False``, as they are."""
+        self._check_open("commit")
+        if compose and len(self.patches) > 1:
+            total = self.composed()
+            self._rollback()
+            total.apply(self.model)  # a failure here leaves the model as it started
+            self.patches = [total]
+        self._committed = True
+
+    def _rollback(self) -> list[BaseException]:
+        errors: list[BaseException] = []
+        while self.patches:
+            p = self.patches.pop()
+            try:
+                p.revert(self.model)
+            except BaseException as e:  # keep reverting the others
+                errors.append(e)
+        return errors
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> bool:
+        self._open = False
+        if self._committed and exc is None:
+            return False
+        self._committed = False
+        errors = self._rollback()
+        if errors:
+            if exc is None:
+                raise errors[0]
+            exc.add_note(f"EditTransaction: reverting the applied edits also failed: "
+                         f"{type(errors[0]).__name__}: {errors[0]}")
+        return False
 
 
 def _is_conv_t(model: nn.Module, name: str) -> bool:

@@ -591,3 +591,106 @@ def test_compiled_wrapper_and_inner_module_share_one_patch_state():
     p2.apply(model)
     p2.revert(compiled)
     assert bit_identical(model, before)
+
+
+# ------------------------------------------------------------------------------ EditTransaction
+def _patches(n: int, seed: int = 0) -> list[WeightPatch]:
+    """``n`` patches that overlap on lin.weight (so the order of reverting matters)."""
+    g = torch.Generator().manual_seed(seed)
+    return [WeightPatch({"lin.weight": LowRankDelta(torch.randn(7, 1, generator=g),
+                                                    torch.randn(1, 5, generator=g)),
+                         "conv.weight" if i % 2 else "lin2.weight": torch.randn(
+                             *(SHAPES["conv.weight"] if i % 2 else SHAPES["lin2.weight"]),
+                             generator=g)}, method=f"p{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_transaction_error_in_the_kth_edit_restores_every_bit(k):
+    from lightning_rome.patches import EditTransaction
+
+    model = Toy()
+    before = snapshot(model)
+    patches = _patches(4)
+    seen = []
+    with pytest.raises(RuntimeError, match="edit 3 failed"), EditTransaction(model) as tx:
+        for i, p in enumerate(patches):
+            if i == k:
+                raise RuntimeError("edit 3 failed")
+            tx.apply(p)
+            seen.append(snapshot(model))  # each edit sees the model edited so far
+    assert bit_identical(model, before)
+    assert not any(p.is_applied(model) for p in patches)
+    assert len(seen) == k
+    # A patch that cannot apply (here: bad shape) midway writes nothing, and the others revert.
+    bad = WeightPatch({"lin.weight": torch.ones(5, 7)})
+    with pytest.raises(PatchMismatchError), EditTransaction(model) as tx:
+        tx.apply(patches[0])
+        tx.apply(bad)
+    assert bit_identical(model, before)
+
+
+def test_transaction_without_commit_restores_and_with_commit_keeps_all():
+    from lightning_rome.patches import EditTransaction
+
+    model = Toy()
+    before = snapshot(model)
+    patches = _patches(3)
+    with EditTransaction(model) as tx:
+        for p in patches:
+            tx.apply(p)
+        total = tx.composed()
+        assert tx.composed() is total
+    assert bit_identical(model, before) and not total.is_applied(model)
+    # The composed patch is every delta: apply them one by one on a twin, compare.
+    twin = Toy()
+    for p in _patches(3):
+        p.apply(twin)
+    with EditTransaction(model) as tx:
+        for p in _patches(3):
+            tx.apply(p)
+        total = tx.composed(requests=[EditRequest("{} is in", "Paris", "Rome")])
+        tx.commit()
+    assert total.is_applied(model) and len(total.requests) == 1
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=n)
+    total.revert(model)  # one revert undoes them all, bit-exactly
+    assert bit_identical(model, before)
+    # compose=False leaves the separate patches applied; one patch is kept as itself.
+    ps = _patches(2)
+    with EditTransaction(model) as tx:
+        for p in ps:
+            tx.apply(p)
+        tx.commit(compose=False)
+    assert all(p.is_applied(model) for p in ps)
+    for p in reversed(ps):
+        p.revert(model)
+    assert bit_identical(model, before)
+    one = _patches(1)[0]
+    with EditTransaction(model) as tx:
+        tx.apply(one)
+        assert tx.composed() is one
+        tx.commit()
+    assert one.is_applied(model)
+    one.revert(model)
+    # An error after commit, still inside the block, undoes the committed edits too.
+    with pytest.raises(KeyError), EditTransaction(model) as tx:
+        for p in _patches(2):
+            tx.apply(p)
+        tx.commit()
+        raise KeyError("later")
+    assert bit_identical(model, before)
+
+
+def test_transaction_misuse_is_refused():
+    from lightning_rome.patches import EditTransaction
+
+    model = Toy()
+    tx = EditTransaction(model)
+    with pytest.raises(RuntimeError, match="outside its `with` block"):
+        tx.apply(_patches(1)[0])
+    with tx, pytest.raises(ValueError, match="applied no patch"):
+        tx.composed()
+    with pytest.raises(RuntimeError, match="used once"), tx:
+        pass
+    with EditTransaction(model) as tx2, pytest.raises(TypeError, match="expected a WeightPatch"):
+        tx2.apply("not a patch")  # type: ignore[arg-type]
