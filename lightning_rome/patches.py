@@ -77,14 +77,27 @@ class LowRankDelta:
     def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.left.to(dtype) @ self.right.to(dtype)  # (out, in)
 
+    def numel(self) -> int:
+        """Numbers stored: ``r·(out + in)`` (as ``Tensor.numel`` for a dense delta)."""
+        return self.left.numel() + self.right.numel()
+
     def norm(self) -> float:
-        """Frobenius norm without forming the product: ‖LR‖² = Σ (LᵀL ⊙ RRᵀ)."""
-        L, R = self.left.detach().double(), self.right.detach().double()
-        return float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
+        """Frobenius norm without forming the product or an ``r×r`` Gram matrix:
+        ``‖LR‖² = Σ_kl (LᵀL)_kl (RRᵀ)_kl``, summed over blocks of at most ``_NORM_BLOCK`` rows
+        ``k`` (temporaries ``(_NORM_BLOCK, r)``), in float64."""
+        L, R = self.left.detach().double(), self.right.detach().double()  # (m, r), (r, n)
+        total = torch.zeros((), dtype=torch.float64, device=L.device)
+        for s in range(0, self.rank, _NORM_BLOCK):
+            gl = L[:, s:s + _NORM_BLOCK].T @ L  # (b, r)
+            gr = R[s:s + _NORM_BLOCK] @ R.T  # (b, r)
+            total += (gl * gr).sum()
+        return float(total.clamp(min=0).sqrt())
 
     def to(self, *args: Any, **kwargs: Any) -> LowRankDelta:
         return LowRankDelta(self.left.to(*args, **kwargs), self.right.to(*args, **kwargs))
 
+
+_NORM_BLOCK = 64  # rows of the Gram product summed at a time by LowRankDelta.norm
 
 Delta = Tensor | LowRankDelta
 
@@ -95,6 +108,37 @@ def _dense(d: Delta, dtype: torch.dtype) -> Tensor:
 
 def _shape(d: Delta) -> tuple[int, ...]:
     return tuple(d.shape)
+
+
+def _sum_deltas(deltas: list[Delta]) -> Delta:
+    """``Σ deltas`` of one parameter, bounded in size: low-rank factors are concatenated while
+    the total rank ``r`` keeps ``r·(m + n) ≤ m·n``; beyond that (or with a dense delta) the sum
+    is one dense ``(m, n)`` tensor. Dtype: the promotion of the deltas' (float32 at least for
+    a dense sum)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    low = [d for d in deltas if isinstance(d, LowRankDelta)]
+    dense = [d for d in deltas if not isinstance(d, LowRankDelta)]
+    dt = low[0].left.dtype if low else dense[0].dtype
+    for d in deltas:
+        for t in ((d.left, d.right) if isinstance(d, LowRankDelta) else (d,)):
+            dt = torch.promote_types(dt, t.dtype)
+    shape = _shape(deltas[0])
+    m, n = shape if len(shape) == 2 else (0, 0)
+    rank = sum(d.rank for d in low)
+    if not dense and rank * (m + n) <= m * n:
+        dev = low[0].left.device
+        return LowRankDelta(torch.cat([d.left.to(dev, dt) for d in low], 1),  # (m, r)
+                            torch.cat([d.right.to(dev, dt) for d in low], 0))  # (r, n)
+    ct = torch.promote_types(dt, torch.float32)
+    dev = (low[0].left if low else dense[0]).device
+    acc = torch.zeros(shape, dtype=ct, device=dev)  # (m, n)
+    if low:  # all the factors in one product
+        acc += (torch.cat([d.left.to(dev, ct) for d in low], 1)
+                @ torch.cat([d.right.to(dev, ct) for d in low], 0))
+    for d in dense:
+        acc += d.to(dev, ct)
+    return acc
 
 
 @dataclass
@@ -199,33 +243,40 @@ class WeightPatch:
                            method=self.method, hparams=self.hparams, requests=self.requests,
                            model_name=self.model_name, checksums=self.checksums)
 
-    def compose(self, other: WeightPatch) -> WeightPatch:
-        """One patch equal to applying ``self`` then ``other``. Low-rank deltas of the same
-        parameter concatenate their factors; a dense delta makes the sum dense."""
-        deltas: dict[str, Delta] = dict(self.deltas)
-        for n, d in other.deltas.items():
-            if n not in deltas:
-                deltas[n] = d
-                continue
-            a = deltas[n]
-            if _shape(a) != _shape(d):
-                raise ValueError(f"cannot compose deltas of {n!r}: shapes {_shape(a)} and "
-                                 f"{_shape(d)}")
-            if isinstance(a, LowRankDelta) and isinstance(d, LowRankDelta):
-                dt = torch.promote_types(a.left.dtype, d.left.dtype)
-                deltas[n] = LowRankDelta(torch.cat([a.left.to(dt), d.left.to(dt)], 1),
-                                         torch.cat([a.right.to(dt), d.right.to(dt)], 0))
-            else:
-                deltas[n] = _dense(a, torch.float32) + _dense(d, torch.float32)
-        # The composition is applied to the weights ``self`` was computed against: ``other``'s
-        # checksum of a parameter ``self`` also changes is of the already-edited weight, so it
-        # is dropped even when ``self`` recorded none (it would make ``apply`` fail).
-        checksums = {**{n: c for n, c in other.checksums.items() if n not in self.deltas},
-                     **self.checksums}
-        method = self.method if self.method == other.method else f"{self.method}+{other.method}"
+    def compose(self, *others: WeightPatch) -> WeightPatch:
+        """One patch equal to applying ``self`` then each of ``others`` in turn.
+
+        The deltas of one parameter are summed by :func:`_sum_deltas`: low-rank factors
+        concatenate while that is smaller than a dense delta (``r·(m + n) ≤ m·n``), and become
+        one dense delta beyond, so that composing many edits stays at or below the dense size.
+        Composing all at once (``a.compose(b, c, ...)``) concatenates each parameter's factors
+        once.
+        """
+        patches = [self, *others]
+        by_name: dict[str, list[Delta]] = {}
+        for p in patches:
+            for n, d in p.deltas.items():
+                if n in by_name and _shape(by_name[n][0]) != _shape(d):
+                    raise ValueError(f"cannot compose deltas of {n!r}: shapes "
+                                     f"{_shape(by_name[n][0])} and {_shape(d)}")
+                by_name.setdefault(n, []).append(d)
+        deltas = {n: _sum_deltas(ds) for n, ds in by_name.items()}
+        # The composition is applied to the weights ``self`` was computed against: a later
+        # patch's checksum of a parameter an earlier one also changes is of the already-edited
+        # weight, so it is dropped even when the earlier one recorded none (it would make
+        # ``apply`` fail).
+        checksums = dict(self.checksums)
+        touched = set(self.deltas)
+        method = self.method
+        for p in others:
+            checksums = {**{n: c for n, c in p.checksums.items() if n not in touched},
+                         **checksums}
+            touched |= set(p.deltas)
+            method = method if method == p.method else f"{method}+{p.method}"
         return WeightPatch(deltas, method=method, hparams=self.hparams,
-                           requests=[*self.requests, *other.requests],
-                           model_name=self.model_name or other.model_name, checksums=checksums)
+                           requests=[r for p in patches for r in p.requests],
+                           model_name=next((p.model_name for p in patches if p.model_name),
+                                           None), checksums=checksums)
 
     # ------------------------------------------------------------------ apply / revert
     def is_applied(self, model: nn.Module) -> bool:
@@ -566,10 +617,8 @@ class EditTransaction:
         if not self.patches:
             raise ValueError("the transaction applied no patch")
         if self._total is None:
-            total = self.patches[0]
-            for p in self.patches[1:]:
-                total = total.compose(p)
-            self._total = total
+            first, *rest = self.patches
+            self._total = first.compose(*rest) if rest else first
         if requests is not None:
             self._total.requests = list(requests)
         return self._total

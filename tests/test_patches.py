@@ -331,14 +331,15 @@ def test_compose_sums_deltas():
                      "conv.weight": torch.randn(6, 5, generator=gen)}, method="rome",
                     requests=[EditRequest("{} is in", "Paris", "Rome")],
                     checksums={"lin.weight": "a" * 64})
-    b = WeightPatch({"lin.weight": LowRankDelta(torch.randn(7, 2, generator=gen),
-                                                torch.randn(2, 5, generator=gen)),
+    b = WeightPatch({"lin.weight": LowRankDelta(torch.randn(7, 1, generator=gen),
+                                                torch.randn(1, 5, generator=gen)),
                      "lin2.weight": torch.randn(7, 7, generator=gen)}, method="rome",
                     requests=[EditRequest("{} is in", "Rome", "Paris")],
                     checksums={"lin.weight": "b" * 64, "lin2.weight": "c" * 64})
     c = a.compose(b)
     assert set(c.names) == {"lin.weight", "conv.weight", "lin2.weight"}
-    assert isinstance(c.deltas["lin.weight"], LowRankDelta) and c.deltas["lin.weight"].rank == 3
+    # (rank 2 on a 7×5 weight: 2·(7 + 5) ≤ 35 elements, so the factors concatenate)
+    assert isinstance(c.deltas["lin.weight"], LowRankDelta) and c.deltas["lin.weight"].rank == 2
     torch.testing.assert_close(dense(c.deltas["lin.weight"]),
                                dense(a.deltas["lin.weight"]) + dense(b.deltas["lin.weight"]))
     assert torch.equal(c.deltas["conv.weight"], a.deltas["conv.weight"])
@@ -363,6 +364,68 @@ def test_compose_sums_deltas():
         torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-6, msg=n)
     with pytest.raises(ValueError, match=r"cannot compose deltas of 'lin\.weight'"):
         a.compose(WeightPatch({"lin.weight": torch.ones(5, 7)}))
+
+
+def _low_rank_patches(n: int, shape: tuple[int, int], rank: int = 1, device: str = "cpu",
+                      seed: int = 0) -> list[WeightPatch]:
+    g = torch.Generator().manual_seed(seed)
+    make = ((lambda *s: torch.empty(*s, device="meta")) if device == "meta"
+            else (lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)))
+    return [WeightPatch({"w": LowRankDelta(make(shape[0], rank), make(rank, shape[1]))},
+                        method="memit") for _ in range(n)]
+
+
+def test_composed_low_rank_switches_to_dense_beyond_the_dense_size():
+    m, n = 7, 5  # r·(m + n) ≤ m·n up to r = 2 (24 ≤ 35); r = 3 would store 36 > 35 numbers
+    ps = _low_rank_patches(3, (m, n))
+    two = ps[0].compose(ps[1])
+    assert isinstance(two.deltas["w"], LowRankDelta) and two.deltas["w"].rank == 2
+    three = two.compose(ps[2])
+    all_at_once = ps[0].compose(ps[1], ps[2])
+    want = sum(dense(p.deltas["w"]) for p in ps)
+    for c in (three, all_at_once):
+        d = c.deltas["w"]
+        assert isinstance(d, torch.Tensor) and d.shape == (m, n) and d.dtype == torch.float64
+        torch.testing.assert_close(d, want, rtol=1e-12, atol=1e-12)
+        assert len(c.requests) == 0 and c.method == "memit"
+    # A dense delta composed with more low-rank ones stays dense and keeps the sum.
+    more = three.compose(*_low_rank_patches(2, (m, n), seed=1))
+    torch.testing.assert_close(more.deltas["w"], want + sum(
+        dense(p.deltas["w"]) for p in _low_rank_patches(2, (m, n), seed=1)))
+
+
+@pytest.mark.parametrize("all_at_once", [True, False])
+def test_ten_thousand_edits_on_a_gpt2_xl_layer_stay_at_most_dense(all_at_once):
+    """10,000 rank-one edits of a 1600×6400 weight (GPT-2 XL's W_out): the composed patch
+    stores at most the 10.24 M numbers of a dense delta (factors alone would be 80 M). Meta
+    tensors: shapes only, no memory."""
+    m, n, edits = 1600, 6400, 10_000
+    ps = _low_rank_patches(edits, (m, n), device="meta")
+    if all_at_once:
+        total = ps[0].compose(*ps[1:])
+    else:
+        total, largest = ps[0], 0
+        for p in ps[1:]:
+            total = total.compose(p)
+            d = total.deltas["w"]
+            largest = max(largest, d.numel())
+        assert largest <= m * n
+    d = total.deltas["w"]
+    assert isinstance(d, torch.Tensor) and tuple(d.shape) == (m, n)
+    assert d.numel() <= m * n < edits * (m + n)
+    # Just below the switch the factors are kept: 1,280 rank-one edits store 1280·8000 = m·n.
+    r = m * n // (m + n)
+    kept = ps[0].compose(*ps[1:r])
+    assert isinstance(kept.deltas["w"], LowRankDelta) and kept.deltas["w"].numel() <= m * n
+    assert isinstance(ps[0].compose(*ps[1:r + 1]).deltas["w"], torch.Tensor)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 64, 65, 200])
+def test_low_rank_norm_matches_the_dense_norm(rank):
+    g = torch.Generator().manual_seed(rank)
+    d = LowRankDelta(torch.randn(90, rank, generator=g), torch.randn(rank, 70, generator=g))
+    want = float((d.left.double() @ d.right.double()).norm())
+    assert d.norm() == pytest.approx(want, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------ save / load
