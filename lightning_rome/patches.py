@@ -16,6 +16,12 @@ dense tensor (FT). Applying and reverting are transactional and exact:
   float64), so reverting patches in any order restores the original bits exactly.
 * A weight changed by something else since (an optimiser step, say) is detected; ``revert``
   then refuses, unless ``force=True``, in which case it subtracts the delta.
+* The registry of applied patches and original bits lives on the model (the attribute
+  :data:`REGISTRY_ATTR`), not in the process: :func:`registry_state` gives it in a
+  checkpoint-safe form and :func:`load_registry_state` re-registers it on a model that holds the
+  checkpoint's weights, so that reverting stays bit-exact after a resume (the edit callbacks do
+  this through their checkpoint hooks).
+* :class:`EditTransaction` applies edits one after another and leaves all applied or none.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import hashlib
 import json
 import math
 import os
+import uuid
 import warnings
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +47,8 @@ from lightning_rome.requests import EditRequest
 from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum
 from lightning_rome.utils.modules import unwrap_model
 
-__all__ = ["EditTransaction", "LowRankDelta", "PatchMismatchError", "WeightPatch"]
+__all__ = ["EditTransaction", "LowRankDelta", "PatchMismatchError", "WeightPatch",
+           "load_registry_state", "registered_patch", "registry_state"]
 
 FORMAT = "lightning_rome.weight_patch"
 FORMAT_VERSION = 1
@@ -151,8 +158,20 @@ class _ParamState:
     checksum: str = ""
 
 
-_STATE: weakref.WeakKeyDictionary[nn.Module, dict[str, _ParamState]] = (
-    weakref.WeakKeyDictionary())
+REGISTRY_ATTR = "_lightning_rome_patches"  # the model attribute holding its applied patches
+REGISTRY_FORMAT = "lightning_rome.patch_registry"
+
+
+def _registry(model: nn.Module, *, create: bool = False) -> dict[str, _ParamState]:
+    """The model's registry of applied patches: parameter name → its original bits and the
+    patches active on it. It lives on the model (so it goes where the model goes and dies with
+    it); :func:`registry_state` / :func:`load_registry_state` carry it through checkpoints."""
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    if reg is None:
+        reg = {}
+        if create:
+            model.__dict__[REGISTRY_ATTR] = reg
+    return reg
 
 
 def _canonical_view(model: nn.Module, name: str) -> Tensor:
@@ -203,6 +222,7 @@ class WeightPatch:
         requests: Iterable[EditRequest] = (),
         model_name: str | None = None,
         checksums: Mapping[str, str] | None = None,
+        uid: str | None = None,
     ) -> None:
         self.deltas: dict[str, Delta] = dict(deltas)
         for name, d in self.deltas.items():
@@ -213,6 +233,7 @@ class WeightPatch:
         self.requests = list(requests)
         self.model_name = model_name
         self.checksums = dict(checksums or {})
+        self.uid = uid or uuid.uuid4().hex  # one edit's identity, kept by to() and to_state()
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -241,7 +262,23 @@ class WeightPatch:
     def to(self, *args: Any, **kwargs: Any) -> WeightPatch:
         return WeightPatch({n: d.to(*args, **kwargs) for n, d in self.deltas.items()},
                            method=self.method, hparams=self.hparams, requests=self.requests,
-                           model_name=self.model_name, checksums=self.checksums)
+                           model_name=self.model_name, checksums=self.checksums, uid=self.uid)
+
+    def to_state(self) -> dict[str, Any]:
+        """A checkpoint-safe form: tensors (on the CPU) and a JSON string only, so that it loads
+        with ``torch.load(weights_only=True)``; :meth:`from_state` reads it back."""
+        return {"header": json.dumps({**self.header(), "uid": self.uid}, default=str),
+                "tensors": self._tensors()}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> WeightPatch:
+        """The patch of :meth:`to_state` (same deltas, provenance and ``uid``)."""
+        header = json.loads(state["header"])
+        return cls(_deltas_from(header, state["tensors"]), method=header.get("method", ""),
+                   hparams=header.get("hparams"),
+                   requests=[EditRequest.from_dict(r) for r in header.get("requests", [])],
+                   model_name=header.get("model_name"), checksums=header.get("checksums"),
+                   uid=header.get("uid"))
 
     def compose(self, *others: WeightPatch) -> WeightPatch:
         """One patch equal to applying ``self`` then each of ``others`` in turn.
@@ -280,7 +317,7 @@ class WeightPatch:
 
     # ------------------------------------------------------------------ apply / revert
     def is_applied(self, model: nn.Module) -> bool:
-        states = _STATE.get(unwrap_model(model), {})
+        states = _registry(unwrap_model(model))
         return any(self in s.active for s in states.values())
 
     def _check_unchanged(self, model: nn.Module, name: str, state: _ParamState) -> bool:
@@ -327,7 +364,7 @@ class WeightPatch:
                 already applied. Nothing is written then.
         """
         model = unwrap_model(model)
-        states = _STATE.setdefault(model, {})
+        states = _registry(model, create=True)
         if self.is_applied(model):
             raise PatchMismatchError("this patch is already applied to the model")
         # 1. Validate everything before writing anything.
@@ -381,7 +418,7 @@ class WeightPatch:
                 e.g. after a first revert), unless ``force=True``. Nothing is written then.
         """
         model = unwrap_model(model)
-        states = _STATE.get(model, {})
+        states = _registry(model)
         if not self.is_applied(model):
             self._revert_by_subtraction(model, force=force)
             return
@@ -535,19 +572,7 @@ class WeightPatch:
         for k, t in tensors.items():
             if tensor_checksum(t) != expected[k]:
                 raise CorruptFileError(f"tensor {k!r} fails its checksum")
-        deltas: dict[str, Delta] = {}
-        for n, entry in header["entries"].items():
-            if entry["kind"] == "low_rank":
-                d: Delta = LowRankDelta(tensors[f"{n}::left"], tensors[f"{n}::right"])
-            elif entry["kind"] == "dense":
-                d = tensors[f"{n}::dense"]
-            else:
-                raise CorruptFileError(f"unknown delta kind {entry['kind']!r}")
-            if list(_shape(d)) != list(entry["shape"]):
-                raise CorruptFileError(f"delta {n!r} has shape {_shape(d)}, header says "
-                                       f"{entry['shape']}")
-            deltas[n] = d
-        return cls(deltas, method=header.get("method", ""), hparams=header.get("hparams"),
+        return cls(_deltas_from(header, tensors), method=header.get("method", ""), hparams=header.get("hparams"),
                    requests=[EditRequest.from_dict(r) for r in header.get("requests", [])],
                    model_name=header.get("model_name"), checksums=header.get("checksums"))
 
@@ -658,6 +683,107 @@ class EditTransaction:
             exc.add_note(f"EditTransaction: reverting the applied edits also failed: "
                          f"{type(errors[0]).__name__}: {errors[0]}")
         return False
+
+
+def _deltas_from(header: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Delta]:
+    """The deltas of a patch header's ``entries`` from its named tensors."""
+    deltas: dict[str, Delta] = {}
+    for n, entry in header["entries"].items():
+        if entry["kind"] == "low_rank":
+            d: Delta = LowRankDelta(tensors[f"{n}::left"], tensors[f"{n}::right"])
+        elif entry["kind"] == "dense":
+            d = tensors[f"{n}::dense"]
+        else:
+            raise CorruptFileError(f"unknown delta kind {entry['kind']!r}")
+        if list(_shape(d)) != list(entry["shape"]):
+            raise CorruptFileError(f"delta {n!r} has shape {_shape(d)}, header says "
+                                   f"{entry['shape']}")
+        deltas[n] = d
+    return deltas
+
+
+def registry_state(model: nn.Module) -> dict[str, Any] | None:
+    """The model's applied patches and the original bits under them, checkpoint-safe (tensors
+    on the CPU and JSON strings: loads with ``torch.load(weights_only=True)``), or ``None``
+    when no patch is applied. Save it beside the model's ``state_dict``; after loading both,
+    :func:`load_registry_state` makes every patch revert bit-exactly again."""
+    reg = _registry(unwrap_model(model))
+    if not reg:
+        return None
+    patches: dict[str, WeightPatch] = {}
+    for st in reg.values():
+        for p in st.active:
+            patches.setdefault(p.uid, p)
+    return {
+        "format": REGISTRY_FORMAT,
+        "patches": [p.to_state() for p in patches.values()],
+        "params": {name: {"original": st.original.detach().cpu().contiguous(),
+                          "active": json.dumps([p.uid for p in st.active]),
+                          "checksum": st.checksum} for name, st in reg.items()},
+    }
+
+
+def load_registry_state(model: nn.Module, state: Mapping[str, Any]) -> dict[str, WeightPatch]:
+    """Register on ``model`` the patches of :func:`registry_state`, as applied, with their
+    original bits, so that reverting them is bit-exact (call it once the model holds the
+    checkpoint's weights). The weights are not written. A weight changed since the state was
+    taken is detected at revert time, as for a patch applied in this process.
+
+    Loading the same state twice is a no-op (the patches already registered are returned).
+
+    Returns:
+        ``uid`` → the registered patch object (revert that object, or one with its ``uid``
+        through :func:`registered_patch`).
+
+    Raises:
+        PatchMismatchError: the state is not a registry, names a parameter the model lacks,
+            or an original whose shape or dtype differs from the parameter's. Nothing is
+            registered then.
+    """
+    model = unwrap_model(model)
+    if state.get("format") != REGISTRY_FORMAT:
+        raise PatchMismatchError("not a lightning_rome patch registry state")
+    reg = _registry(model)
+    current = {p.uid: p for st in reg.values() for p in st.active}
+    params = {n: (e, json.loads(e["active"])) for n, e in state["params"].items()}
+    if reg and set(reg) == set(params) and all(
+            [p.uid for p in reg[n].active] == uids for n, (_, uids) in params.items()):
+        return current  # already registered
+    patches = {}
+    for ps in state["patches"]:
+        p = WeightPatch.from_state(ps)
+        patches[p.uid] = p
+    new: dict[str, _ParamState] = {}
+    for name, (entry, uids) in params.items():
+        try:
+            param = model.get_parameter(name)
+        except AttributeError as e:
+            raise PatchMismatchError(f"the registry patches {name!r}, which the model does "
+                                     "not have") from e
+        orig = entry["original"]
+        if tuple(orig.shape) != tuple(param.shape) or orig.dtype != param.dtype:
+            raise PatchMismatchError(
+                f"the registry's original of {name!r} is {orig.dtype} {tuple(orig.shape)}, the "
+                f"model's weight is {param.dtype} {tuple(param.shape)}")
+        missing = [u for u in uids if u not in patches]
+        if missing:
+            raise PatchMismatchError(f"the registry lists patches {missing} it does not hold")
+        active = [patches[u] for u in uids]  # deltas stay on the CPU until used
+        new[name] = _ParamState(original=orig.to(param.device).clone(), active=active,
+                                version=param._version, checksum=entry["checksum"])
+    reg = _registry(model, create=True)
+    reg.clear()
+    reg.update(new)
+    return patches
+
+
+def registered_patch(model: nn.Module, uid: str) -> WeightPatch | None:
+    """The patch with ``uid`` applied to ``model`` (``None`` if there is none)."""
+    for st in _registry(unwrap_model(model)).values():
+        for p in st.active:
+            if p.uid == uid:
+                return p
+    return None
 
 
 def _is_conv_t(model: nn.Module, name: str) -> bool:

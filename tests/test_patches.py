@@ -757,3 +757,52 @@ def test_transaction_misuse_is_refused():
         pass
     with EditTransaction(model) as tx2, pytest.raises(TypeError, match="expected a WeightPatch"):
         tx2.apply("not a patch")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ the registry
+def test_registry_lives_on_the_model_and_survives_a_state_dict_round_trip(tmp_path):
+    from lightning_rome.patches import load_registry_state, registered_patch, registry_state
+
+    model = Toy(torch.bfloat16)  # bf16: reverting by subtraction would not be bit-exact
+    original = snapshot(model)
+    a, b = _patches(2)
+    a.apply(model)
+    b.apply(model)
+    assert registry_state(Toy()) is None  # another model: its own (empty) registry
+    torch.save({"model": model.state_dict(), "patches": registry_state(model)}, tmp_path / "c.pt")
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)  # tensors and strings only
+    fresh = Toy(torch.bfloat16, seed=5)
+    fresh.load_state_dict(ckpt["model"])
+    restored = load_registry_state(fresh, ckpt["patches"])
+    assert set(restored) == {a.uid, b.uid}
+    assert load_registry_state(fresh, ckpt["patches"]) == restored  # twice: a no-op
+    assert registered_patch(fresh, a.uid) is restored[a.uid]
+    # The loaded copies revert in any order, bit-exactly, without a subtraction warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored[a.uid].revert(fresh)
+        restored[b.uid].revert(fresh)
+    assert bit_identical(fresh, original)
+    # A registry for other shapes or dtypes is refused, and nothing is registered.
+    other = Toy(torch.float32)
+    with pytest.raises(PatchMismatchError, match="original of"):
+        load_registry_state(other, ckpt["patches"])
+    assert registry_state(other) is None
+    # A weight changed after the state was taken is detected at revert time.
+    changed = Toy(torch.bfloat16, seed=5)
+    changed.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        changed.lin.weight[0, 0] += 1
+    patches = load_registry_state(changed, ckpt["patches"])
+    with pytest.raises(PatchMismatchError, match="changed since the patch was applied"):
+        patches[b.uid].revert(changed)
+
+
+def test_patch_state_round_trip_keeps_everything():
+    patch = _full_patch()
+    back = WeightPatch.from_state(patch.to_state())
+    assert back.uid == patch.uid and back.to("cpu").uid == patch.uid
+    assert back.header() == patch.header()
+    for n in patch.names:
+        assert torch.equal(back.dense(n), patch.dense(n))
+    assert WeightPatch(patch.deltas).uid != patch.uid

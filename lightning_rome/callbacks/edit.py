@@ -18,7 +18,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_rome.patches import EditTransaction, LowRankDelta, PatchMismatchError, WeightPatch
+from lightning_rome.patches import (
+    EditTransaction,
+    PatchMismatchError,
+    WeightPatch,
+    load_registry_state,
+    registry_state,
+)
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import candidate_probs
 from lightning_rome.utils.io import tensor_checksum
@@ -26,6 +32,7 @@ from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["EditorCallback", "MEMITCallback", "ROMECallback", "find_model", "load_requests"]
 
+REGISTRY_KEY = "lightning_rome_patches"  # the checkpoint entry holding the model's patch registry
 ApplyOn = Literal["setup", "fit_start", "train_end", "validation_start", "test_start",
                   "predict_start"]
 _APPLY_ON = ("setup", "fit_start", "train_end", "validation_start", "test_start",
@@ -66,30 +73,6 @@ def find_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
     raise MisconfigurationException(
         f"cannot find a Hugging Face causal LM in {type(pl_module).__name__}: pass model_attr= "
         "naming the attribute that holds it")
-
-
-def _patch_to_state(patch: WeightPatch) -> dict[str, Any]:
-    """A checkpoint-safe form of a patch: tensors and JSON strings only (loads with
-    ``torch.load(weights_only=True)``)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for n, d in patch.deltas.items():
-        if isinstance(d, LowRankDelta):
-            tensors[f"{n}::left"], tensors[f"{n}::right"] = d.left.cpu(), d.right.cpu()
-        else:
-            tensors[f"{n}::dense"] = d.cpu()
-    return {"header": json.dumps(patch.header(), default=str), "tensors": tensors}
-
-
-def _patch_from_state(state: dict[str, Any]) -> WeightPatch:
-    header = json.loads(state["header"])
-    t = state["tensors"]
-    deltas: dict[str, Any] = {}
-    for n, entry in header["entries"].items():
-        deltas[n] = (LowRankDelta(t[f"{n}::left"], t[f"{n}::right"])
-                     if entry["kind"] == "low_rank" else t[f"{n}::dense"])
-    return WeightPatch(deltas, method=header["method"], hparams=header["hparams"],
-                       requests=[EditRequest.from_dict(r) for r in header["requests"]],
-                       model_name=header["model_name"], checksums=header["checksums"])
 
 
 def _matches(model: nn.Module, patch: WeightPatch) -> bool:
@@ -189,6 +172,7 @@ class EditorCallback(Callback):
         self.patch: WeightPatch | None = None
         self.applied = False
         self._restored_applied = False
+        self._restored: dict[str, WeightPatch] = {}
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -275,8 +259,8 @@ class EditorCallback(Callback):
         if distributed and not reuse:
             self._raise_if_any_failed(trainer, error)
             state = trainer.strategy.broadcast(
-                _patch_to_state(patch) if patch is not None else None, src=0)
-            patch = _patch_from_state(state)
+                patch.to_state() if patch is not None else None, src=0)
+            patch = WeightPatch.from_state(state)
         assert patch is not None and model is not None and tok is not None
         # Applied on every rank or on none: a rank whose apply failed fails them all.
         with EditTransaction(model) as tx:
@@ -428,6 +412,23 @@ class EditorCallback(Callback):
             self._undo(trainer, pl_module)
 
     # ------------------------------------------------------------------ checkpointing
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """The model's applied patches and their original bits go into the checkpoint (one entry
+        however many edit callbacks there are), so that a resumed run reverts bit-exactly."""
+        state = registry_state(find_model(pl_module, self._model_attr))
+        if state is not None:
+            checkpoint[REGISTRY_KEY] = state
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Called once the model holds the checkpoint's weights: re-register their patches."""
+        state = checkpoint.get(REGISTRY_KEY)
+        if state is not None:
+            self._restored = load_registry_state(find_model(pl_module, self._model_attr), state)
+
     def _stateful_editor(self) -> bool:
         """Editors with a state of their own (AlphaEdit's preserved keys) save it in checkpoints;
         networks (``nn.Module`` editors) are left to their own checkpoints."""
@@ -440,7 +441,7 @@ class EditorCallback(Callback):
         state = {
             "applied": self.applied,
             "requests": json.dumps([r.to_dict() for r in self._requests], default=str),
-            "patch": _patch_to_state(self.patch) if self.patch is not None else None,
+            "patch": self.patch.to_state() if self.patch is not None else None,
         }
         if self._stateful_editor():
             state["editor_state"] = self._editor.state_dict()
@@ -452,7 +453,11 @@ class EditorCallback(Callback):
         if saved != self._requests:
             rank_zero_warn(f"{type(self).__name__}: the checkpoint's requests differ from this "
                            "callback's; keeping the checkpoint's edit state")
-        self.patch = _patch_from_state(state_dict["patch"]) if state_dict["patch"] else None
+        self.patch = WeightPatch.from_state(state_dict["patch"]) if state_dict["patch"] else None
+        if self.patch is not None and self.patch.uid in self._restored:
+            # The same edit, registered on the model by on_load_checkpoint: reverting that
+            # object is bit-exact.
+            self.patch = self._restored[self.patch.uid]
         # The checkpoint's weights already hold the edit: do not apply it again.
         self.applied = bool(state_dict["applied"])
         self._restored_applied = self.applied
