@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from lightning_rome.models.weights import is_transposed
 from lightning_rome.requests import EditRequest
-from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum
+from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum, weight_digest
 from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["EditTransaction", "LowRankDelta", "PatchMismatchError", "WeightPatch",
@@ -241,7 +241,7 @@ class WeightPatch:
                    ) -> WeightPatch:
         """A patch whose checksums are taken from ``model``'s current weights."""
         model = unwrap_model(model)
-        checksums = {n: tensor_checksum(model.get_parameter(n)) for n in deltas}
+        checksums = {n: weight_digest(model.get_parameter(n)) for n in deltas}
         name = kwargs.pop("model_name", None) or getattr(
             getattr(model, "config", None), "_name_or_path", None)
         return cls(deltas, checksums=checksums, model_name=name, **kwargs)
@@ -327,7 +327,7 @@ class WeightPatch:
         ``param.data`` (``p.data.add_(...)``) and dtype casts by ``module.half()``, which keep
         the version counter unchanged, and that would make a revert silently discard them.
         """
-        return tensor_checksum(model.get_parameter(name)) == state.checksum
+        return weight_digest(model.get_parameter(name)) == state.checksum
 
     def _rebuild(self, model: nn.Module, name: str, state: _ParamState) -> Tensor:
         """``cast(original + Σ active deltas)`` for one parameter, canonical orientation."""
@@ -371,7 +371,7 @@ class WeightPatch:
         self._validate_deltas(model)
         changed: dict[str, bool] = {}
         for name in self.deltas:
-            current = tensor_checksum(model.get_parameter(name))
+            current = weight_digest(model.get_parameter(name))
             if not force and name in self.checksums and current != self.checksums[name]:
                 raise PatchMismatchError(
                     f"weight {name!r} does not match the checksum the patch was computed "
@@ -453,7 +453,7 @@ class WeightPatch:
     def _revert_by_subtraction(self, model: nn.Module, *, force: bool = False) -> None:
         # Validate everything before any write (a missing parameter, a shape, NaN).
         self._validate_deltas(model)
-        current = {n: tensor_checksum(model.get_parameter(n)) for n in self.deltas}
+        current = {n: weight_digest(model.get_parameter(n)) for n in self.deltas}
         if not force and self.checksums and all(
                 current.get(n) == c for n, c in self.checksums.items()):
             # The weights are exactly those the patch was computed against: it is not applied
@@ -464,7 +464,7 @@ class WeightPatch:
         _commit(model, None, {n: (None, _subtract(model, n, d)) for n, d in self.deltas.items()})
         for name in self.deltas:
             param = model.get_parameter(name)
-            if name in self.checksums and tensor_checksum(param) != self.checksums[name]:
+            if name in self.checksums and weight_digest(param) != self.checksums[name]:
                 warnings.warn(
                     f"patch reverted on {name!r} by subtracting its delta (it was not applied in "
                     "this process); the weights are not bit-identical to the original",
@@ -844,7 +844,7 @@ def _commit(model: nn.Module, states: dict[str, _ParamState] | None,
             continue
         param = model.get_parameter(name)
         state.version = param._version
-        state.checksum = tensor_checksum(param)
+        state.checksum = weight_digest(param)
         states[name] = state
 
 

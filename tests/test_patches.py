@@ -806,3 +806,71 @@ def test_patch_state_round_trip_keeps_everything():
     for n in patch.names:
         assert torch.equal(back.dense(n), patch.dense(n))
     assert WeightPatch(patch.deltas).uid != patch.uid
+
+
+# ------------------------------------------------------------------------------ weight digests
+@pytest.fixture
+def sha_calls(monkeypatch):
+    """Counts the SHA-256 computations of ``weight_digest``."""
+    from lightning_rome.utils import io
+
+    calls = []
+    real = io.tensor_checksum
+
+    def counted(t):
+        calls.append(1)
+        return real(t)
+
+    monkeypatch.setattr(io, "tensor_checksum", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64])
+def test_weight_digest_hashes_once_per_version_of_the_bits(sha_calls, dtype):
+    from lightning_rome.utils.io import weight_digest
+
+    p = nn.Parameter((torch.randn(40, 30) * 10).to(dtype), requires_grad=False)
+    d0 = weight_digest(p, on_device=True)  # the accelerator path, run on the CPU here
+    assert d0 == tensor_checksum(p) and len(sha_calls) == 1
+    for _ in range(3):  # unchanged: only the fingerprint is computed
+        assert weight_digest(p, on_device=True) == d0
+    assert len(sha_calls) == 1
+    with torch.no_grad():
+        p[3, 4] += 1  # an ordinary in-place write
+    d1 = weight_digest(p, on_device=True)
+    assert d1 != d0 and d1 == tensor_checksum(p) and len(sha_calls) == 2
+    version = p._version
+    p.data[0, 0] += 2  # through .data: the version counter does not move
+    assert p._version == version
+    d2 = weight_digest(p, on_device=True)
+    assert d2 not in (d0, d1) and d2 == tensor_checksum(p) and len(sha_calls) == 3
+    # On the CPU (the default there) the SHA-256 is computed at every call.
+    n = len(sha_calls)
+    assert weight_digest(p) == weight_digest(p) == d2 and len(sha_calls) == n + 2
+
+
+def test_weight_digest_sees_casts_and_reordered_elements(sha_calls):
+    from lightning_rome.utils.io import tensor_fingerprint, weight_digest
+
+    lin = nn.Linear(6, 4)
+    d = weight_digest(lin.weight, on_device=True)
+    lin.half()  # same Parameter object, new dtype and storage
+    assert weight_digest(lin.weight, on_device=True) == tensor_checksum(lin.weight) != d
+    x = torch.randn(64)
+    fp = tensor_fingerprint(x)
+    swapped = x.clone()
+    swapped[[3, 40]] = swapped[[40, 3]]
+    flipped = x.clone()
+    flipped.view(torch.int32)[7] ^= 1  # one bit of one element
+    assert len({fp, tensor_fingerprint(swapped), tensor_fingerprint(flipped)}) == 3
+    assert tensor_fingerprint(x.clone()) == fp  # a function of the bits alone
+    # The fingerprint is summed in chunks: chunking does not change it.
+    from lightning_rome.utils import io
+
+    big = torch.randn(1000)
+    whole = tensor_fingerprint(big)
+    old, io._FP_CHUNK = io._FP_CHUNK, 7
+    try:
+        assert tensor_fingerprint(big) == whole
+    finally:
+        io._FP_CHUNK = old

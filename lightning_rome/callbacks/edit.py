@@ -27,7 +27,7 @@ from lightning_rome.patches import (
 )
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import candidate_probs
-from lightning_rome.utils.io import tensor_checksum
+from lightning_rome.utils.io import weight_digest
 from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["EditorCallback", "MEMITCallback", "ROMECallback", "find_model", "load_requests"]
@@ -80,7 +80,7 @@ def _matches(model: nn.Module, patch: WeightPatch) -> bool:
     if not patch.checksums or set(patch.checksums) != set(patch.deltas):
         return False
     try:
-        return all(tensor_checksum(model.get_parameter(n)) == c
+        return all(weight_digest(model.get_parameter(n)) == c
                    for n, c in patch.checksums.items())
     except AttributeError:
         return False
@@ -288,7 +288,7 @@ class EditorCallback(Callback):
 
     def _check_identical(self, trainer: pl.Trainer, model: nn.Module, patch: WeightPatch) -> None:
         mine = hashlib.sha256("".join(
-            tensor_checksum(model.get_parameter(n)) for n in patch.names).encode()).hexdigest()
+            weight_digest(model.get_parameter(n)) for n in patch.names).encode()).hexdigest()
         theirs = trainer.strategy.broadcast(mine, src=0)
         ok = trainer.strategy.reduce_boolean_decision(mine == theirs, all=True)
         if not ok:
