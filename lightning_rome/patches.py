@@ -16,6 +16,12 @@ dense tensor (FT). Applying and reverting are transactional and exact:
   float64), so reverting patches in any order restores the original bits exactly.
 * A weight changed by something else since (an optimiser step, say) is detected; ``revert``
   then refuses, unless ``force=True``, in which case it subtracts the delta.
+* The registry of applied patches and original bits lives on the model (the attribute
+  :data:`REGISTRY_ATTR`), not in the process: :func:`registry_state` gives it in a
+  checkpoint-safe form and :func:`load_registry_state` re-registers it on a model that holds the
+  checkpoint's weights, so that reverting stays bit-exact after a resume (the edit callbacks do
+  this through their checkpoint hooks).
+* :class:`EditTransaction` applies edits one after another and leaves all applied or none.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import hashlib
 import json
 import math
 import os
+import uuid
 import warnings
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +44,11 @@ from torch import Tensor, nn
 
 from lightning_rome.models.weights import is_transposed
 from lightning_rome.requests import EditRequest
-from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum
+from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum, weight_digest
 from lightning_rome.utils.modules import unwrap_model
 
-__all__ = ["LowRankDelta", "PatchMismatchError", "WeightPatch"]
+__all__ = ["EditTransaction", "LowRankDelta", "PatchMismatchError", "WeightPatch",
+           "load_registry_state", "registered_patch", "registry_state"]
 
 FORMAT = "lightning_rome.weight_patch"
 FORMAT_VERSION = 1
@@ -77,14 +84,27 @@ class LowRankDelta:
     def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.left.to(dtype) @ self.right.to(dtype)  # (out, in)
 
+    def numel(self) -> int:
+        """Numbers stored: ``r·(out + in)`` (as ``Tensor.numel`` for a dense delta)."""
+        return self.left.numel() + self.right.numel()
+
     def norm(self) -> float:
-        """Frobenius norm without forming the product: ‖LR‖² = Σ (LᵀL ⊙ RRᵀ)."""
-        L, R = self.left.detach().double(), self.right.detach().double()
-        return float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
+        """Frobenius norm without forming the product or an ``r×r`` Gram matrix:
+        ``‖LR‖² = Σ_kl (LᵀL)_kl (RRᵀ)_kl``, summed over blocks of at most ``_NORM_BLOCK`` rows
+        ``k`` (temporaries ``(_NORM_BLOCK, r)``), in float64."""
+        L, R = self.left.detach().double(), self.right.detach().double()  # (m, r), (r, n)
+        total = torch.zeros((), dtype=torch.float64, device=L.device)
+        for s in range(0, self.rank, _NORM_BLOCK):
+            gl = L[:, s:s + _NORM_BLOCK].T @ L  # (b, r)
+            gr = R[s:s + _NORM_BLOCK] @ R.T  # (b, r)
+            total += (gl * gr).sum()
+        return float(total.clamp(min=0).sqrt())
 
     def to(self, *args: Any, **kwargs: Any) -> LowRankDelta:
         return LowRankDelta(self.left.to(*args, **kwargs), self.right.to(*args, **kwargs))
 
+
+_NORM_BLOCK = 64  # rows of the Gram product summed at a time by LowRankDelta.norm
 
 Delta = Tensor | LowRankDelta
 
@@ -97,6 +117,37 @@ def _shape(d: Delta) -> tuple[int, ...]:
     return tuple(d.shape)
 
 
+def _sum_deltas(deltas: list[Delta]) -> Delta:
+    """``Σ deltas`` of one parameter, bounded in size: low-rank factors are concatenated while
+    the total rank ``r`` keeps ``r·(m + n) ≤ m·n``; beyond that (or with a dense delta) the sum
+    is one dense ``(m, n)`` tensor. Dtype: the promotion of the deltas' (float32 at least for
+    a dense sum)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    low = [d for d in deltas if isinstance(d, LowRankDelta)]
+    dense = [d for d in deltas if not isinstance(d, LowRankDelta)]
+    dt = low[0].left.dtype if low else dense[0].dtype
+    for d in deltas:
+        for t in ((d.left, d.right) if isinstance(d, LowRankDelta) else (d,)):
+            dt = torch.promote_types(dt, t.dtype)
+    shape = _shape(deltas[0])
+    m, n = shape if len(shape) == 2 else (0, 0)
+    rank = sum(d.rank for d in low)
+    if not dense and rank * (m + n) <= m * n:
+        dev = low[0].left.device
+        return LowRankDelta(torch.cat([d.left.to(dev, dt) for d in low], 1),  # (m, r)
+                            torch.cat([d.right.to(dev, dt) for d in low], 0))  # (r, n)
+    ct = torch.promote_types(dt, torch.float32)
+    dev = (low[0].left if low else dense[0]).device
+    acc = torch.zeros(shape, dtype=ct, device=dev)  # (m, n)
+    if low:  # all the factors in one product
+        acc += (torch.cat([d.left.to(dev, ct) for d in low], 1)
+                @ torch.cat([d.right.to(dev, ct) for d in low], 0))
+    for d in dense:
+        acc += d.to(dev, ct)
+    return acc
+
+
 @dataclass
 class _ParamState:
     """A parameter under patches: its original bits and the patches active on it."""
@@ -107,8 +158,20 @@ class _ParamState:
     checksum: str = ""
 
 
-_STATE: weakref.WeakKeyDictionary[nn.Module, dict[str, _ParamState]] = (
-    weakref.WeakKeyDictionary())
+REGISTRY_ATTR = "_lightning_rome_patches"  # the model attribute holding its applied patches
+REGISTRY_FORMAT = "lightning_rome.patch_registry"
+
+
+def _registry(model: nn.Module, *, create: bool = False) -> dict[str, _ParamState]:
+    """The model's registry of applied patches: parameter name → its original bits and the
+    patches active on it. It lives on the model (so it goes where the model goes and dies with
+    it); :func:`registry_state` / :func:`load_registry_state` carry it through checkpoints."""
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    if reg is None:
+        reg = {}
+        if create:
+            model.__dict__[REGISTRY_ATTR] = reg
+    return reg
 
 
 def _canonical_view(model: nn.Module, name: str) -> Tensor:
@@ -159,6 +222,7 @@ class WeightPatch:
         requests: Iterable[EditRequest] = (),
         model_name: str | None = None,
         checksums: Mapping[str, str] | None = None,
+        uid: str | None = None,
     ) -> None:
         self.deltas: dict[str, Delta] = dict(deltas)
         for name, d in self.deltas.items():
@@ -169,6 +233,7 @@ class WeightPatch:
         self.requests = list(requests)
         self.model_name = model_name
         self.checksums = dict(checksums or {})
+        self.uid = uid or uuid.uuid4().hex  # one edit's identity, kept by to() and to_state()
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -176,7 +241,7 @@ class WeightPatch:
                    ) -> WeightPatch:
         """A patch whose checksums are taken from ``model``'s current weights."""
         model = unwrap_model(model)
-        checksums = {n: tensor_checksum(model.get_parameter(n)) for n in deltas}
+        checksums = {n: weight_digest(model.get_parameter(n)) for n in deltas}
         name = kwargs.pop("model_name", None) or getattr(
             getattr(model, "config", None), "_name_or_path", None)
         return cls(deltas, checksums=checksums, model_name=name, **kwargs)
@@ -197,39 +262,62 @@ class WeightPatch:
     def to(self, *args: Any, **kwargs: Any) -> WeightPatch:
         return WeightPatch({n: d.to(*args, **kwargs) for n, d in self.deltas.items()},
                            method=self.method, hparams=self.hparams, requests=self.requests,
-                           model_name=self.model_name, checksums=self.checksums)
+                           model_name=self.model_name, checksums=self.checksums, uid=self.uid)
 
-    def compose(self, other: WeightPatch) -> WeightPatch:
-        """One patch equal to applying ``self`` then ``other``. Low-rank deltas of the same
-        parameter concatenate their factors; a dense delta makes the sum dense."""
-        deltas: dict[str, Delta] = dict(self.deltas)
-        for n, d in other.deltas.items():
-            if n not in deltas:
-                deltas[n] = d
-                continue
-            a = deltas[n]
-            if _shape(a) != _shape(d):
-                raise ValueError(f"cannot compose deltas of {n!r}: shapes {_shape(a)} and "
-                                 f"{_shape(d)}")
-            if isinstance(a, LowRankDelta) and isinstance(d, LowRankDelta):
-                dt = torch.promote_types(a.left.dtype, d.left.dtype)
-                deltas[n] = LowRankDelta(torch.cat([a.left.to(dt), d.left.to(dt)], 1),
-                                         torch.cat([a.right.to(dt), d.right.to(dt)], 0))
-            else:
-                deltas[n] = _dense(a, torch.float32) + _dense(d, torch.float32)
-        # The composition is applied to the weights ``self`` was computed against: ``other``'s
-        # checksum of a parameter ``self`` also changes is of the already-edited weight, so it
-        # is dropped even when ``self`` recorded none (it would make ``apply`` fail).
-        checksums = {**{n: c for n, c in other.checksums.items() if n not in self.deltas},
-                     **self.checksums}
-        method = self.method if self.method == other.method else f"{self.method}+{other.method}"
+    def to_state(self) -> dict[str, Any]:
+        """A checkpoint-safe form: tensors (on the CPU) and a JSON string only, so that it loads
+        with ``torch.load(weights_only=True)``; :meth:`from_state` reads it back."""
+        return {"header": json.dumps({**self.header(), "uid": self.uid}, default=str),
+                "tensors": self._tensors()}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> WeightPatch:
+        """The patch of :meth:`to_state` (same deltas, provenance and ``uid``)."""
+        header = json.loads(state["header"])
+        return cls(_deltas_from(header, state["tensors"]), method=header.get("method", ""),
+                   hparams=header.get("hparams"),
+                   requests=[EditRequest.from_dict(r) for r in header.get("requests", [])],
+                   model_name=header.get("model_name"), checksums=header.get("checksums"),
+                   uid=header.get("uid"))
+
+    def compose(self, *others: WeightPatch) -> WeightPatch:
+        """One patch equal to applying ``self`` then each of ``others`` in turn.
+
+        The deltas of one parameter are summed by :func:`_sum_deltas`: low-rank factors
+        concatenate while that is smaller than a dense delta (``r·(m + n) ≤ m·n``), and become
+        one dense delta beyond, so that composing many edits stays at or below the dense size.
+        Composing all at once (``a.compose(b, c, ...)``) concatenates each parameter's factors
+        once.
+        """
+        patches = [self, *others]
+        by_name: dict[str, list[Delta]] = {}
+        for p in patches:
+            for n, d in p.deltas.items():
+                if n in by_name and _shape(by_name[n][0]) != _shape(d):
+                    raise ValueError(f"cannot compose deltas of {n!r}: shapes "
+                                     f"{_shape(by_name[n][0])} and {_shape(d)}")
+                by_name.setdefault(n, []).append(d)
+        deltas = {n: _sum_deltas(ds) for n, ds in by_name.items()}
+        # The composition is applied to the weights ``self`` was computed against: a later
+        # patch's checksum of a parameter an earlier one also changes is of the already-edited
+        # weight, so it is dropped even when the earlier one recorded none (it would make
+        # ``apply`` fail).
+        checksums = dict(self.checksums)
+        touched = set(self.deltas)
+        method = self.method
+        for p in others:
+            checksums = {**{n: c for n, c in p.checksums.items() if n not in touched},
+                         **checksums}
+            touched |= set(p.deltas)
+            method = method if method == p.method else f"{method}+{p.method}"
         return WeightPatch(deltas, method=method, hparams=self.hparams,
-                           requests=[*self.requests, *other.requests],
-                           model_name=self.model_name or other.model_name, checksums=checksums)
+                           requests=[r for p in patches for r in p.requests],
+                           model_name=next((p.model_name for p in patches if p.model_name),
+                                           None), checksums=checksums)
 
     # ------------------------------------------------------------------ apply / revert
     def is_applied(self, model: nn.Module) -> bool:
-        states = _STATE.get(unwrap_model(model), {})
+        states = _registry(unwrap_model(model))
         return any(self in s.active for s in states.values())
 
     def _check_unchanged(self, model: nn.Module, name: str, state: _ParamState) -> bool:
@@ -239,7 +327,7 @@ class WeightPatch:
         ``param.data`` (``p.data.add_(...)``) and dtype casts by ``module.half()``, which keep
         the version counter unchanged, and that would make a revert silently discard them.
         """
-        return tensor_checksum(model.get_parameter(name)) == state.checksum
+        return weight_digest(model.get_parameter(name)) == state.checksum
 
     def _rebuild(self, model: nn.Module, name: str, state: _ParamState) -> Tensor:
         """``cast(original + Σ active deltas)`` for one parameter, canonical orientation."""
@@ -276,14 +364,14 @@ class WeightPatch:
                 already applied. Nothing is written then.
         """
         model = unwrap_model(model)
-        states = _STATE.setdefault(model, {})
+        states = _registry(model, create=True)
         if self.is_applied(model):
             raise PatchMismatchError("this patch is already applied to the model")
         # 1. Validate everything before writing anything.
         self._validate_deltas(model)
         changed: dict[str, bool] = {}
         for name in self.deltas:
-            current = tensor_checksum(model.get_parameter(name))
+            current = weight_digest(model.get_parameter(name))
             if not force and name in self.checksums and current != self.checksums[name]:
                 raise PatchMismatchError(
                     f"weight {name!r} does not match the checksum the patch was computed "
@@ -330,7 +418,7 @@ class WeightPatch:
                 e.g. after a first revert), unless ``force=True``. Nothing is written then.
         """
         model = unwrap_model(model)
-        states = _STATE.get(model, {})
+        states = _registry(model)
         if not self.is_applied(model):
             self._revert_by_subtraction(model, force=force)
             return
@@ -365,7 +453,7 @@ class WeightPatch:
     def _revert_by_subtraction(self, model: nn.Module, *, force: bool = False) -> None:
         # Validate everything before any write (a missing parameter, a shape, NaN).
         self._validate_deltas(model)
-        current = {n: tensor_checksum(model.get_parameter(n)) for n in self.deltas}
+        current = {n: weight_digest(model.get_parameter(n)) for n in self.deltas}
         if not force and self.checksums and all(
                 current.get(n) == c for n, c in self.checksums.items()):
             # The weights are exactly those the patch was computed against: it is not applied
@@ -376,7 +464,7 @@ class WeightPatch:
         _commit(model, None, {n: (None, _subtract(model, n, d)) for n, d in self.deltas.items()})
         for name in self.deltas:
             param = model.get_parameter(name)
-            if name in self.checksums and tensor_checksum(param) != self.checksums[name]:
+            if name in self.checksums and weight_digest(param) != self.checksums[name]:
                 warnings.warn(
                     f"patch reverted on {name!r} by subtracting its delta (it was not applied in "
                     "this process); the weights are not bit-identical to the original",
@@ -484,19 +572,7 @@ class WeightPatch:
         for k, t in tensors.items():
             if tensor_checksum(t) != expected[k]:
                 raise CorruptFileError(f"tensor {k!r} fails its checksum")
-        deltas: dict[str, Delta] = {}
-        for n, entry in header["entries"].items():
-            if entry["kind"] == "low_rank":
-                d: Delta = LowRankDelta(tensors[f"{n}::left"], tensors[f"{n}::right"])
-            elif entry["kind"] == "dense":
-                d = tensors[f"{n}::dense"]
-            else:
-                raise CorruptFileError(f"unknown delta kind {entry['kind']!r}")
-            if list(_shape(d)) != list(entry["shape"]):
-                raise CorruptFileError(f"delta {n!r} has shape {_shape(d)}, header says "
-                                       f"{entry['shape']}")
-            deltas[n] = d
-        return cls(deltas, method=header.get("method", ""), hparams=header.get("hparams"),
+        return cls(_deltas_from(header, tensors), method=header.get("method", ""), hparams=header.get("hparams"),
                    requests=[EditRequest.from_dict(r) for r in header.get("requests", [])],
                    model_name=header.get("model_name"), checksums=header.get("checksums"))
 
@@ -505,6 +581,209 @@ class WeightPatch:
             f"{n}: {'rank ' + str(d.rank) if isinstance(d, LowRankDelta) else 'dense'}"
             for n, d in self.deltas.items())
         return f"WeightPatch(method={self.method!r}, {len(self.requests)} request(s), {parts})"
+
+
+class EditTransaction:
+    """Apply patches one after another and leave the model holding all of them or none.
+
+    Inside ``with EditTransaction(model) as tx:``, each :meth:`apply` writes one patch onto the
+    model as the previous ones left it (so the next edit can be computed on the edited model).
+    On leaving the block:
+
+    * after an exception in the block (or in :meth:`commit`), every applied patch is reverted in
+      reverse order, bit-exactly, and the exception propagates;
+    * after a normal exit without :meth:`commit`, they are reverted too (the edits were only
+      needed in turn; :meth:`composed` gives their patch, unapplied);
+    * after :meth:`commit` they stay applied: as the one composed patch (the default, so that
+      one ``revert`` undoes them all) or as the separate patches (``compose=False``).
+
+    The patches' own ``apply`` is all or nothing, so a patch that fails to apply writes nothing
+    and the transaction reverts only what it applied.
+
+    Example:
+        >>> with EditTransaction(model) as tx:
+        ...     for r in requests:
+        ...         tx.apply(editor.edit_one(model, tok, r))  # each on the model edited so far
+        ...     total = tx.composed()
+        ...     if keep:
+        ...         tx.commit()  # total stays applied; without commit the model is restored
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = unwrap_model(model)
+        self.patches: list[WeightPatch] = []
+        self._total: WeightPatch | None = None
+        self._open = self._used = self._committed = False
+
+    def __enter__(self) -> EditTransaction:
+        if self._used:
+            raise RuntimeError("an EditTransaction is used once")
+        self._open = self._used = True
+        return self
+
+    def _check_open(self, what: str) -> None:
+        if not self._open:
+            raise RuntimeError(f"EditTransaction.{what} outside its `with` block")
+
+    def apply(self, patch: WeightPatch) -> WeightPatch:
+        """Apply ``patch`` to the model (all or nothing) and make it part of the transaction."""
+        self._check_open("apply")
+        if not isinstance(patch, WeightPatch):
+            raise TypeError(f"an edit returned {type(patch).__name__}, expected a WeightPatch")
+        patch.apply(self.model)
+        self.patches.append(patch)
+        self._total = None
+        return patch
+
+    def composed(self, *, requests: Iterable[EditRequest] | None = None) -> WeightPatch:
+        """The patches applied so far as one patch (the patch itself when there is one),
+        with ``requests`` as its requests when given. Repeated calls return the same object
+        until another patch is applied."""
+        if not self.patches:
+            raise ValueError("the transaction applied no patch")
+        if self._total is None:
+            first, *rest = self.patches
+            self._total = first.compose(*rest) if rest else first
+        if requests is not None:
+            self._total.requests = list(requests)
+        return self._total
+
+    def commit(self, *, compose: bool = True) -> None:
+        """Leave the patches applied when the block ends: as the one :meth:`composed` patch
+        (re-registered bit-exactly: the separate patches are reverted, then it is applied) or,
+        with ``compose=False``, as they are."""
+        self._check_open("commit")
+        if compose and len(self.patches) > 1:
+            total = self.composed()
+            self._rollback()
+            total.apply(self.model)  # a failure here leaves the model as it started
+            self.patches = [total]
+        self._committed = True
+
+    def _rollback(self) -> list[BaseException]:
+        errors: list[BaseException] = []
+        while self.patches:
+            p = self.patches.pop()
+            try:
+                p.revert(self.model)
+            except BaseException as e:  # keep reverting the others
+                errors.append(e)
+        return errors
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> bool:
+        self._open = False
+        if self._committed and exc is None:
+            return False
+        self._committed = False
+        errors = self._rollback()
+        if errors:
+            if exc is None:
+                raise errors[0]
+            exc.add_note(f"EditTransaction: reverting the applied edits also failed: "
+                         f"{type(errors[0]).__name__}: {errors[0]}")
+        return False
+
+
+def _deltas_from(header: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Delta]:
+    """The deltas of a patch header's ``entries`` from its named tensors."""
+    deltas: dict[str, Delta] = {}
+    for n, entry in header["entries"].items():
+        if entry["kind"] == "low_rank":
+            d: Delta = LowRankDelta(tensors[f"{n}::left"], tensors[f"{n}::right"])
+        elif entry["kind"] == "dense":
+            d = tensors[f"{n}::dense"]
+        else:
+            raise CorruptFileError(f"unknown delta kind {entry['kind']!r}")
+        if list(_shape(d)) != list(entry["shape"]):
+            raise CorruptFileError(f"delta {n!r} has shape {_shape(d)}, header says "
+                                   f"{entry['shape']}")
+        deltas[n] = d
+    return deltas
+
+
+def registry_state(model: nn.Module) -> dict[str, Any] | None:
+    """The model's applied patches and the original bits under them, checkpoint-safe (tensors
+    on the CPU and JSON strings: loads with ``torch.load(weights_only=True)``), or ``None``
+    when no patch is applied. Save it beside the model's ``state_dict``; after loading both,
+    :func:`load_registry_state` makes every patch revert bit-exactly again."""
+    reg = _registry(unwrap_model(model))
+    if not reg:
+        return None
+    patches: dict[str, WeightPatch] = {}
+    for st in reg.values():
+        for p in st.active:
+            patches.setdefault(p.uid, p)
+    return {
+        "format": REGISTRY_FORMAT,
+        "patches": [p.to_state() for p in patches.values()],
+        "params": {name: {"original": st.original.detach().cpu().contiguous(),
+                          "active": json.dumps([p.uid for p in st.active]),
+                          "checksum": st.checksum} for name, st in reg.items()},
+    }
+
+
+def load_registry_state(model: nn.Module, state: Mapping[str, Any]) -> dict[str, WeightPatch]:
+    """Register on ``model`` the patches of :func:`registry_state`, as applied, with their
+    original bits, so that reverting them is bit-exact (call it once the model holds the
+    checkpoint's weights). The weights are not written. A weight changed since the state was
+    taken is detected at revert time, as for a patch applied in this process.
+
+    Loading the same state twice is a no-op (the patches already registered are returned).
+
+    Returns:
+        ``uid`` → the registered patch object (revert that object, or one with its ``uid``
+        through :func:`registered_patch`).
+
+    Raises:
+        PatchMismatchError: the state is not a registry, names a parameter the model lacks,
+            or an original whose shape or dtype differs from the parameter's. Nothing is
+            registered then.
+    """
+    model = unwrap_model(model)
+    if state.get("format") != REGISTRY_FORMAT:
+        raise PatchMismatchError("not a lightning_rome patch registry state")
+    reg = _registry(model)
+    current = {p.uid: p for st in reg.values() for p in st.active}
+    params = {n: (e, json.loads(e["active"])) for n, e in state["params"].items()}
+    if reg and set(reg) == set(params) and all(
+            [p.uid for p in reg[n].active] == uids for n, (_, uids) in params.items()):
+        return current  # already registered
+    patches = {}
+    for ps in state["patches"]:
+        p = WeightPatch.from_state(ps)
+        patches[p.uid] = p
+    new: dict[str, _ParamState] = {}
+    for name, (entry, uids) in params.items():
+        try:
+            param = model.get_parameter(name)
+        except AttributeError as e:
+            raise PatchMismatchError(f"the registry patches {name!r}, which the model does "
+                                     "not have") from e
+        orig = entry["original"]
+        if tuple(orig.shape) != tuple(param.shape) or orig.dtype != param.dtype:
+            raise PatchMismatchError(
+                f"the registry's original of {name!r} is {orig.dtype} {tuple(orig.shape)}, the "
+                f"model's weight is {param.dtype} {tuple(param.shape)}")
+        missing = [u for u in uids if u not in patches]
+        if missing:
+            raise PatchMismatchError(f"the registry lists patches {missing} it does not hold")
+        active = [patches[u] for u in uids]  # deltas stay on the CPU until used
+        new[name] = _ParamState(original=orig.to(param.device).clone(), active=active,
+                                version=param._version, checksum=entry["checksum"])
+    reg = _registry(model, create=True)
+    reg.clear()
+    reg.update(new)
+    return patches
+
+
+def registered_patch(model: nn.Module, uid: str) -> WeightPatch | None:
+    """The patch with ``uid`` applied to ``model`` (``None`` if there is none)."""
+    for st in _registry(unwrap_model(model)).values():
+        for p in st.active:
+            if p.uid == uid:
+                return p
+    return None
 
 
 def _is_conv_t(model: nn.Module, name: str) -> bool:
@@ -565,7 +844,7 @@ def _commit(model: nn.Module, states: dict[str, _ParamState] | None,
             continue
         param = model.get_parameter(name)
         state.version = param._version
-        state.checksum = tensor_checksum(param)
+        state.checksum = weight_digest(param)
         states[name] = state
 
 

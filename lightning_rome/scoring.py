@@ -20,14 +20,18 @@ from lightning_rome.tokens import continuation_ids, encode_prompt
 __all__ = [
     "Batch",
     "CandidateScore",
+    "TeacherForcedRows",
     "candidate_nll",
     "candidate_probs",
     "candidate_scores",
+    "encode_pairs",
     "forward_logits",
     "generate",
     "make_batch",
     "pad_sequences",
+    "row_chunks",
     "target_nll",
+    "teacher_forced_rows",
     "top_predictions",
 ]
 
@@ -102,6 +106,228 @@ def make_batch(tokenizer: PreTrainedTokenizerBase, seqs: Sequence[Sequence[int]]
     return pad_sequences(seqs, _pad_id(tokenizer), side or tokenizer.padding_side, device)
 
 
+def _host_rows(seqs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Share rows between sequences that are prefixes of one another.
+
+    A causal LM's logits at position ``i`` depend only on tokens ``<= i``, so a sequence that is
+    a prefix of another is read off the longer one's row. In lexicographic order, a sequence is a
+    prefix of some other exactly when it is a prefix of the next distinct one, so one backward
+    sweep over the sorted sequences finds each one's longest extension.
+
+    Returns:
+        The distinct rows to run, and for each input sequence the index of its row.
+    """
+    order = sorted(set(seqs))
+    host: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for i in range(len(order) - 1, -1, -1):
+        s = order[i]
+        nxt = order[i + 1] if i + 1 < len(order) else None
+        host[s] = host[nxt] if nxt is not None and nxt[: len(s)] == s else s
+    rows = sorted(set(host.values()))
+    index = {r: k for k, r in enumerate(rows)}
+    return rows, [index[host[s]] for s in seqs]
+
+
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                 targets: Sequence[str | None]) -> tuple[list[list[int]], list[list[int]]]:
+    """The token ids of ``prompt, target`` pairs under the scoring conventions:
+    ``encode_prompt(prompt)`` and ``continuation_ids(target)`` (the leading-space rule); a
+    ``None`` target is no tokens."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    return ([encode_prompt(tokenizer, p) for p in prompts],
+            [continuation_ids(tokenizer, t) if t is not None else [] for t in targets])
+
+
+@dataclass
+class TeacherForcedRows:
+    """Padded ``prompt ‖ target`` rows for teacher forcing, and where each target token is read.
+
+    Pair ``i`` runs as ``prompt_i + target_i`` (``full_target``) or ``prompt_i + target_i[:-1]``
+    (the last target token is never an input when only its probability is read). Target token
+    ``j`` of pair ``i`` is predicted by the logits at unpadded position ``len(prompt_i) - 1 + j``
+    of the pair's row, and with ``full_target`` it stands at the position after that.
+
+    Attributes:
+        batch: the ``N`` padded rows (``N < P`` when pairs share a row).
+        row: ``(P,)`` the row of each pair.
+        predict_index: ``(P, L)`` padded index, in its row, of the logits predicting target token
+            ``j`` (``L`` the longest target; 0 past a pair's target).
+        target_ids: ``(P, L)`` the target token ids (0 past a pair's target).
+        target_mask: ``(P, L)`` bool, True on a pair's target tokens.
+        prompt_lengths: ``(P,)`` prompt tokens per pair.
+        target_lengths: ``(P,)`` target tokens per pair (0 for a pair without target).
+        full_target: whether the rows hold the whole target.
+    """
+
+    batch: Batch
+    row: Tensor
+    predict_index: Tensor
+    target_ids: Tensor
+    target_mask: Tensor
+    prompt_lengths: Tensor
+    target_lengths: Tensor
+    full_target: bool
+
+    def __len__(self) -> int:
+        return int(self.row.shape[0])
+
+    def to(self, device: torch.device | str) -> TeacherForcedRows:
+        return TeacherForcedRows(self.batch.to(device), *(t.to(device) for t in (
+            self.row, self.predict_index, self.target_ids, self.target_mask,
+            self.prompt_lengths, self.target_lengths)), self.full_target)
+
+    @property
+    def last_prompt_index(self) -> Tensor:
+        """``(P,)`` padded index of each pair's last prompt token (where its next-token
+        distribution is read)."""
+        offsets = self.batch.offsets.to(self.row.device)[self.row]  # (P,)
+        return offsets + self.prompt_lengths - 1
+
+    def token_logp(self, logp: Tensor) -> Tensor:
+        """``(P, L)`` log-probability of each target token, 0 past a pair's target.
+
+        Args:
+            logp: ``(N, T, V)`` log-probabilities over the padded rows.
+        """
+        tok = logp[self.row[:, None], self.predict_index, self.target_ids]  # (P, L)
+        return torch.where(self.target_mask, tok, torch.zeros_like(tok))
+
+    def kept_positions(self) -> tuple[Tensor, Tensor]:
+        """The positions each row is read at, for ``logits_to_keep``.
+
+        Returns:
+            ``keep`` ``(N, K)``: each row's distinct read positions in increasing order (padded
+            by repeating the last), and ``slot`` ``(P, L)``: the column of ``keep`` holding
+            ``predict_index`` (0 past a pair's target).
+        """
+        rows, idx, mask = self.row.tolist(), self.predict_index.tolist(), self.target_mask.tolist()
+        read: list[set[int]] = [set() for _ in range(len(self.batch.input_ids))]
+        for r, q, m in zip(rows, idx, mask):
+            read[r].update(x for x, on in zip(q, m) if on)
+        pos = [sorted(s) or [0] for s in read]
+        K = max(len(x) for x in pos)
+        keep = torch.tensor([x + [x[-1]] * (K - len(x)) for x in pos])  # (N, K)
+        col = [{q: k for k, q in enumerate(x)} for x in pos]
+        slot = torch.tensor([[col[r][x] if on else 0 for x, on in zip(q, m)]
+                             for r, q, m in zip(rows, idx, mask)], dtype=torch.long)  # (P, L)
+        dev = self.predict_index.device
+        return keep.to(dev), slot.reshape(self.predict_index.shape).to(dev)
+
+    def labels(self, ignore_index: int = -100) -> Tensor:
+        """``(N, T)`` the target token ids where they stand in the rows, ``ignore_index``
+        elsewhere (the Hugging Face convention: a causal LM shifts them). Needs
+        ``full_target`` and one row per pair."""
+        self._one_row_per_pair("labels")
+        if not self.full_target:
+            raise ValueError("labels need rows that hold the whole target (full_target=True)")
+        labels = torch.full_like(self.batch.input_ids, ignore_index)  # (N, T)
+        m = self.target_mask
+        labels[self.row[:, None].expand_as(m)[m], self.predict_index[m] + 1] = self.target_ids[m]
+        return labels
+
+    def predict_mask(self) -> Tensor:
+        """``(N, T)`` bool: the positions whose logits predict a target token; for a pair without
+        target, its last prompt token. Needs one row per pair."""
+        self._one_row_per_pair("predict_mask")
+        mask = torch.zeros_like(self.batch.input_ids, dtype=torch.bool)  # (N, T)
+        m = self.target_mask
+        mask[self.row[:, None].expand_as(m)[m], self.predict_index[m]] = True
+        bare = self.target_lengths == 0  # (P,)
+        mask[self.row[bare], self.last_prompt_index[bare]] = True
+        return mask
+
+    def _one_row_per_pair(self, what: str) -> None:
+        if len(self) != len(self.batch.input_ids):
+            raise ValueError(f"{what} needs one row per pair, but {len(self)} pairs share "
+                             f"{len(self.batch.input_ids)} rows")
+
+
+def _rows_of(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
+             full_target: bool, share_prefixes: bool,
+             ) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The distinct token rows of the pairs and each pair's row (see :func:`teacher_forced_rows`)."""
+    seqs = [tuple(p) + tuple(t if full_target else t[:-1]) for p, t in zip(prompt_ids, target_ids)]
+    return _host_rows(seqs) if share_prefixes else (seqs, list(range(len(seqs))))
+
+
+def row_chunks(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
+               rows_per_chunk: int | None, *, full_target: bool = False,
+               share_prefixes: bool = False) -> list[list[int]]:
+    """Split pairs into chunks of at most ``rows_per_chunk`` rows of
+    :func:`teacher_forced_rows` (``None``: one chunk), keeping every pair with the row that
+    hosts it, so each chunk's :func:`teacher_forced_rows` rebuilds exactly its rows.
+
+    Returns:
+        The pair indices of each chunk, in increasing row order.
+    """
+    if rows_per_chunk is not None and rows_per_chunk < 1:
+        raise ValueError(f"rows per chunk must be at least 1, got {rows_per_chunk}")
+    rows, row_of = _rows_of(prompt_ids, target_ids, full_target, share_prefixes)
+    hosted: list[list[int]] = [[] for _ in rows]  # the pairs each row serves
+    for i, r in enumerate(row_of):
+        hosted[r].append(i)
+    step = rows_per_chunk or len(rows)
+    return [[i for r in range(s, min(s + step, len(rows))) for i in hosted[r]]
+            for s in range(0, len(rows), step)]
+
+
+def teacher_forced_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    target_ids: Sequence[Sequence[int]],
+    *,
+    side: Side | None = None,
+    full_target: bool = False,
+    share_prefixes: bool = False,
+    device: torch.device | str | None = None,
+) -> TeacherForcedRows:
+    """Build the teacher-forced rows of ``(prompt, target)`` token-id pairs: the one place where
+    prompt+target rows and their positions are computed (scoring, value optimisation, the
+    hypernetwork losses and the training batches all use it).
+
+    Args:
+        tokenizer: gives the pad id (and the default padding side).
+        prompt_ids: each pair's prompt tokens (at least one each).
+        target_ids: each pair's target tokens (may be empty: the row is the prompt alone).
+        side: padding side (default: the tokenizer's).
+        full_target: rows hold the whole target (for labels); otherwise its last token is left
+            out (only its probability is read).
+        share_prefixes: a pair whose row is a prefix of another pair's row is read off the longer
+            row (a causal LM's logits at ``i`` depend only on tokens ``<= i``).
+        device: where the tensors go (default: the CPU).
+
+    Example:
+        >>> tf = teacher_forced_rows(tok, [[5, 6], [7]], [[8, 9], [10]], side="left")
+        >>> tf.batch.offsets.tolist(), tf.predict_index.tolist(), tf.target_mask.tolist()
+        ([0, 2], [[1, 2], [2, 0]], [[True, True], [True, False]])
+    """
+    if len(prompt_ids) != len(target_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
+    if not prompt_ids:
+        raise ValueError("no prompt/target pairs to build rows from")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"pair {i} has an empty prompt: a target token needs a prompt "
+                             "token to be predicted from")
+    P, L = len(prompt_ids), max(len(t) for t in target_ids)
+    rows, row_of = _rows_of(prompt_ids, target_ids, full_target, share_prefixes)
+    batch = make_batch(tokenizer, [list(r) for r in rows], side)
+    index = torch.zeros((P, L), dtype=torch.long)
+    ids = torch.zeros((P, L), dtype=torch.long)
+    mask = torch.zeros((P, L), dtype=torch.bool)
+    for i, (p, t) in enumerate(zip(prompt_ids, target_ids)):
+        n = len(t)
+        index[i, :n] = torch.arange(n) + batch.index(row_of[i], len(p) - 1)
+        ids[i, :n] = torch.as_tensor(list(t), dtype=torch.long)
+        mask[i, :n] = True
+    tf = TeacherForcedRows(
+        batch, torch.as_tensor(row_of, dtype=torch.long), index, ids, mask,
+        torch.tensor([len(p) for p in prompt_ids], dtype=torch.long),
+        torch.tensor([len(t) for t in target_ids], dtype=torch.long), full_target)
+    return tf.to(device) if device is not None else tf
+
+
 def forward_logits(model: nn.Module, batch: Batch) -> Tensor:
     """Logits ``(B, T, V)`` for a padded batch, with explicit positions so that padding on either
     side gives the same numbers as running each row alone."""
@@ -140,28 +366,6 @@ class CandidateScore:
         return math.exp(-self.mean_nll)
 
 
-def _host_rows(seqs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
-    """Share rows between sequences that are prefixes of one another.
-
-    A causal LM's logits at position ``i`` depend only on tokens ``<= i``, so a sequence that is
-    a prefix of another is read off the longer one's row. In lexicographic order, a sequence is a
-    prefix of some other exactly when it is a prefix of the next distinct one, so one backward
-    sweep over the sorted sequences finds each one's longest extension.
-
-    Returns:
-        The distinct rows to run, and for each input sequence the index of its row.
-    """
-    order = sorted(set(seqs))
-    host: dict[tuple[int, ...], tuple[int, ...]] = {}
-    for i in range(len(order) - 1, -1, -1):
-        s = order[i]
-        nxt = order[i + 1] if i + 1 < len(order) else None
-        host[s] = host[nxt] if nxt is not None and nxt[: len(s)] == s else s
-    rows = sorted(set(host.values()))
-    index = {r: k for k, r in enumerate(rows)}
-    return rows, [index[host[s]] for s in seqs]
-
-
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -193,51 +397,30 @@ def _score_pairs(
     if not prompts:
         return []
     device = model_device(model)
-    p_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    c_ids = [continuation_ids(tokenizer, c) for c in candidates]
-    seqs = [tuple(p + c[:-1]) for p, c in zip(p_ids, c_ids)]
-    rows, row_of = _host_rows(seqs) if fast else (seqs, list(range(len(seqs))))
-    hosted: list[list[int]] = [[] for _ in rows]  # the pairs each row scores
-    for i, r in enumerate(row_of):
-        hosted[r].append(i)
+    p_ids, c_ids = encode_pairs(tokenizer, prompts, candidates)
     keep = fast and _accepts_logits_to_keep(model)
     out: list[CandidateScore | None] = [None] * len(prompts)
-    step = batch_size or len(rows)
-    for s in range(0, len(rows), step):
-        chunk = range(s, min(s + step, len(rows)))
-        batch = make_batch(tokenizer, [list(rows[r]) for r in chunk], side, device)
-        # Padded positions each row is read at: the union over the pairs it hosts.
-        pos = [sorted({batch.index(b, len(p_ids[i]) - 1 + j) for i in hosted[r]
-                       for j in range(len(c_ids[i]))}) for b, r in enumerate(chunk)]
+    for pairs in row_chunks(p_ids, c_ids, batch_size or None, share_prefixes=fast):
+        tf = teacher_forced_rows(tokenizer, [p_ids[i] for i in pairs], [c_ids[i] for i in pairs],
+                                 side=side, share_prefixes=fast, device=device)
+        batch = tf.batch
         if keep:
-            K = max(len(x) for x in pos)
-            at = torch.tensor([x + [x[-1]] * (K - len(x)) for x in pos], device=device)  # (B, K)
+            at, cols = tf.kept_positions()  # (B, K), (P, L)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False,
                            logits_to_keep=at).logits  # (B, K, V)
             logp = F.log_softmax(logits.float(), dim=-1)  # (B, K, V)
         else:
+            cols = tf.predict_index  # (P, L)
             logp = F.log_softmax(forward_logits(model, batch).float(), dim=-1)  # (B, T, V)
-        # One gather for every (pair, token) of the chunk: row b, column k of logp (the slot
-        # among the kept positions, or the padded position itself), token t.
-        b_idx, k_idx, tok, owner = [], [], [], []
-        for b, r in enumerate(chunk):
-            slot = {q: (k if keep else q) for k, q in enumerate(pos[b])}
-            for i in hosted[r]:
-                for j, t in enumerate(c_ids[i]):
-                    b_idx.append(b)
-                    k_idx.append(slot[batch.index(b, len(p_ids[i]) - 1 + j)])
-                    tok.append(t)
-                    owner.append(i)
-        bi = torch.tensor(b_idx, device=device)
-        ki = torch.tensor(k_idx, device=device)
-        rows_lp = logp[bi, ki]  # (n_tokens, V)
-        tok_t = torch.tensor(tok, device=device)
-        nll = (-rows_lp.gather(1, tok_t[:, None])[:, 0]).cpu()  # (n_tokens,)
+        # One gather for every (pair, token) of the chunk, pair by pair.
+        m = tf.target_mask  # (P, L)
+        rows_lp = logp[tf.row[:, None].expand_as(m)[m], cols[m]]  # (n_tokens, V)
+        tok = tf.target_ids[m]  # (n_tokens,)
+        nll = (-rows_lp.gather(1, tok[:, None])[:, 0]).cpu()  # (n_tokens,)
         arg = rows_lp.argmax(-1).cpu()  # (n_tokens,)
         start = 0
-        while start < len(owner):
-            i = owner[start]
+        for i in pairs:
             n = len(c_ids[i])
             out[i] = CandidateScore(nll=nll[start:start + n], argmax=arg[start:start + n],
                                     target=torch.as_tensor(c_ids[i], dtype=torch.long))
@@ -402,21 +585,11 @@ def target_nll(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Se
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"need equally many prompts and targets, got {len(prompts)} and "
                          f"{len(targets)}")
-    device = model_device(model)
-    p_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    c_ids = [continuation_ids(tokenizer, c) for c in targets]
-    batch = make_batch(tokenizer, [p + c[:-1] for p, c in zip(p_ids, c_ids)], side, device)
-    n, T = len(prompts), max(len(c) for c in c_ids)
-    pos = torch.zeros((n, T), dtype=torch.long)
-    ids = torch.zeros((n, T), dtype=torch.long)
-    mask = torch.zeros((n, T))
-    for i, (p, c) in enumerate(zip(p_ids, c_ids)):
-        pos[i, : len(c)] = torch.arange(len(c)) + batch.index(i, len(p) - 1)
-        ids[i, : len(c)] = torch.as_tensor(c)
-        mask[i, : len(c)] = 1.0
-    pos, ids, mask = pos.to(device), ids.to(device), mask.to(device)
-    logp = F.log_softmax(forward_logits(model, batch).float(), dim=-1)  # (n, L, V)
-    tok_logp = logp[torch.arange(n, device=device)[:, None], pos, ids]  # (n, T)
+    tf = teacher_forced_rows(tokenizer, *encode_pairs(tokenizer, prompts, targets), side=side,
+                             device=model_device(model))
+    logp = F.log_softmax(forward_logits(model, tf.batch).float(), dim=-1)  # (n, T, V)
+    tok_logp = tf.token_logp(logp)  # (n, L)
+    mask = tf.target_mask.float()  # (n, L)
     return -(tok_logp * mask).sum(1) / mask.sum(1)  # (n,)
 
 

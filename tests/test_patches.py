@@ -331,14 +331,15 @@ def test_compose_sums_deltas():
                      "conv.weight": torch.randn(6, 5, generator=gen)}, method="rome",
                     requests=[EditRequest("{} is in", "Paris", "Rome")],
                     checksums={"lin.weight": "a" * 64})
-    b = WeightPatch({"lin.weight": LowRankDelta(torch.randn(7, 2, generator=gen),
-                                                torch.randn(2, 5, generator=gen)),
+    b = WeightPatch({"lin.weight": LowRankDelta(torch.randn(7, 1, generator=gen),
+                                                torch.randn(1, 5, generator=gen)),
                      "lin2.weight": torch.randn(7, 7, generator=gen)}, method="rome",
                     requests=[EditRequest("{} is in", "Rome", "Paris")],
                     checksums={"lin.weight": "b" * 64, "lin2.weight": "c" * 64})
     c = a.compose(b)
     assert set(c.names) == {"lin.weight", "conv.weight", "lin2.weight"}
-    assert isinstance(c.deltas["lin.weight"], LowRankDelta) and c.deltas["lin.weight"].rank == 3
+    # (rank 2 on a 7×5 weight: 2·(7 + 5) ≤ 35 elements, so the factors concatenate)
+    assert isinstance(c.deltas["lin.weight"], LowRankDelta) and c.deltas["lin.weight"].rank == 2
     torch.testing.assert_close(dense(c.deltas["lin.weight"]),
                                dense(a.deltas["lin.weight"]) + dense(b.deltas["lin.weight"]))
     assert torch.equal(c.deltas["conv.weight"], a.deltas["conv.weight"])
@@ -363,6 +364,68 @@ def test_compose_sums_deltas():
         torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-6, msg=n)
     with pytest.raises(ValueError, match=r"cannot compose deltas of 'lin\.weight'"):
         a.compose(WeightPatch({"lin.weight": torch.ones(5, 7)}))
+
+
+def _low_rank_patches(n: int, shape: tuple[int, int], rank: int = 1, device: str = "cpu",
+                      seed: int = 0) -> list[WeightPatch]:
+    g = torch.Generator().manual_seed(seed)
+    make = ((lambda *s: torch.empty(*s, device="meta")) if device == "meta"
+            else (lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)))
+    return [WeightPatch({"w": LowRankDelta(make(shape[0], rank), make(rank, shape[1]))},
+                        method="memit") for _ in range(n)]
+
+
+def test_composed_low_rank_switches_to_dense_beyond_the_dense_size():
+    m, n = 7, 5  # r·(m + n) ≤ m·n up to r = 2 (24 ≤ 35); r = 3 would store 36 > 35 numbers
+    ps = _low_rank_patches(3, (m, n))
+    two = ps[0].compose(ps[1])
+    assert isinstance(two.deltas["w"], LowRankDelta) and two.deltas["w"].rank == 2
+    three = two.compose(ps[2])
+    all_at_once = ps[0].compose(ps[1], ps[2])
+    want = sum(dense(p.deltas["w"]) for p in ps)
+    for c in (three, all_at_once):
+        d = c.deltas["w"]
+        assert isinstance(d, torch.Tensor) and d.shape == (m, n) and d.dtype == torch.float64
+        torch.testing.assert_close(d, want, rtol=1e-12, atol=1e-12)
+        assert len(c.requests) == 0 and c.method == "memit"
+    # A dense delta composed with more low-rank ones stays dense and keeps the sum.
+    more = three.compose(*_low_rank_patches(2, (m, n), seed=1))
+    torch.testing.assert_close(more.deltas["w"], want + sum(
+        dense(p.deltas["w"]) for p in _low_rank_patches(2, (m, n), seed=1)))
+
+
+@pytest.mark.parametrize("all_at_once", [True, False])
+def test_ten_thousand_edits_on_a_gpt2_xl_layer_stay_at_most_dense(all_at_once):
+    """10,000 rank-one edits of a 1600×6400 weight (GPT-2 XL's W_out): the composed patch
+    stores at most the 10.24 M numbers of a dense delta (factors alone would be 80 M). Meta
+    tensors: shapes only, no memory."""
+    m, n, edits = 1600, 6400, 10_000
+    ps = _low_rank_patches(edits, (m, n), device="meta")
+    if all_at_once:
+        total = ps[0].compose(*ps[1:])
+    else:
+        total, largest = ps[0], 0
+        for p in ps[1:]:
+            total = total.compose(p)
+            d = total.deltas["w"]
+            largest = max(largest, d.numel())
+        assert largest <= m * n
+    d = total.deltas["w"]
+    assert isinstance(d, torch.Tensor) and tuple(d.shape) == (m, n)
+    assert d.numel() <= m * n < edits * (m + n)
+    # Just below the switch the factors are kept: 1,280 rank-one edits store 1280·8000 = m·n.
+    r = m * n // (m + n)
+    kept = ps[0].compose(*ps[1:r])
+    assert isinstance(kept.deltas["w"], LowRankDelta) and kept.deltas["w"].numel() <= m * n
+    assert isinstance(ps[0].compose(*ps[1:r + 1]).deltas["w"], torch.Tensor)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 64, 65, 200])
+def test_low_rank_norm_matches_the_dense_norm(rank):
+    g = torch.Generator().manual_seed(rank)
+    d = LowRankDelta(torch.randn(90, rank, generator=g), torch.randn(rank, 70, generator=g))
+    want = float((d.left.double() @ d.right.double()).norm())
+    assert d.norm() == pytest.approx(want, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------ save / load
@@ -591,3 +654,223 @@ def test_compiled_wrapper_and_inner_module_share_one_patch_state():
     p2.apply(model)
     p2.revert(compiled)
     assert bit_identical(model, before)
+
+
+# ------------------------------------------------------------------------------ EditTransaction
+def _patches(n: int, seed: int = 0) -> list[WeightPatch]:
+    """``n`` patches that overlap on lin.weight (so the order of reverting matters)."""
+    g = torch.Generator().manual_seed(seed)
+    return [WeightPatch({"lin.weight": LowRankDelta(torch.randn(7, 1, generator=g),
+                                                    torch.randn(1, 5, generator=g)),
+                         "conv.weight" if i % 2 else "lin2.weight": torch.randn(
+                             *(SHAPES["conv.weight"] if i % 2 else SHAPES["lin2.weight"]),
+                             generator=g)}, method=f"p{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_transaction_error_in_the_kth_edit_restores_every_bit(k):
+    from lightning_rome.patches import EditTransaction
+
+    model = Toy()
+    before = snapshot(model)
+    patches = _patches(4)
+    seen = []
+    with pytest.raises(RuntimeError, match="edit 3 failed"), EditTransaction(model) as tx:
+        for i, p in enumerate(patches):
+            if i == k:
+                raise RuntimeError("edit 3 failed")
+            tx.apply(p)
+            seen.append(snapshot(model))  # each edit sees the model edited so far
+    assert bit_identical(model, before)
+    assert not any(p.is_applied(model) for p in patches)
+    assert len(seen) == k
+    # A patch that cannot apply (here: bad shape) midway writes nothing, and the others revert.
+    bad = WeightPatch({"lin.weight": torch.ones(5, 7)})
+    with pytest.raises(PatchMismatchError), EditTransaction(model) as tx:
+        tx.apply(patches[0])
+        tx.apply(bad)
+    assert bit_identical(model, before)
+
+
+def test_transaction_without_commit_restores_and_with_commit_keeps_all():
+    from lightning_rome.patches import EditTransaction
+
+    model = Toy()
+    before = snapshot(model)
+    patches = _patches(3)
+    with EditTransaction(model) as tx:
+        for p in patches:
+            tx.apply(p)
+        total = tx.composed()
+        assert tx.composed() is total
+    assert bit_identical(model, before) and not total.is_applied(model)
+    # The composed patch is every delta: apply them one by one on a twin, compare.
+    twin = Toy()
+    for p in _patches(3):
+        p.apply(twin)
+    with EditTransaction(model) as tx:
+        for p in _patches(3):
+            tx.apply(p)
+        total = tx.composed(requests=[EditRequest("{} is in", "Paris", "Rome")])
+        tx.commit()
+    assert total.is_applied(model) and len(total.requests) == 1
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=n)
+    total.revert(model)  # one revert undoes them all, bit-exactly
+    assert bit_identical(model, before)
+    # compose=False leaves the separate patches applied; one patch is kept as itself.
+    ps = _patches(2)
+    with EditTransaction(model) as tx:
+        for p in ps:
+            tx.apply(p)
+        tx.commit(compose=False)
+    assert all(p.is_applied(model) for p in ps)
+    for p in reversed(ps):
+        p.revert(model)
+    assert bit_identical(model, before)
+    one = _patches(1)[0]
+    with EditTransaction(model) as tx:
+        tx.apply(one)
+        assert tx.composed() is one
+        tx.commit()
+    assert one.is_applied(model)
+    one.revert(model)
+    # An error after commit, still inside the block, undoes the committed edits too.
+    with pytest.raises(KeyError), EditTransaction(model) as tx:
+        for p in _patches(2):
+            tx.apply(p)
+        tx.commit()
+        raise KeyError("later")
+    assert bit_identical(model, before)
+
+
+def test_transaction_misuse_is_refused():
+    from lightning_rome.patches import EditTransaction
+
+    model = Toy()
+    tx = EditTransaction(model)
+    with pytest.raises(RuntimeError, match="outside its `with` block"):
+        tx.apply(_patches(1)[0])
+    with tx, pytest.raises(ValueError, match="applied no patch"):
+        tx.composed()
+    with pytest.raises(RuntimeError, match="used once"), tx:
+        pass
+    with EditTransaction(model) as tx2, pytest.raises(TypeError, match="expected a WeightPatch"):
+        tx2.apply("not a patch")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ the registry
+def test_registry_lives_on_the_model_and_survives_a_state_dict_round_trip(tmp_path):
+    from lightning_rome.patches import load_registry_state, registered_patch, registry_state
+
+    model = Toy(torch.bfloat16)  # bf16: reverting by subtraction would not be bit-exact
+    original = snapshot(model)
+    a, b = _patches(2)
+    a.apply(model)
+    b.apply(model)
+    assert registry_state(Toy()) is None  # another model: its own (empty) registry
+    torch.save({"model": model.state_dict(), "patches": registry_state(model)}, tmp_path / "c.pt")
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)  # tensors and strings only
+    fresh = Toy(torch.bfloat16, seed=5)
+    fresh.load_state_dict(ckpt["model"])
+    restored = load_registry_state(fresh, ckpt["patches"])
+    assert set(restored) == {a.uid, b.uid}
+    assert load_registry_state(fresh, ckpt["patches"]) == restored  # twice: a no-op
+    assert registered_patch(fresh, a.uid) is restored[a.uid]
+    # The loaded copies revert in any order, bit-exactly, without a subtraction warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored[a.uid].revert(fresh)
+        restored[b.uid].revert(fresh)
+    assert bit_identical(fresh, original)
+    # A registry for other shapes or dtypes is refused, and nothing is registered.
+    other = Toy(torch.float32)
+    with pytest.raises(PatchMismatchError, match="original of"):
+        load_registry_state(other, ckpt["patches"])
+    assert registry_state(other) is None
+    # A weight changed after the state was taken is detected at revert time.
+    changed = Toy(torch.bfloat16, seed=5)
+    changed.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        changed.lin.weight[0, 0] += 1
+    patches = load_registry_state(changed, ckpt["patches"])
+    with pytest.raises(PatchMismatchError, match="changed since the patch was applied"):
+        patches[b.uid].revert(changed)
+
+
+def test_patch_state_round_trip_keeps_everything():
+    patch = _full_patch()
+    back = WeightPatch.from_state(patch.to_state())
+    assert back.uid == patch.uid and back.to("cpu").uid == patch.uid
+    assert back.header() == patch.header()
+    for n in patch.names:
+        assert torch.equal(back.dense(n), patch.dense(n))
+    assert WeightPatch(patch.deltas).uid != patch.uid
+
+
+# ------------------------------------------------------------------------------ weight digests
+@pytest.fixture
+def sha_calls(monkeypatch):
+    """Counts the SHA-256 computations of ``weight_digest``."""
+    from lightning_rome.utils import io
+
+    calls = []
+    real = io.tensor_checksum
+
+    def counted(t):
+        calls.append(1)
+        return real(t)
+
+    monkeypatch.setattr(io, "tensor_checksum", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64])
+def test_weight_digest_hashes_once_per_version_of_the_bits(sha_calls, dtype):
+    from lightning_rome.utils.io import weight_digest
+
+    p = nn.Parameter((torch.randn(40, 30) * 10).to(dtype), requires_grad=False)
+    d0 = weight_digest(p, on_device=True)  # the accelerator path, run on the CPU here
+    assert d0 == tensor_checksum(p) and len(sha_calls) == 1
+    for _ in range(3):  # unchanged: only the fingerprint is computed
+        assert weight_digest(p, on_device=True) == d0
+    assert len(sha_calls) == 1
+    with torch.no_grad():
+        p[3, 4] += 1  # an ordinary in-place write
+    d1 = weight_digest(p, on_device=True)
+    assert d1 != d0 and d1 == tensor_checksum(p) and len(sha_calls) == 2
+    version = p._version
+    p.data[0, 0] += 2  # through .data: the version counter does not move
+    assert p._version == version
+    d2 = weight_digest(p, on_device=True)
+    assert d2 not in (d0, d1) and d2 == tensor_checksum(p) and len(sha_calls) == 3
+    # On the CPU (the default there) the SHA-256 is computed at every call.
+    n = len(sha_calls)
+    assert weight_digest(p) == weight_digest(p) == d2 and len(sha_calls) == n + 2
+
+
+def test_weight_digest_sees_casts_and_reordered_elements(sha_calls):
+    from lightning_rome.utils.io import tensor_fingerprint, weight_digest
+
+    lin = nn.Linear(6, 4)
+    d = weight_digest(lin.weight, on_device=True)
+    lin.half()  # same Parameter object, new dtype and storage
+    assert weight_digest(lin.weight, on_device=True) == tensor_checksum(lin.weight) != d
+    x = torch.randn(64)
+    fp = tensor_fingerprint(x)
+    swapped = x.clone()
+    swapped[[3, 40]] = swapped[[40, 3]]
+    flipped = x.clone()
+    flipped.view(torch.int32)[7] ^= 1  # one bit of one element
+    assert len({fp, tensor_fingerprint(swapped), tensor_fingerprint(flipped)}) == 3
+    assert tensor_fingerprint(x.clone()) == fp  # a function of the bits alone
+    # The fingerprint is summed in chunks: chunking does not change it.
+    from lightning_rome.utils import io
+
+    big = torch.randn(1000)
+    whole = tensor_fingerprint(big)
+    old, io._FP_CHUNK = io._FP_CHUNK, 7
+    try:
+        assert tensor_fingerprint(big) == whole
+    finally:
+        io._FP_CHUNK = old

@@ -260,3 +260,125 @@ def test_stop_at_eos(lm):
     expected0 = tok.decode(independent_greedy(model, encode_prompt(tok, PROMPTS[0]), 2))
     assert texts[0] == expected0
     assert texts[1:] == greedy[1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher-forced row builder
+
+
+# Token-id pairs (prompt, target): several prompt lengths, multi-token and empty targets, and a
+# pair whose row is a prefix of another pair's row.
+ID_PAIRS = [([11, 12, 13], [21, 22, 23]), ([14], [24]), ([11, 12, 13], [21, 22]),
+            ([15, 16], [25, 26]), ([17, 18], [])]
+
+
+def expected_layout(pairs, side, full_target):
+    """Independent: each pair's own row, its padded width and offset, and the padded index of the
+    logits predicting target token j (the token after position len(prompt) - 1 + j)."""
+    seqs = [p + (t if full_target else t[:-1]) for p, t in pairs]
+    T = max(len(s) for s in seqs)
+    offsets = [T - len(s) if side == "left" else 0 for s in seqs]
+    index = [[o + len(p) - 1 + j for j in range(len(t))] for (p, t), o in zip(pairs, offsets)]
+    return seqs, T, offsets, index
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("full_target", [False, True])
+def test_teacher_forced_rows_positions(gpt2_tokenizer, side, full_target):
+    from lightning_rome.scoring import teacher_forced_rows
+
+    pad = gpt2_tokenizer.eos_token_id  # GPT-2 has no pad token: the scoring pads with EOS
+    tf = teacher_forced_rows(gpt2_tokenizer, [p for p, _ in ID_PAIRS], [t for _, t in ID_PAIRS],
+                             side=side, full_target=full_target)
+    seqs, T, offsets, index = expected_layout(ID_PAIRS, side, full_target)
+    L = max(len(t) for _, t in ID_PAIRS)
+    assert tf.batch.input_ids.shape == (len(ID_PAIRS), T)
+    assert tf.predict_index.shape == tf.target_ids.shape == tf.target_mask.shape == (5, L)
+    assert tf.row.tolist() == list(range(5))
+    assert tf.prompt_lengths.tolist() == [3, 1, 3, 2, 2]
+    assert tf.target_lengths.tolist() == [3, 1, 2, 2, 0]
+    for i, ((p, t), s, o, q) in enumerate(zip(ID_PAIRS, seqs, offsets, index)):
+        row = tf.batch.input_ids[i].tolist()
+        assert row == [pad] * o + s + [pad] * (T - o - len(s))
+        assert tf.batch.attention_mask[i].tolist() == [0] * o + [1] * len(s) + [0] * (
+            T - o - len(s))
+        n = len(t)
+        assert tf.predict_index[i, :n].tolist() == q
+        assert tf.target_ids[i, :n].tolist() == t
+        assert tf.target_mask[i].tolist() == [True] * n + [False] * (L - n)
+        assert int(tf.last_prompt_index[i]) == o + len(p) - 1
+        if full_target:  # the target stands right after each position that predicts it
+            assert [row[k + 1] for k in q] == t
+    if full_target:
+        labels, predict = tf.labels(), tf.predict_mask()
+        for i, ((p, t), o, q) in enumerate(zip(ID_PAIRS, offsets, index)):
+            want = [-100] * T
+            for k, tok in zip(q, t):
+                want[k + 1] = tok
+            assert labels[i].tolist() == want
+            marks = q if t else [o + len(p) - 1]  # a pair without target: its last prompt token
+            assert predict[i].nonzero()[:, 0].tolist() == marks
+    else:
+        with pytest.raises(ValueError, match="whole target"):
+            tf.labels()
+
+
+def test_teacher_forced_rows_read_the_right_logits(gpt2_tokenizer):
+    """token_logp on padded (left, right), prefix-shared and chunked rows equals each pair run
+    alone without padding, read at positions counted by hand."""
+    from lightning_rome.scoring import row_chunks, teacher_forced_rows
+
+    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), initializer_range=0.2)
+    pairs = [(p, t) for p, t in ID_PAIRS if t]
+    prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
+
+    def alone(p, t):
+        with torch.no_grad():
+            logp = model(torch.tensor([p + t[:-1]])).logits[0].double().log_softmax(-1)
+        return torch.stack([logp[len(p) - 1 + j, t[j]] for j in range(len(t))])
+
+    want = [alone(p, t) for p, t in pairs]
+    for side in ("left", "right"):
+        for share in (False, True):
+            tf = teacher_forced_rows(gpt2_tokenizer, prompts, targets, side=side,
+                                     share_prefixes=share)
+            with torch.no_grad():
+                logp = forward_logits(model, tf.batch).double().log_softmax(-1)  # (N, T, V)
+            got = tf.token_logp(logp)
+            for i, w in enumerate(want):
+                torch.testing.assert_close(got[i, : len(w)], w, rtol=1e-5, atol=1e-5)
+                assert bool((got[i, len(w):] == 0).all())
+            # The kept positions hold the same logits as the full pass.
+            keep, slot = tf.kept_positions()
+            kept = logp[torch.arange(len(tf.batch.input_ids))[:, None], keep]  # (N, K, V)
+            m = tf.target_mask
+            torch.testing.assert_close(kept[tf.row[:, None].expand_as(m)[m], slot[m]],
+                                       logp[tf.row[:, None].expand_as(m)[m], tf.predict_index[m]])
+    # Shared rows: pair 2's row (11 12 13 21) is a prefix of pair 0's (11 12 13 21 22).
+    shared = teacher_forced_rows(gpt2_tokenizer, prompts, targets, share_prefixes=True)
+    assert len(shared.batch.input_ids) == 3 and shared.row[0] == shared.row[2]
+    with pytest.raises(ValueError, match="one row per pair"):
+        shared.predict_mask()
+    # Chunks of at most one row keep a pair with its host: the chunks rebuild the global rows.
+    chunks = row_chunks(prompts, targets, 1, share_prefixes=True)
+    assert sorted(i for c in chunks for i in c) == list(range(len(pairs)))
+    rows = [teacher_forced_rows(gpt2_tokenizer, [prompts[i] for i in c],
+                                [targets[i] for i in c], share_prefixes=True) for c in chunks]
+    assert all(len(r.batch.input_ids) == 1 for r in rows)
+
+    def tokens(b, n):
+        return b.input_ids[n][b.attention_mask[n].bool()].tolist()
+
+    assert [tokens(r.batch, 0) for r in rows] == [
+        tokens(shared.batch, n) for n in range(len(shared.batch.input_ids))]
+
+
+def test_teacher_forced_rows_refuses_bad_pairs(gpt2_tokenizer):
+    from lightning_rome.scoring import teacher_forced_rows
+
+    with pytest.raises(ValueError, match="empty prompt"):
+        teacher_forced_rows(gpt2_tokenizer, [[1], []], [[2], [3]])
+    with pytest.raises(ValueError, match="2 prompts but 1 targets"):
+        teacher_forced_rows(gpt2_tokenizer, [[1], [2]], [[3]])
+    with pytest.raises(ValueError, match="no prompt/target pairs"):
+        teacher_forced_rows(gpt2_tokenizer, [], [])

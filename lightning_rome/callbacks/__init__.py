@@ -1,7 +1,6 @@
 """Lightning callbacks: edits applied during a Trainer run, and trace logging."""
 
 from lightning_rome.callbacks.edit import (
-    EditCallback,
     EditorCallback,
     MEMITCallback,
     ROMECallback,
@@ -10,5 +9,5 @@ from lightning_rome.callbacks.edit import (
 from lightning_rome.callbacks.evaluation import EditEvaluation
 from lightning_rome.callbacks.trace import CausalTraceCallback
 
-__all__ = ["CausalTraceCallback", "EditCallback", "EditEvaluation", "EditorCallback", "MEMITCallback",
+__all__ = ["CausalTraceCallback", "EditEvaluation", "EditorCallback", "MEMITCallback",
            "ROMECallback", "load_requests"]

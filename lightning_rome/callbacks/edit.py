@@ -18,15 +18,21 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_rome.patches import LowRankDelta, PatchMismatchError, WeightPatch
+from lightning_rome.patches import (
+    EditTransaction,
+    PatchMismatchError,
+    WeightPatch,
+    load_registry_state,
+    registry_state,
+)
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import candidate_probs
-from lightning_rome.utils.io import tensor_checksum
+from lightning_rome.utils.io import weight_digest
 from lightning_rome.utils.modules import unwrap_model
 
-__all__ = ["EditCallback", "EditorCallback", "MEMITCallback", "ROMECallback", "find_model",
-           "load_requests"]
+__all__ = ["EditorCallback", "MEMITCallback", "ROMECallback", "find_model", "load_requests"]
 
+REGISTRY_KEY = "lightning_rome_patches"  # the checkpoint entry holding the model's patch registry
 ApplyOn = Literal["setup", "fit_start", "train_end", "validation_start", "test_start",
                   "predict_start"]
 _APPLY_ON = ("setup", "fit_start", "train_end", "validation_start", "test_start",
@@ -69,36 +75,12 @@ def find_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
         "naming the attribute that holds it")
 
 
-def _patch_to_state(patch: WeightPatch) -> dict[str, Any]:
-    """A checkpoint-safe form of a patch: tensors and JSON strings only (loads with
-    ``torch.load(weights_only=True)``)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for n, d in patch.deltas.items():
-        if isinstance(d, LowRankDelta):
-            tensors[f"{n}::left"], tensors[f"{n}::right"] = d.left.cpu(), d.right.cpu()
-        else:
-            tensors[f"{n}::dense"] = d.cpu()
-    return {"header": json.dumps(patch.header(), default=str), "tensors": tensors}
-
-
-def _patch_from_state(state: dict[str, Any]) -> WeightPatch:
-    header = json.loads(state["header"])
-    t = state["tensors"]
-    deltas: dict[str, Any] = {}
-    for n, entry in header["entries"].items():
-        deltas[n] = (LowRankDelta(t[f"{n}::left"], t[f"{n}::right"])
-                     if entry["kind"] == "low_rank" else t[f"{n}::dense"])
-    return WeightPatch(deltas, method=header["method"], hparams=header["hparams"],
-                       requests=[EditRequest.from_dict(r) for r in header["requests"]],
-                       model_name=header["model_name"], checksums=header["checksums"])
-
-
 def _matches(model: nn.Module, patch: WeightPatch) -> bool:
     """Whether ``model``'s weights are those ``patch`` was computed against (by checksum)."""
     if not patch.checksums or set(patch.checksums) != set(patch.deltas):
         return False
     try:
-        return all(tensor_checksum(model.get_parameter(n)) == c
+        return all(weight_digest(model.get_parameter(n)) == c
                    for n, c in patch.checksums.items())
     except AttributeError:
         return False
@@ -115,10 +97,11 @@ def _all_gather_objects(trainer: pl.Trainer, obj: Any) -> list[Any]:
     return out
 
 
-class EditCallback(Callback):
-    """Apply an editor's patch to the model at a chosen moment of a Trainer run.
+class EditorCallback(Callback):
+    """Apply the patch of any editor (ROME, MEMIT, FT, FT+L, KN, AlphaEdit, a trained MEND or
+    KE, ...) to the model at a chosen moment of a Trainer run.
 
-    Subclasses provide :meth:`make_editor`. Under DDP the patch is computed on rank 0 and
+    Under DDP the patch is computed on rank 0 and
     broadcast, so every rank ends with identical weights (checked by comparing checksums); an
     error on any rank (computing the edit on rank 0, finding the model or tokenizer or applying
     the patch on any) is raised on every rank, and no rank keeps the edit. Sharded strategies
@@ -126,6 +109,12 @@ class EditCallback(Callback):
 
     Args:
         requests: :class:`EditRequest` objects, dicts, or a path to a JSON/YAML list.
+        editor: an object with ``edit(model, tokenizer, requests) -> WeightPatch`` (for example
+            ``FT({"layers": [1]})`` or ``MENDEditor.from_checkpoint(...)``), or a method name
+            for :func:`~lightning_rome.editing.get_editor` (``"ft"``, ``"ft-l"``, ``"kn"``,
+            ``"alphaedit"``). An editor with ``state_dict``/``load_state_dict`` (AlphaEdit's
+            preserved keys) has its state saved in checkpoints and restored from them.
+        hparams: hyperparameters when ``editor`` is a name.
         apply_on: ``setup``, ``fit_start`` (default), ``train_end``, ``validation_start``
             (every validation loop, the sanity check included), ``test_start`` or
             ``predict_start``.
@@ -142,11 +131,11 @@ class EditCallback(Callback):
         log_efficacy: log the delta norms and each request's efficacy to the Trainer's logger.
     """
 
-    method = "edit"
-
     def __init__(
         self,
         requests: Any,
+        editor: Any,
+        hparams: Any = None,
         *,
         apply_on: ApplyOn = "fit_start",
         revert: bool = False,
@@ -159,6 +148,21 @@ class EditCallback(Callback):
             raise MisconfigurationException(f"apply_on must be one of {_APPLY_ON}, got "
                                             f"{apply_on!r}")
         self._requests = load_requests(requests)
+        if isinstance(editor, str):
+            from lightning_rome.editing import get_editor
+
+            self.method = editor.lower()
+            editor = get_editor(editor, hparams)
+        else:
+            if hparams is not None:
+                raise MisconfigurationException(
+                    "hparams go with an editor given by name; this editor object already has "
+                    "its own")
+            self.method = getattr(editor, "method", type(editor).__name__.lower())
+        if not callable(getattr(editor, "edit", None)):
+            raise MisconfigurationException(
+                f"editor {editor!r} has no edit(model, tokenizer, requests) method")
+        self._editor = editor
         self._apply_on = apply_on
         self._revert = revert
         self._save_patch = save_patch
@@ -168,10 +172,17 @@ class EditCallback(Callback):
         self.patch: WeightPatch | None = None
         self.applied = False
         self._restored_applied = False
+        self._restored: dict[str, WeightPatch] = {}
 
     # ------------------------------------------------------------------ configuration
-    def make_editor(self) -> Any:
-        raise NotImplementedError
+    @property
+    def editor(self) -> Any:
+        """The editor whose patch the callback applies."""
+        return self._editor
+
+    def _edit(self, model: nn.Module, tok: PreTrainedTokenizerBase) -> WeightPatch:
+        """The patch of the callback's requests, computed on ``model`` (left unchanged)."""
+        return self._editor.edit(model, tok, self._requests)
 
     @property
     def requests(self) -> list[EditRequest]:
@@ -240,7 +251,7 @@ class EditCallback(Callback):
         elif trainer.is_global_zero and error is None:
             try:
                 assert model is not None and tok is not None
-                patch = self.make_editor().edit(model, tok, self._requests)
+                patch = self._edit(model, tok)
             except Exception as e:
                 if not distributed:
                     raise
@@ -248,25 +259,20 @@ class EditCallback(Callback):
         if distributed and not reuse:
             self._raise_if_any_failed(trainer, error)
             state = trainer.strategy.broadcast(
-                _patch_to_state(patch) if patch is not None else None, src=0)
-            patch = _patch_from_state(state)
+                patch.to_state() if patch is not None else None, src=0)
+            patch = WeightPatch.from_state(state)
         assert patch is not None and model is not None and tok is not None
-        applied_here = False
-        try:
-            patch = patch.to(next(model.parameters()).device)
-            patch.apply(model)
-            applied_here = True
-        except Exception as e:
-            if not distributed:
-                raise
-            error = f"{type(e).__name__}: {e}"
-        if distributed:
+        # Applied on every rank or on none: a rank whose apply failed fails them all.
+        with EditTransaction(model) as tx:
             try:
+                patch = tx.apply(patch.to(next(model.parameters()).device))
+            except Exception as e:
+                if not distributed:
+                    raise
+                error = f"{type(e).__name__}: {e}"
+            if distributed:
                 self._raise_if_any_failed(trainer, error)
-            except RuntimeError:
-                if applied_here:
-                    patch.revert(model)
-                raise
+            tx.commit()
         self.patch, self.applied = patch, True
         if distributed:
             self._check_identical(trainer, model, patch)
@@ -282,7 +288,7 @@ class EditCallback(Callback):
 
     def _check_identical(self, trainer: pl.Trainer, model: nn.Module, patch: WeightPatch) -> None:
         mine = hashlib.sha256("".join(
-            tensor_checksum(model.get_parameter(n)) for n in patch.names).encode()).hexdigest()
+            weight_digest(model.get_parameter(n)) for n in patch.names).encode()).hexdigest()
         theirs = trainer.strategy.broadcast(mine, src=0)
         ok = trainer.strategy.reduce_boolean_decision(mine == theirs, all=True)
         if not ok:
@@ -407,150 +413,21 @@ class EditCallback(Callback):
 
     # ------------------------------------------------------------------ checkpointing
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "applied": self.applied,
-            "requests": json.dumps([r.to_dict() for r in self._requests], default=str),
-            "patch": _patch_to_state(self.patch) if self.patch is not None else None,
-        }
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """The model's applied patches and their original bits go into the checkpoint (one entry
+        however many edit callbacks there are), so that a resumed run reverts bit-exactly."""
+        state = registry_state(find_model(pl_module, self._model_attr))
+        if state is not None:
+            checkpoint[REGISTRY_KEY] = state
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = [EditRequest.from_dict(r) for r in json.loads(state_dict["requests"])]
-        if saved != self._requests:
-            rank_zero_warn(f"{type(self).__name__}: the checkpoint's requests differ from this "
-                           "callback's; keeping the checkpoint's edit state")
-        self.patch = _patch_from_state(state_dict["patch"]) if state_dict["patch"] else None
-        # The checkpoint's weights already hold the edit: do not apply it again.
-        self.applied = bool(state_dict["applied"])
-        self._restored_applied = self.applied
-
-
-class ROMECallback(EditCallback):
-    """Apply ROME edits inside a Trainer run.
-
-    Args:
-        requests: the edits (objects, dicts, or a JSON/YAML path).
-        hparams: :class:`~lightning_rome.editing.ROMEHyperParams`, a dict, a preset name such as
-            ``"gpt2-xl"``, or a YAML path.
-        second_moment: optional ``(model, tokenizer, module_name) -> C`` (default: cached
-            statistics over ``hparams.mom2_dataset``).
-        **kwargs: see :class:`EditCallback` (``apply_on``, ``revert``, ``save_patch``, ...).
-
-    Example:
-        >>> trainer = L.Trainer(callbacks=[ROMECallback(
-        ...     [EditRequest("{} is located in the city of", "Eiffel Tower", "Rome")],
-        ...     hparams="gpt2-xl")])
-    """
-
-    method = "rome"
-
-    def __init__(self, requests: Any, hparams: Any = None, *, second_moment: Any = None,
-                 **kwargs: Any) -> None:
-        super().__init__(requests, **kwargs)
-        from lightning_rome.editing.rome import ROMEHyperParams
-
-        self._hparams = ROMEHyperParams.resolve(hparams)
-        self._second_moment = second_moment
-        self._editor: Any = None
-
-    def make_editor(self) -> Any:
-        from lightning_rome.editing.rome import ROME
-
-        if self._editor is None:
-            self._editor = ROME(self._hparams, second_moment=self._second_moment)
-        return self._editor
-
-
-class MEMITCallback(EditCallback):
-    """Apply a MEMIT batch edit inside a Trainer run (same options and guarantees as
-    :class:`ROMECallback`).
-
-    Args:
-        requests: the edits (objects, dicts, or a JSON/YAML path); all are written at once.
-        hparams: :class:`~lightning_rome.editing.MEMITHyperParams`, a dict, a preset name
-            (``"gpt2-xl"``, ``"gpt-j-6b"``) or a YAML path.
-        chunk_size: edit a long list in consecutive chunks of this many requests (``None``: one
-            batch).
-        second_moment: optional ``(model, tokenizer, module_name) -> C``.
-        **kwargs: see :class:`EditCallback`.
-    """
-
-    method = "memit"
-
-    def __init__(self, requests: Any, hparams: Any = None, *, chunk_size: int | None = None,
-                 second_moment: Any = None, **kwargs: Any) -> None:
-        super().__init__(requests, **kwargs)
-        from lightning_rome.editing.memit import MEMITHyperParams
-
-        self._hparams = MEMITHyperParams.resolve(hparams)
-        self._chunk_size = chunk_size
-        self._second_moment = second_moment
-        self._editor: Any = None
-
-    def make_editor(self) -> Any:
-        from lightning_rome.editing.memit import MEMIT
-
-        if self._editor is None:
-            self._editor = _ChunkedMEMIT(MEMIT(self._hparams, second_moment=self._second_moment),
-                                         self._chunk_size)
-        return self._editor
-
-
-class _ChunkedMEMIT:
-    """MEMIT over consecutive chunks; returns the composed patch with the model unchanged."""
-
-    def __init__(self, memit: Any, chunk_size: int | None) -> None:
-        self.memit, self.chunk_size = memit, chunk_size
-
-    def edit(self, model: nn.Module, tok: PreTrainedTokenizerBase, requests: Any) -> WeightPatch:
-        reqs = as_requests(requests)
-        if not self.chunk_size or len(reqs) <= self.chunk_size:
-            return self.memit.edit(model, tok, reqs)
-        patches: list[WeightPatch] = []
-        try:
-            for p in self.memit.edit_stream(model, tok, reqs, self.chunk_size):
-                patches.append(p)
-        finally:
-            for p in reversed(patches):
-                p.revert(model)
-        total = patches[0]
-        for p in patches[1:]:
-            total = total.compose(p)
-        return total
-
-
-class EditorCallback(EditCallback):
-    """Apply the patch of any editor (FT, FT+L, KN, a trained MEND or KE, ...) inside a Trainer
-    run, with the same options and guarantees as :class:`ROMECallback`.
-
-    Args:
-        requests: the edits (objects, dicts, or a JSON/YAML path).
-        editor: an object with ``edit(model, tokenizer, requests) -> WeightPatch`` (for example
-            ``FT({"layers": [1]})`` or ``MENDEditor.from_checkpoint(...)``), or a method name
-            for :func:`~lightning_rome.editing.get_editor` (``"ft"``, ``"ft-l"``, ``"kn"``,
-            ``"alphaedit"``). An editor with ``state_dict``/``load_state_dict`` (AlphaEdit's
-            preserved keys) has its state saved in checkpoints and restored from them.
-        hparams: hyperparameters when ``editor`` is a name.
-        **kwargs: see :class:`EditCallback`.
-    """
-
-    def __init__(self, requests: Any, editor: Any, hparams: Any = None, **kwargs: Any) -> None:
-        super().__init__(requests, **kwargs)
-        if isinstance(editor, str):
-            from lightning_rome.editing import get_editor
-
-            self.method = editor.lower()
-            editor = get_editor(editor, hparams)
-        else:
-            self.method = getattr(editor, "method", type(editor).__name__.lower())
-        if not callable(getattr(editor, "edit", None)):
-            raise MisconfigurationException(
-                f"editor {editor!r} has no edit(model, tokenizer, requests) method")
-        self._editor = editor
-
-    def make_editor(self) -> Any:
-        return self._editor
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Called once the model holds the checkpoint's weights: re-register their patches."""
+        state = checkpoint.get(REGISTRY_KEY)
+        if state is not None:
+            self._restored = load_registry_state(find_model(pl_module, self._model_attr), state)
 
     def _stateful_editor(self) -> bool:
         """Editors with a state of their own (AlphaEdit's preserved keys) save it in checkpoints;
@@ -561,13 +438,81 @@ class EditorCallback(EditCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
+        state = {
+            "applied": self.applied,
+            "requests": json.dumps([r.to_dict() for r in self._requests], default=str),
+            "patch": self.patch.to_state() if self.patch is not None else None,
+        }
         if self._stateful_editor():
             state["editor_state"] = self._editor.state_dict()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        saved = [EditRequest.from_dict(r) for r in json.loads(state_dict["requests"])]
+        if saved != self._requests:
+            rank_zero_warn(f"{type(self).__name__}: the checkpoint's requests differ from this "
+                           "callback's; keeping the checkpoint's edit state")
+        self.patch = WeightPatch.from_state(state_dict["patch"]) if state_dict["patch"] else None
+        if self.patch is not None and self.patch.uid in self._restored:
+            # The same edit, registered on the model by on_load_checkpoint: reverting that
+            # object is bit-exact.
+            self.patch = self._restored[self.patch.uid]
+        # The checkpoint's weights already hold the edit: do not apply it again.
+        self.applied = bool(state_dict["applied"])
+        self._restored_applied = self.applied
         if self._stateful_editor() and state_dict.get("editor_state") is not None:
             self._editor.load_state_dict(state_dict["editor_state"])
+
+
+class ROMECallback(EditorCallback):
+    """Apply ROME edits inside a Trainer run.
+
+    Args:
+        requests: the edits (objects, dicts, or a JSON/YAML path).
+        hparams: :class:`~lightning_rome.editing.ROMEHyperParams`, a dict, a preset name such as
+            ``"gpt2-xl"``, or a YAML path.
+        second_moment: optional ``(model, tokenizer, module_name) -> C`` (default: cached
+            statistics over ``hparams.mom2_dataset``).
+        **kwargs: see :class:`EditorCallback` (``apply_on``, ``revert``, ``save_patch``, ...).
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[ROMECallback(
+        ...     [EditRequest("{} is located in the city of", "Eiffel Tower", "Rome")],
+        ...     hparams="gpt2-xl")])
+    """
+
+    def __init__(self, requests: Any, hparams: Any = None, *, second_moment: Any = None,
+                 **kwargs: Any) -> None:
+        from lightning_rome.editing.rome import ROME
+
+        super().__init__(requests, ROME(hparams, second_moment=second_moment), **kwargs)
+
+
+class MEMITCallback(EditorCallback):
+    """Apply a MEMIT batch edit inside a Trainer run (same options and guarantees as
+    :class:`ROMECallback`).
+
+    Args:
+        requests: the edits (objects, dicts, or a JSON/YAML path); all are written at once.
+        hparams: :class:`~lightning_rome.editing.MEMITHyperParams`, a dict, a preset name
+            (``"gpt2-xl"``, ``"gpt-j-6b"``) or a YAML path.
+        chunk_size: edit a long list in consecutive chunks of this many requests (``None``: one
+            batch; see :meth:`~lightning_rome.editing.MEMIT.edit`).
+        second_moment: optional ``(model, tokenizer, module_name) -> C``.
+        **kwargs: see :class:`EditorCallback`.
+    """
+
+    def __init__(self, requests: Any, hparams: Any = None, *, chunk_size: int | None = None,
+                 second_moment: Any = None, **kwargs: Any) -> None:
+        from lightning_rome.editing.memit import MEMIT, check_chunk_size
+
+        try:
+            check_chunk_size(chunk_size)
+        except ValueError as e:
+            raise MisconfigurationException(str(e)) from e
+        super().__init__(requests, MEMIT(hparams, second_moment=second_moment), **kwargs)
+        self._chunk_size = chunk_size
+
+    def _edit(self, model: nn.Module, tok: PreTrainedTokenizerBase) -> WeightPatch:
+        return self._editor.edit(model, tok, self._requests, chunk_size=self._chunk_size)

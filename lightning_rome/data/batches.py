@@ -28,8 +28,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.records import CaseId, EditCase, RecordBatch
-from lightning_rome.scoring import Side, make_batch
-from lightning_rome.tokens import continuation_ids, encode_prompt
+from lightning_rome.scoring import Side, encode_pairs, teacher_forced_rows
 
 __all__ = [
     "IGNORE_INDEX",
@@ -149,29 +148,19 @@ def labeled_batch(
     if not (len(targets) == len(case_index) == len(source_case_ids) == n):
         raise ValueError(f"{n} prompts but {len(targets)} targets, {len(case_index)} case "
                          f"indices and {len(source_case_ids)} source ids")
-    p_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    t_ids = [continuation_ids(tokenizer, t) if t is not None else [] for t in targets]
+    p_ids, t_ids = encode_pairs(tokenizer, prompts, targets)
     for prompt, src, p in zip(prompts, source_case_ids, p_ids):
         if not p:
             raise ValueError(f"the prompt {prompt!r} (case {src!r}) has no tokens")
-    batch = make_batch(tokenizer, [p + t for p, t in zip(p_ids, t_ids)], side=side)
-    labels = torch.full_like(batch.input_ids, IGNORE_INDEX)  # (N, T)
-    predict = torch.zeros_like(batch.input_ids, dtype=torch.bool)  # (N, T)
-    for i, (p, t) in enumerate(zip(p_ids, t_ids)):
-        a = batch.index(i, len(p))  # padded index of the first target token
-        if t:
-            labels[i, a:a + len(t)] = batch.input_ids[i, a:a + len(t)]
-            predict[i, a - 1:a - 1 + len(t)] = True  # logits at position j predict token j + 1
-        else:
-            predict[i, a - 1] = True
+    tf = teacher_forced_rows(tokenizer, p_ids, t_ids, side=side, full_target=True)
     return LabeledBatch(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        labels=labels,
-        predict_mask=predict,
-        prompt_lengths=torch.tensor([len(p) for p in p_ids], dtype=torch.long),
-        target_lengths=torch.tensor([len(t) for t in t_ids], dtype=torch.long),
+        input_ids=tf.batch.input_ids,
+        attention_mask=tf.batch.attention_mask,
+        position_ids=tf.batch.position_ids,
+        labels=tf.labels(IGNORE_INDEX),
+        predict_mask=tf.predict_mask(),
+        prompt_lengths=tf.prompt_lengths,
+        target_lengths=tf.target_lengths,
         case_index=torch.tensor(case_index, dtype=torch.long),
         prompts=list(prompts),
         targets=list(targets),

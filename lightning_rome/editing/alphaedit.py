@@ -47,7 +47,7 @@ from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import eval_mode
 from lightning_rome.models.precision import check_update_representable
 from lightning_rome.models.weights import weight_param_name
-from lightning_rome.patches import LowRankDelta, WeightPatch
+from lightning_rome.patches import EditTransaction, LowRankDelta, WeightPatch
 from lightning_rome.requests import as_requests, check_batch
 from lightning_rome.tokens import FactToken, subject_span
 from lightning_rome.utils.io import CorruptFileError, atomic_path, tensor_checksum
@@ -497,46 +497,36 @@ class AlphaEdit:
             subject_span(tokenizer, r.prompt, r.subject)
         check_requests(model, tokenizer, reqs)
         memit = self._shared_memit()
-        applied: list[WeightPatch] = []
-        with eval_mode(model):
+        with eval_mode(model), EditTransaction(model) as tx:
             contexts = memit._contexts(model, tokenizer)
             check_requests(model, tokenizer, reqs, contexts)
             projectors = {n: self.projector(model, tokenizer, n) for n in names}
             new_keys: dict[str, Tensor] = {}
             pre = self._weights(model, names) if remember else {}
             post: dict[str, str] = {}
-            try:
-                Z = memit.compute_z(model, tokenizer, reqs)  # (d, u)
-                block = layout.block(hp.layers[-1])
-                for i, name in enumerate(names):
-                    K = memit._keys(model, tokenizer, name, reqs, contexts)  # (d_in, u)
-                    h = memit._residual_now(model, tokenizer, block, reqs)  # (d, u)
-                    R_l = (Z.to(h.device) - h) / (len(names) - i)  # (d, u)
-                    delta = alphaedit_update(K, R_l, projectors[name], self._gram.get(name),
-                                             hp.l2_weight)
-                    check_update_representable(model, {weight_param_name(name): delta},
-                                               "AlphaEdit")
-                    dev = model.get_parameter(weight_param_name(name)).device
-                    p = WeightPatch.from_model(model, {weight_param_name(name): delta.to(dev)},
-                                               method=self.method, hparams=hp.to_dict(),
-                                               requests=reqs)
-                    p.apply(model)
-                    applied.append(p)
-                if remember:
-                    post = self._weights(model, names)
-                    for name in names:
-                        new_keys[name] = memit._keys(model, tokenizer, name, reqs,
-                                                     contexts).cpu()  # (d_in, u)
-            finally:
-                for p in reversed(applied):
-                    p.revert(model)
-        total = applied[0]
-        for p in applied[1:]:
-            total = total.compose(p)
-        total.requests = list(reqs)
+            Z = memit.compute_z(model, tokenizer, reqs)  # (d, u)
+            block = layout.block(hp.layers[-1])
+            for i, name in enumerate(names):
+                K = memit._keys(model, tokenizer, name, reqs, contexts)  # (d_in, u)
+                h = memit._residual_now(model, tokenizer, block, reqs)  # (d, u)
+                R_l = (Z.to(h.device) - h) / (len(names) - i)  # (d, u)
+                delta = alphaedit_update(K, R_l, projectors[name], self._gram.get(name),
+                                         hp.l2_weight)
+                check_update_representable(model, {weight_param_name(name): delta},
+                                           "AlphaEdit")
+                dev = model.get_parameter(weight_param_name(name)).device
+                tx.apply(WeightPatch.from_model(model, {weight_param_name(name): delta.to(dev)},
+                                                method=self.method, hparams=hp.to_dict(),
+                                                requests=reqs))  # later layers see this one
+            if remember:
+                post = self._weights(model, names)
+                for name in names:
+                    new_keys[name] = memit._keys(model, tokenizer, name, reqs,
+                                                 contexts).cpu()  # (d_in, u)
+            total = tx.composed(requests=reqs)
+            if apply:
+                tx.commit()
         self.last_stats.update(memit.last_stats)
-        if apply:
-            total.apply(model)
         if remember:
             if self._model_id is None:
                 self._model_id = self._identity(model, names)

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.hooks import module_hooks
 from lightning_rome.requests import EditRequest
-from lightning_rome.scoring import make_batch, model_device
+from lightning_rome.scoring import make_batch, model_device, teacher_forced_rows
 from lightning_rome.tokens import (
     FactToken,
     continuation_ids,
@@ -300,41 +300,35 @@ def _optimise_values(
     device = model_device(model)
     n = len(requests)
     targets = [continuation_ids(tokenizer, r.target_new) for r in requests]
-    # Rows: for each request, one row per context, then one essence (KL) row.
-    seqs, lookup, owner, tgt_pos, is_kl = [], [], [], [], []
+    # Rows: for each request, one row per context (teacher-forced on its target), then one
+    # essence (KL) row (the prompt alone).
+    p_ids, t_ids, lookup, owner, is_kl = [], [], [], [], []
     for i, (r, t) in enumerate(zip(requests, targets)):
         for c in contexts:
             tpl = wrap(c, r.prompt)
-            p = encode_prompt(tokenizer, fill(tpl, r.subject)[0])
-            seqs.append(p + t[:-1])
+            p_ids.append(encode_prompt(tokenizer, fill(tpl, r.subject)[0]))
+            t_ids.append(t)
             lookup.append(fact_token_index(tokenizer, tpl, r.subject, fact_token))
             owner.append(i)
-            tgt_pos.append(len(p) - 1)
             is_kl.append(False)
-        p = encode_prompt(tokenizer, fill(essence_template, r.subject)[0])
-        seqs.append(p)
+        p_ids.append(encode_prompt(tokenizer, fill(essence_template, r.subject)[0]))
+        t_ids.append([])
         lookup.append(fact_token_index(tokenizer, essence_template, r.subject, fact_token))
         owner.append(i)
-        tgt_pos.append(-1)
         is_kl.append(True)
-    batch = make_batch(tokenizer, seqs, "right", device)
-    R = len(seqs)
+    tf = teacher_forced_rows(tokenizer, p_ids, t_ids, side="right", device=device)
+    batch = tf.batch
+    R = len(tf)
     rows = torch.arange(R, device=device)
     look = torch.as_tensor(lookup, device=device)  # (R,)
     own = torch.as_tensor(owner, device=device)  # (R,)
     kl_rows = torch.as_tensor([j for j in range(R) if is_kl[j]], device=device)  # (n,)
     nll_rows = [j for j in range(R) if not is_kl[j]]
     # Teacher-forced target positions and ids, padded to the longest target.
-    T_max = max(len(t) for t in targets)
-    pos = torch.zeros((len(nll_rows), T_max), dtype=torch.long, device=device)
-    ids = torch.zeros((len(nll_rows), T_max), dtype=torch.long, device=device)
-    msk = torch.zeros((len(nll_rows), T_max), device=device)
-    for a, j in enumerate(nll_rows):
-        t = targets[owner[j]]
-        pos[a, : len(t)] = torch.arange(len(t), device=device) + tgt_pos[j]
-        ids[a, : len(t)] = torch.as_tensor(t, device=device)
-        msk[a, : len(t)] = 1.0
     nll_rows_t = torch.as_tensor(nll_rows, device=device)
+    pos = tf.predict_index[nll_rows_t]  # (R_nll, L)
+    ids = tf.target_ids[nll_rows_t]  # (R_nll, L)
+    msk = tf.target_mask[nll_rows_t].float()  # (R_nll, L)
     nll_owner = own[nll_rows_t]  # (R_nll,)
     bare_rows = torch.as_tensor(
         [i * (len(contexts) + 1) + list(contexts).index("{}") if "{}" in contexts

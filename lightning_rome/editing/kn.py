@@ -71,7 +71,7 @@ from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.weights import canonical_weight, weight_param_name
-from lightning_rome.patches import LowRankDelta, WeightPatch
+from lightning_rome.patches import EditTransaction, LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.scoring import forward_logits, make_batch, model_device
 from lightning_rome.tokens import continuation_ids, encode_prompt, fill, subject_span
@@ -517,23 +517,12 @@ class KN:
             continuation_ids(tokenizer, r.target_new)
         check_requests(model, tokenizer, reqs)
         self.last_results = []
-        applied: list[WeightPatch] = []
-        try:
+        with EditTransaction(model) as tx:
             for r, extra in zip(reqs, extras):
-                p = self.edit_one(model, tokenizer, r, extra_prompts=extra)
-                p.apply(model)
-                applied.append(p)
-        except BaseException:
-            for p in reversed(applied):
-                p.revert(model)
-            raise
-        total = applied[0]
-        for p in applied[1:]:
-            total = total.compose(p)
-        for p in reversed(applied):
-            p.revert(model)
-        if apply:
-            total.apply(model)
+                tx.apply(self.edit_one(model, tokenizer, r, extra_prompts=extra))
+            total = tx.composed()
+            if apply:
+                tx.commit()
         return total
 
 

@@ -51,7 +51,7 @@ from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.precision import check_update_representable
 from lightning_rome.models.weights import weight_param_name
-from lightning_rome.patches import LowRankDelta, WeightPatch
+from lightning_rome.patches import EditTransaction, LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests, check_batch
 from lightning_rome.stats.cache import write_safetensors
 from lightning_rome.tokens import FactToken, subject_span
@@ -330,22 +330,44 @@ class MEMIT:
     # ------------------------------------------------------------------ editing
     @in_eval_mode
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any, *,
-             apply: bool = False) -> WeightPatch:
+             apply: bool = False, chunk_size: int | None = None) -> WeightPatch:
         """Edit a batch of requests at once and return one patch over every layer of R.
 
         The model is edited layer by layer while the patch is computed (keys at later layers are
         read on the partly edited model), then restored exactly unless ``apply=True``. On any
         error the model is left as it was.
 
+        Args:
+            apply: leave the edits applied (else the model ends exactly as it started).
+            chunk_size: edit a long list in consecutive chunks of this many requests, each
+                computed on the model edited by the previous chunks (as :meth:`edit_stream`),
+                and return their composed patch (``None``: one batch).
+
         Raises:
-            ValueError / SubjectNotFoundError: a bad request (checked before any work).
+            ValueError / SubjectNotFoundError: a bad request (checked before any work), or a
+                ``chunk_size`` below 1.
             IndexError: a layer of R is out of range.
             IncompatibleInputError: the tokenizer does not fit the model, or a prompt is too long.
             ValueOptimisationError: NaN/inf while optimising z.
         """
+        check_chunk_size(chunk_size)
         model = unwrap_model(model)  # a torch.compile wrapper: its module
+        reqs = as_requests(requests)
+        if chunk_size is None or len(reqs) <= chunk_size:
+            return self._edit_batch(model, tokenizer, reqs, apply=apply)
+        with EditTransaction(model) as tx:
+            for s in range(0, len(reqs), chunk_size):
+                tx.apply(self._edit_batch(model, tokenizer, reqs[s:s + chunk_size]))
+            total = tx.composed(requests=reqs)
+            if apply:
+                tx.commit()
+        return total
+
+    def _edit_batch(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    requests: Sequence[EditRequest], *, apply: bool = False) -> WeightPatch:
+        """One batch of :meth:`edit`: one patch over every layer of R."""
         hp = self.hparams
-        reqs = check_batch(as_requests(requests), "MEMIT")
+        reqs = check_batch(list(requests), "MEMIT")
         layout = get_layout(model, self.layout_override)
         for layer in hp.layers:
             layout.check_layer(model, layer)
@@ -356,8 +378,7 @@ class MEMIT:
         check_requests(model, tokenizer, reqs, contexts)
         for layer in hp.layers:  # every C of the unedited model, before any layer is edited
             self._C_of(model, tokenizer, layout.name("mlp_out", layer))
-        applied: list[WeightPatch] = []
-        try:
+        with EditTransaction(model) as tx:
             Z = self.compute_z(model, tokenizer, reqs)  # (d, u)
             block = layout.block(hp.layers[-1])
             for i, layer in enumerate(hp.layers):
@@ -369,22 +390,12 @@ class MEMIT:
                 delta = memit_update(K, R_l, C, hp.mom2_update_weight)
                 check_update_representable(model, {weight_param_name(name): delta}, "MEMIT")
                 dev = model.get_parameter(weight_param_name(name)).device
-                p = WeightPatch.from_model(model, {weight_param_name(name): delta.to(dev)},
-                                           method="memit", hparams=hp.to_dict(), requests=reqs)
-                p.apply(model)
-                applied.append(p)
-        except BaseException:
-            for p in reversed(applied):
-                p.revert(model)
-            raise
-        total = applied[0]
-        for p in applied[1:]:
-            total = total.compose(p)
-        total.requests = list(reqs)
-        for p in reversed(applied):
-            p.revert(model)
-        if apply:
-            total.apply(model)
+                tx.apply(WeightPatch.from_model(
+                    model, {weight_param_name(name): delta.to(dev)}, method="memit",
+                    hparams=hp.to_dict(), requests=reqs))  # later layers see this one
+            total = tx.composed(requests=reqs)
+            if apply:
+                tx.commit()
         return total
 
     def edit_stream(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -402,6 +413,13 @@ class MEMIT:
                 chunk = []
         if chunk:
             yield self.edit(model, tokenizer, chunk, apply=True)
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """``chunk_size``: ``None`` or a whole number of requests, at least 1."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a whole number >= 1, got {chunk_size!r}")
 
 
 def memit_edit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,

@@ -71,8 +71,13 @@ from lightning_rome.models.modes import eval_mode, in_eval_mode
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests, check_batch
-from lightning_rome.scoring import forward_logits, make_batch, model_device
-from lightning_rome.tokens import continuation_ids, encode_prompt, subject_span
+from lightning_rome.scoring import (
+    encode_pairs,
+    forward_logits,
+    model_device,
+    teacher_forced_rows,
+)
+from lightning_rome.tokens import subject_span
 from lightning_rome.utils.io import tensor_checksum
 from lightning_rome.utils.modules import unwrap_model
 
@@ -262,18 +267,11 @@ def edit_rows(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"need equally many prompts and targets, got {len(prompts)} and "
                          f"{len(targets)}")
-    p_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    t_ids = [continuation_ids(tokenizer, t) for t in targets]
-    batch = make_batch(tokenizer, [p + t for p, t in zip(p_ids, t_ids)], side="right")
-    labels = torch.full_like(batch.input_ids, IGNORE_INDEX)  # (N, T)
-    predict = torch.zeros_like(batch.input_ids, dtype=torch.bool)  # (N, T)
-    for i, (p, t) in enumerate(zip(p_ids, t_ids)):
-        a = batch.index(i, len(p))  # first target token
-        labels[i, a:a + len(t)] = batch.input_ids[i, a:a + len(t)]
-        predict[i, a - 1:a - 1 + len(t)] = True  # logits at j predict token j + 1
+    tf = teacher_forced_rows(tokenizer, *encode_pairs(tokenizer, prompts, targets),
+                             side="right", full_target=True)
     idx = torch.arange(len(prompts)) if case_index is None else torch.as_tensor(list(case_index))
-    rows = _Rows(batch.input_ids, batch.attention_mask, batch.position_ids, labels, predict,
-                 idx.long())
+    rows = _Rows(tf.batch.input_ids, tf.batch.attention_mask, tf.batch.position_ids,
+                 tf.labels(IGNORE_INDEX), tf.predict_mask(), idx.long())
     return _to_device(rows, device) if device is not None else rows
 
 

@@ -62,7 +62,7 @@ from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
 from lightning_rome.models.precision import check_update_representable
 from lightning_rome.models.weights import canonical_weight, weight_param_name
-from lightning_rome.patches import LowRankDelta, WeightPatch
+from lightning_rome.patches import EditTransaction, LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
 from lightning_rome.tokens import FactToken, subject_span
 from lightning_rome.utils.modules import unwrap_model
@@ -420,27 +420,12 @@ class ROME:
         check_requests(model, tokenizer, reqs)  # before generating templates with the model
         check_requests(model, tokenizer, reqs, _contexts(model, tokenizer, self.hparams))
         self.last_results = []
-        applied: list[WeightPatch] = []
-        try:
+        with EditTransaction(model) as tx:
             for r in reqs:
-                p = self.edit_one(model, tokenizer, r)
-                p.apply(model)
-                applied.append(p)
-        except BaseException:
-            for p in reversed(applied):
-                p.revert(model)
-            raise
-        total = applied[0]
-        for p in applied[1:]:
-            total = total.compose(p)
-        if not apply:
-            for p in reversed(applied):
-                p.revert(model)
-        elif len(applied) > 1:
-            # Re-register the applied edits as the one composed patch, bit-exactly.
-            for p in reversed(applied):
-                p.revert(model)
-            total.apply(model)
+                tx.apply(self.edit_one(model, tokenizer, r))  # on the model edited so far
+            total = tx.composed()
+            if apply:
+                tx.commit()
         return total
 
 

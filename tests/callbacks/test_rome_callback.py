@@ -223,3 +223,32 @@ def test_memit_and_any_editor_callbacks(tmp_path, module):
         assert torch.equal(p, before[n]), n
     with pytest.raises(MisconfigurationException, match="edit"):
         EditorCallback([REQ], object())
+
+
+def test_revert_after_a_checkpoint_resume_is_bit_exact(tmp_path, gpt2_tokenizer):
+    """Fit with the edit applied, checkpoint, resume into a fresh model (other initial weights)
+    and a fresh callback, revert at the end of the resumed fit: every bit of the original
+    weights comes back (the checkpoint carries the patch registry; no subtraction)."""
+    import warnings
+
+    from lightning_rome.patches import registered_patch
+
+    module = LMModule(tiny_gpt2(n_layer=3), gpt2_tokenizer)
+    original = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    cb = make_callback(log_efficacy=False)  # applied at fit_start, kept
+    trainer = make_trainer(tmp_path, [cb], enable_checkpointing=False)
+    trainer.fit(module)
+    ckpt = tmp_path / "edited.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert "lightning_rome_patches" in torch.load(ckpt, weights_only=True)
+    fresh = LMModule(tiny_gpt2(n_layer=3, seed=9), gpt2_tokenizer)
+    assert not torch.equal(fresh.model.get_parameter(NAME), original[NAME])
+    cb2 = make_callback(log_efficacy=False, revert=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*subtract")  # no revert by subtraction
+        make_trainer(tmp_path, [cb2], enable_checkpointing=False,
+                     max_steps=3).fit(fresh, ckpt_path=ckpt)
+    assert not cb2.applied
+    assert registered_patch(fresh.model, cb.patch.uid) is None
+    for n, p in fresh.model.named_parameters():
+        assert torch.equal(p, original[n]), n
