@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
+from lightning_rome.callbacks._common import refuse_sharded, resolve_tokenizer
 from lightning_rome.patches import (
     EditTransaction,
     PatchMismatchError,
@@ -197,25 +198,14 @@ class EditorCallback(Callback):
                                         apply_on=self._apply_on)
 
     def _get_tokenizer(self, pl_module: pl.LightningModule) -> PreTrainedTokenizerBase:
-        tok = self._tokenizer if self._tokenizer is not None else getattr(
-            pl_module, "tokenizer", None)
-        if isinstance(tok, str | os.PathLike):
-            from lightning_rome.models import load_tokenizer
-
-            tok = self._tokenizer = load_tokenizer(tok)
-        if tok is None:
-            raise MisconfigurationException(
-                f"{type(self).__name__} needs a tokenizer: pass tokenizer= or give the "
-                "LightningModule a `tokenizer` attribute")
+        tok = resolve_tokenizer(self._tokenizer, pl_module, type(self).__name__)
+        if isinstance(self._tokenizer, str | os.PathLike):
+            self._tokenizer = tok  # loaded once
         return tok
 
     # ------------------------------------------------------------------ apply / revert
     def _check_strategy(self, trainer: pl.Trainer) -> None:
-        name = type(trainer.strategy).__name__.lower()
-        if "fsdp" in name or "deepspeed" in name:
-            raise MisconfigurationException(
-                f"{type(self).__name__} does not support sharded strategies ({name}): the edit "
-                "needs full parameters on each rank; use DDP or a single device")
+        refuse_sharded(trainer, type(self).__name__)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute the patch (rank 0), share it and apply it on every rank, all or nothing.

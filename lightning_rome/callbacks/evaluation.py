@@ -1,4 +1,10 @@
-"""``EditEvaluation``: evaluate a fixed set of edit cases periodically during ``fit``."""
+"""``EditEvaluation``: evaluate a fixed set of edit cases periodically during ``fit``.
+
+A thin shell over the Trainer-free core (:mod:`lightning_rome.evaluation`): the cases are run
+with :func:`~lightning_rome.evaluation.evaluate` on the model being trained, under one
+:class:`~lightning_rome.evaluation.EvalOptions`; the callback chooses when, splits the cases
+across ranks and logs.
+"""
 
 from __future__ import annotations
 
@@ -18,23 +24,26 @@ from torchmetrics import MetricCollection
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
+from lightning_rome.callbacks._common import log_text, refuse_sharded, resolve_tokenizer
 from lightning_rome.callbacks.edit import find_model
-from lightning_rome.modules.evaluator import (
+from lightning_rome.evaluation import (
+    EvalOptions,
     Record,
     compute_results,
     dataset_kind,
     editor_name,
-    evaluate_cases,
-    evaluate_sequential,
-    make_metrics,
+    evaluate,
+    generation_table,
     resolve_editor,
 )
+from lightning_rome.patches import WeightPatch
 from lightning_rome.records import EditCase
 from lightning_rome.requests import EditRequest
 
 __all__ = ["EditEvaluation", "load_cases"]
 
 When = Literal["validation_epoch_end", "train_epoch_end"]
+Phase = Literal["auto", "pre", "post"]
 
 
 def load_cases(cases: Any, *, dataset: Literal["counterfact", "zsre"] = "counterfact",
@@ -88,26 +97,45 @@ def _no_validation_loop(trainer: pl.Trainer, pl_module: pl.LightningModule) -> s
     return None
 
 
+def _edits_applied(trainer: pl.Trainer, me: Callback) -> bool:
+    """Whether another callback of this Trainer holds an edit on the model now: an edit
+    callback (:class:`~lightning_rome.callbacks.EditCallback` and its kind) whose patch is
+    applied."""
+    return any(cb is not me and getattr(cb, "applied", False) is True
+               and isinstance(getattr(cb, "patch", None), WeightPatch)
+               for cb in trainer.callbacks)
+
+
 class EditEvaluation(Callback):
     """Evaluate a fixed set of edit cases every few epochs of a ``fit`` and log the metrics.
 
-    It runs the evaluator's per-case code (:func:`~lightning_rome.modules.evaluator.evaluate_cases`
-    or, with ``mode="sequential"``, :func:`~lightning_rome.modules.evaluator.evaluate_sequential`)
-    on the model being trained, and logs ``{prefix}post/ES``, ``{prefix}post/NS``, ... (zsRE:
-    ``{prefix}post/efficacy``, ...) and ``{prefix}pre/...`` with ``baseline``.
+    It runs the evaluation core (:func:`~lightning_rome.evaluation.evaluate`: each case on its
+    own or, with ``mode="sequential"``, all edited one after another) on the model being
+    trained, and logs ``{prefix}{phase}/ES``, ``.../NS``, ... (zsRE: ``.../efficacy``, ...).
+    The names say what was measured:
 
-    * With ``editor=None`` it measures the model as it is: after edits made earlier (by
-      :class:`~lightning_rome.callbacks.ROMECallback`, say), this shows how they survive further
-      training.
     * With an editor it measures what editing the current model would do (each case is edited,
-      scored and reverted).
+      scored and reverted): ``post/...``, and the model before the edit as ``pre/...`` with
+      ``baseline`` (the default).
+    * With ``editor=None`` it measures the model as it is, once, under the name of what that
+      model is (``phase``): ``post/...`` while it holds edits made elsewhere, ``pre/...``
+      while it holds none. By default (``phase="auto"``) that is read off the Trainer at each
+      evaluation: ``post`` while an edit callback of the same Trainer
+      (:class:`~lightning_rome.callbacks.ROMECallback`, :class:`~lightning_rome.callbacks.MEMITCallback`,
+      :class:`~lightning_rome.callbacks.EditorCallback`, ...) has its edit applied, so after
+      ``ROMECallback(apply_on="fit_start")`` this shows how the edit survives further training;
+      ``pre`` otherwise (an evaluation that runs before the edit callback applies its edit, or
+      after it reverted it, is named ``pre``). Edits applied some other way (a patch applied by
+      hand before ``fit``) are not seen: pass ``phase="post"``.
 
     The weights are left bit-identical (every patch is reverted exactly) and the model's
     train/eval mode is restored. Under DDP the cases are split across ranks and the metrics
     synchronised; there, use an editor that does not backpropagate into the model's parameters
     (ROME, MEMIT: they freeze them) or none, since gradients reaching DDP-wrapped parameters
     outside a training step upset DDP's reducer (FT does). The results of every evaluation are
-    kept in :attr:`history` (and in checkpoints).
+    kept in :attr:`history` (and in checkpoints). With ``generation``, the first
+    ``generation_samples`` cases' generations (prompt, text before and after the edit) go to
+    the Trainer's TensorBoard loggers as a text table, ``{prefix}generations``.
 
     Args:
         cases: :class:`~lightning_rome.data.EditCase` objects, :class:`EditRequest` objects or
@@ -124,10 +152,14 @@ class EditEvaluation(Callback):
         mode: ``"independent"`` or ``"sequential"`` (all cases edited one after another).
         dataset: for a file path, ``"counterfact"`` or ``"zsre"``.
         limit: use only the first ``limit`` cases.
-        baseline: also log the unedited (``pre/``) metrics (default: when there is an editor).
-        generation, generation_kwargs: generate text for GE.
-        score_batch_size, seed, on_error, verify_revert: as for
-            :func:`~lightning_rome.modules.evaluator.evaluate_cases`.
+        baseline: also log the unedited (``pre/``) metrics (default: when there is an editor;
+            refused with ``editor=None``, whose one measurement is named by ``phase``).
+        phase: with ``editor=None``, the name of the measured model: ``"auto"`` (default, see
+            above), ``"pre"`` or ``"post"``. With an editor only ``"auto"``.
+        generation, generation_kwargs: generate text for GE (and the logged samples).
+        generation_samples: how many cases' generations to log as text (``0``: none).
+        score_batch_size, seed, on_error, verify_revert: as in
+            :class:`~lightning_rome.evaluation.EvalOptions`.
         model_attr: the LightningModule attribute holding the HF model (auto-detected).
         tokenizer: a tokenizer or its path (default: ``pl_module.tokenizer``).
         prefix: prepended to the logged names.
@@ -151,8 +183,10 @@ class EditEvaluation(Callback):
         dataset: Literal["counterfact", "zsre"] = "counterfact",
         limit: int | None = None,
         baseline: bool | None = None,
+        phase: Phase = "auto",
         generation: bool = False,
         generation_kwargs: dict[str, Any] | None = None,
+        generation_samples: int = 5,
         score_batch_size: int | None = None,
         seed: int = 0,
         on_error: Literal["raise", "skip"] = "raise",
@@ -166,29 +200,40 @@ class EditEvaluation(Callback):
         if when not in ("validation_epoch_end", "train_epoch_end"):
             raise MisconfigurationException(
                 f"when must be 'validation_epoch_end' or 'train_epoch_end', got {when!r}")
-        if mode not in ("independent", "sequential"):
-            raise MisconfigurationException(f"mode must be 'independent' or 'sequential', got "
-                                            f"{mode!r}")
-        if on_error not in ("raise", "skip"):
-            raise MisconfigurationException(f"on_error must be 'raise' or 'skip', got "
-                                            f"{on_error!r}")
+        if phase not in ("auto", "pre", "post"):
+            raise MisconfigurationException(f"phase must be 'auto', 'pre' or 'post', got "
+                                            f"{phase!r}")
+        if isinstance(generation_samples, bool) or not isinstance(generation_samples, int) or \
+                generation_samples < 0:
+            raise MisconfigurationException(f"generation_samples must be an integer >= 0, got "
+                                            f"{generation_samples!r}")
+        self._editor = resolve_editor(editor, hparams)
+        if self._editor is not None and phase != "auto":
+            raise MisconfigurationException(
+                f"phase={phase!r} names the measured model with editor=None; with an editor the "
+                "metrics are post/ (the edit it makes) and pre/ (baseline)")
+        if self._editor is None and baseline:
+            raise MisconfigurationException(
+                "baseline=True needs an editor: with editor=None the model is measured once, "
+                "under the name phase= gives it (pre/ or post/)")
+        try:
+            self._options = EvalOptions(
+                mode=mode, baseline=(self._editor is not None) if baseline is None else baseline,
+                generation=generation, generation_kwargs=generation_kwargs or {},
+                score_batch_size=score_batch_size, seed=seed, on_error=on_error,
+                verify_revert=verify_revert)
+        except (TypeError, ValueError) as e:
+            raise MisconfigurationException(str(e)) from e
         self._cases = load_cases(cases, dataset=dataset, limit=limit)
         kinds = {dataset_kind(c) for c in self._cases}
         if len(kinds) > 1:
             raise ValueError("EditEvaluation cases mix zsRE and COUNTERFACT cases")
         self._kind = kinds.pop()
-        self._editor = resolve_editor(editor, hparams)
         self._every = every_n_epochs
         self._when = when
         self._at_fit_start = at_fit_start
-        self._mode = mode
-        self._baseline = (self._editor is not None) if baseline is None else baseline
-        self._generation = generation
-        self._generation_kwargs = dict(generation_kwargs or {})
-        self._score_batch_size = score_batch_size
-        self._seed = seed
-        self._on_error = on_error
-        self._verify = verify_revert
+        self._phase = phase
+        self._samples = generation_samples
         self._model_attr = model_attr
         self._tokenizer = tokenizer
         self._prefix = prefix
@@ -198,6 +243,11 @@ class EditEvaluation(Callback):
     @property
     def cases(self) -> list[EditCase]:
         return list(self._cases)
+
+    @property
+    def options(self) -> EvalOptions:
+        """The evaluation's options (mode, baseline, generation, seed, ...)."""
+        return self._options
 
     @property
     @override
@@ -210,11 +260,7 @@ class EditEvaluation(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        name = type(trainer.strategy).__name__.lower()
-        if "fsdp" in name or "deepspeed" in name:
-            raise MisconfigurationException(
-                f"EditEvaluation does not support sharded strategies ({name}): edits need the "
-                "full parameters on each rank; use DDP or a single device")
+        refuse_sharded(trainer, "EditEvaluation")
         if stage == "fit" and self._when == "validation_epoch_end":
             why = _no_validation_loop(trainer, pl_module)
             if why:
@@ -243,22 +289,28 @@ class EditEvaluation(Callback):
 
     # ------------------------------------------------------------------ evaluation
     def _get_tokenizer(self, pl_module: pl.LightningModule) -> PreTrainedTokenizerBase:
-        tok = self._tokenizer if self._tokenizer is not None else getattr(
-            pl_module, "tokenizer", None)
-        if isinstance(tok, str | os.PathLike):
-            from lightning_rome.models import load_tokenizer
-
-            tok = self._tokenizer = load_tokenizer(tok)
-        if tok is None:
-            raise MisconfigurationException(
-                "EditEvaluation needs a tokenizer: pass tokenizer= or give the LightningModule "
-                "a `tokenizer` attribute")
+        tok = resolve_tokenizer(self._tokenizer, pl_module, "EditEvaluation")
+        if isinstance(self._tokenizer, str | os.PathLike):
+            self._tokenizer = tok  # loaded once
         return tok
 
-    def _metrics(self, device: torch.device) -> dict[str, MetricCollection]:
-        out = {"post": make_metrics(self._kind, "post/", generation=self._generation)}
-        if self._baseline:
-            out["pre"] = make_metrics(self._kind, "pre/", generation=self._generation)
+    def measured_phase(self, trainer: pl.Trainer) -> str:
+        """The name the model measured now gets with ``editor=None``: ``phase`` when given,
+        else ``"post"`` while an edit callback of ``trainer`` has its edit applied, ``"pre"``
+        otherwise. (With an editor: ``"post"``.)"""
+        if self._editor is not None:
+            return "post"
+        if self._phase != "auto":
+            return self._phase
+        return "post" if _edits_applied(trainer, self) else "pre"
+
+    def _metrics(self, device: torch.device, phase: str) -> dict[str, MetricCollection]:
+        from lightning_rome.modules.evaluator import make_metrics
+
+        gen = self._options.generation
+        out = {"post": make_metrics(self._kind, f"{phase}/", generation=gen)}
+        if self._options.baseline:
+            out["pre"] = make_metrics(self._kind, "pre/", generation=gen)
         for m in out.values():
             m.to(device)
         return out
@@ -279,16 +331,13 @@ class EditEvaluation(Callback):
         model: nn.Module = find_model(pl_module, self._model_attr)
         tok = self._get_tokenizer(pl_module)
         world, rank = max(1, trainer.world_size), trainer.global_rank
-        mine = self._cases[rank::world] if self._mode == "independent" else (
+        mine = self._cases[rank::world] if self._options.mode == "independent" else (
             self._cases if rank == 0 else [])
-        metrics = self._metrics(pl_module.device)
-        run = evaluate_sequential if self._mode == "sequential" else evaluate_cases
+        phase = self.measured_phase(trainer)
+        metrics = self._metrics(pl_module.device, phase)
         with torch.inference_mode(False), torch.no_grad():  # eval mode inside, then restored
-            records = run(model, tok, mine, self._editor, baseline=self._baseline,
-                          generation=self._generation, generation_kwargs=self._generation_kwargs,
-                          score_batch_size=self._score_batch_size, seed=self._seed,
-                          on_error=self._on_error, verify_revert=self._verify,
-                          metrics=metrics) if mine else []
+            records = evaluate(model, tok, mine, self._editor, options=self._options,
+                               metrics=metrics) if mine else []
         self.last_records = records
         results: dict[str, Any] = {}
         for collection in metrics.values():
@@ -302,7 +351,15 @@ class EditEvaluation(Callback):
                 pl_module.log(k, v, sync_dist=False, on_step=False, on_epoch=True)
         elif trainer.logger is not None and trainer.is_global_zero and named:
             trainer.logger.log_metrics(named, step=trainer.global_step)
+        if trainer.is_global_zero and self._samples and self._options.generation:
+            columns = ((("pre", "before"), ("post", "after")) if self._editor is not None else
+                       (("post", "edited" if phase == "post" else "unedited"),))
+            table = generation_table(records, self._samples, phases=columns)
+            if table:
+                log_text(trainer.loggers, f"{self._prefix}generations", table,
+                         trainer.global_step)
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
+                             "phase": phase,
                              "results": {k: dict(v) for k, v in results.items()}})
         return values
 

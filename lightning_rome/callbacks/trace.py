@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
+from lightning_rome.callbacks._common import refuse_sharded, resolve_tokenizer, scaled_noise
 from lightning_rome.callbacks.edit import find_model
 from lightning_rome.models import get_layout
 from lightning_rome.modules.tracer import CausalTracer, FactRecord, fact_records, prompt_seed
 from lightning_rome.tracing.core import DEFAULT_BATCH_TOKENS, parse_spec, trace_all
-from lightning_rome.tracing.noise import (
-    GaussianNoise,
-    NoiseLike,
-    UniformNoise,
-    resolve_noise,
-    subject_embedding_std,
-)
+from lightning_rome.tracing.noise import NoiseLike, resolve_noise
 from lightning_rome.tracing.result import KINDS, CausalTrace
 
 __all__ = ["CausalTraceCallback", "CausalTracerModule"]
@@ -71,7 +67,7 @@ class CausalTraceCallback(Callback):
             the prompts' subjects at each tracing moment (embeddings change during training).
         answer: ``"greedy"`` traces the model's current prediction; ``"given"`` traces each
             prompt's answer (warning when the model does not predict it yet).
-        tokenizer: the tokenizer (default: ``pl_module.tokenizer``).
+        tokenizer: a tokenizer or its path (default: ``pl_module.tokenizer``).
         model_attr: the attribute of the LightningModule holding the Hugging Face model
             (default: found automatically).
         dirpath: if given, each trace is also saved there as JSON.
@@ -104,7 +100,7 @@ class CausalTraceCallback(Callback):
         seed: int = 0,
         engine: str = "auto",
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
-        tokenizer: PreTrainedTokenizerBase | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
         model_attr: str | None = None,
         dirpath: str | None = None,
         log_images: bool = True,
@@ -152,6 +148,9 @@ class CausalTraceCallback(Callback):
     # ----------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Rank zero traces its replica: sharded parameters would not be whole there.
+        refuse_sharded(trainer, "CausalTraceCallback",
+                       "tracing needs the full parameters on rank zero")
         # Refuse a window the model cannot hold now, not at the first trace mid-training.
         if stage == "fit" and any(s.kind != "hidden" for s in self._specs):
             model = find_model(pl_module, self._model_attr)
@@ -187,25 +186,16 @@ class CausalTraceCallback(Callback):
         self._last_step = state_dict.get("last_step")
 
     # ----------------------------------------------------------------------------- work
-    def _noise_for(self, model: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
-        noise = self._noise
-        if isinstance(noise, GaussianNoise | UniformNoise) and noise.nu is None:
-            subjects = list(noise.subjects or [r.subject for r in self._records])
-            return type(noise)(nu=noise.k * subject_embedding_std(model, tokenizer, subjects),
-                               k=noise.k)
-        return noise
-
     def _trace(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return
         model = find_model(pl_module, self._model_attr)
-        tokenizer = self._tokenizer or getattr(pl_module, "tokenizer", None)
-        if tokenizer is None:
-            raise MisconfigurationException(
-                "CausalTraceCallback needs a tokenizer: pass tokenizer= or set "
-                "pl_module.tokenizer")
-        noise = self._noise_for(model, tokenizer)
+        tokenizer = resolve_tokenizer(self._tokenizer, pl_module, "CausalTraceCallback")
+        if isinstance(self._tokenizer, str | os.PathLike):
+            self._tokenizer = tokenizer  # loaded once
+        # σ is measured at each moment: the embeddings change during training.
+        noise = scaled_noise(self._noise, model, tokenizer, [r.subject for r in self._records])
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if self._log_images and not loggers and not self._warned_no_logger:
             rank_zero_warn("CausalTraceCallback: the Trainer has no TensorBoardLogger; traces "

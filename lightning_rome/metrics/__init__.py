@@ -11,7 +11,7 @@ specificity forms. Every metric averages over each case's prompts first and then
 :mod:`lightning_rome.metrics.functional`.
 """
 
-from lightning_rome.metrics.base import CaseMean, CaseMeanMetric, MetricWithCI
+from lightning_rome.metrics.base import CaseMean, MetricWithCI
 from lightning_rome.metrics.collections import (
     COUNTERFACT_COLUMNS,
     ZSRE_COLUMNS,
@@ -43,7 +43,6 @@ __all__ = [
     "ZSRE_COLUMNS",
     "AttributeSnippets",
     "CaseMean",
-    "CaseMeanMetric",
     "EditScore",
     "EfficacyMagnitude",
     "EfficacyScore",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from torchmetrics import Metric
 
 from lightning_rome.metrics.functional._utils import MetricCI, _mean_ci_from_sums
 
-__all__ = ["CaseMean", "CaseMeanMetric", "MetricWithCI"]
+__all__ = ["CaseMean", "MetricWithCI"]
 
 
 class MetricWithCI(Metric):
@@ -20,6 +20,12 @@ class MetricWithCI(Metric):
 
     Subclasses implement :meth:`_compute_ci` on the (already synchronised) states.
     """
+
+    #: The case inputs (names in :data:`lightning_rome.evaluation.INPUTS`) that the evaluation
+    #: core passes to ``update(**inputs)``, all required: a case without one of them does not
+    #: update the metric. ``None``: not fed from case records (:class:`CaseMean`'s ``values``
+    #: are passed by the evaluator itself).
+    evaluation_inputs: ClassVar[tuple[str, ...] | None] = None
 
     def compute_with_ci(self) -> MetricCI:
         """The mean over all cases seen (on every process) and its 95% confidence interval.
@@ -55,8 +61,12 @@ class MetricWithCI(Metric):
             )
 
 
-class CaseMeanMetric(MetricWithCI):
+class CaseMean(MetricWithCI):
     """The mean over cases of one per-case value, with its 95% confidence interval.
+
+    Used as it is for any per-case value (``update(values)``: one value per case; the evaluator's
+    patch norms and edit times), and as the base of every edit metric (ES, PS, NS, GE, ...),
+    which override :meth:`update` to turn their inputs into one value per case.
 
     The states are the number of cases, the sum and the sum of squares of the per-case values
     (float64, ``dist_reduce_fx="sum"``), so DDP needs no extra code and shards of any size
@@ -122,31 +132,26 @@ class CaseMeanMetric(MetricWithCI):
         return _mean_ci_from_sums(total, total_sq, n, bounds=bounds,
                                   wilson=self.ci_method == "wilson")
 
-
-class CaseMean(CaseMeanMetric):
-    """Mean ± 95% CI of any per-case value (for quantities the evaluator adds itself).
-
-    Example:
-        >>> m = CaseMean()
-        >>> m.update([1.0, 0.0, 1.0])
-        >>> m.update([1.0])
-        >>> m.compute()
-        tensor(0.7500)
-        >>> {k: round(v, 4) for k, v in m.compute_with_ci().items()}
-        {'mean': 0.75, 'ci_low': 0.26, 'ci_high': 1.24, 'n': 4}
-    """
-
     def update(self, values: Tensor | Sequence[float]) -> None:
         """Add one value per case.
+
+        Example:
+            >>> m = CaseMean()
+            >>> m.update([1.0, 0.0, 1.0])
+            >>> m.update([1.0])
+            >>> m.compute()
+            tensor(0.7500)
+            >>> {k: round(v, 4) for k, v in m.compute_with_ci().items()}
+            {'mean': 0.75, 'ci_low': 0.26, 'ci_high': 1.24, 'n': 4}
 
         Raises:
             ValueError: no values, or NaN.
         """
         v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)  # (N,)
         if v.numel() == 0:
-            raise ValueError("CaseMean.update() got no values; pass at least one case")
+            raise ValueError(f"{type(self).__name__}.update() got no values; pass at least one "
+                             "case")
         if torch.isnan(v).any():
-            raise ValueError(
-                f"CaseMean.update() got NaN at case {int(torch.isnan(v).nonzero()[0, 0])}"
-            )
+            where = int(torch.isnan(v).nonzero()[0, 0])
+            raise ValueError(f"{type(self).__name__}.update() got NaN at case {where}")
         self._accumulate(v)

@@ -45,6 +45,14 @@ class EditScore(MetricWithCI):
     full_state_update = False
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
+    evaluation_inputs = (
+        "rewrite_new",
+        "rewrite_true",
+        "paraphrase_new",
+        "paraphrase_true",
+        "neighborhood_new",
+        "neighborhood_true",
+    )
 
     def __init__(self, score_type: ScoreType = "nll", **kwargs: Any) -> None:
         _check_score_type(score_type)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_rome.metrics.base import CaseMeanMetric
+from lightning_rome.metrics.base import CaseMean
 from lightning_rome.metrics.functional._utils import PromptScores, ScoreType, _check_score_type
 from lightning_rome.metrics.functional.counterfact import _efficacy_score_update
 
 __all__ = ["EfficacyScore"]
 
 
-class EfficacyScore(CaseMeanMetric):
+class EfficacyScore(CaseMean):
     """Efficacy score ES: the fraction of rewrite prompts where ``P[o*] > P[o^c]``.
 
     Averaged over each case's prompts first, then over cases (as in ROME's and MEMIT's tables).
@@ -35,6 +35,7 @@ class EfficacyScore(CaseMeanMetric):
     plot_upper_bound = 1.0
     ci_method = "wilson"
     _state_prefix = "es"
+    evaluation_inputs = ("rewrite_new", "rewrite_true")
 
     def __init__(self, score_type: ScoreType = "nll", **kwargs: Any) -> None:
         _check_score_type(score_type)

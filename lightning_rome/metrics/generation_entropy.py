@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_rome.metrics.base import CaseMeanMetric
+from lightning_rome.metrics.base import CaseMean
 from lightning_rome.metrics.functional.generation_entropy import _generation_entropy_update
 
 __all__ = ["GenerationEntropy"]
 
 
-class GenerationEntropy(CaseMeanMetric):
+class GenerationEntropy(CaseMean):
     """Generation entropy GE: the weighted bigram/trigram entropy of generated text.
 
     For each text, ``(2/3 · H_2 + 4/3 · H_3) / 2`` with ``H_n = -Σ f log₂ f`` over its word
@@ -35,6 +35,7 @@ class GenerationEntropy(CaseMeanMetric):
     higher_is_better = True
     plot_lower_bound = 0.0
     _state_prefix = "ge"
+    evaluation_inputs = ("generated_texts",)
 
     def __init__(
         self,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_rome.metrics.base import CaseMeanMetric
+from lightning_rome.metrics.base import CaseMean
 from lightning_rome.metrics.functional._utils import PromptScores, ScoreType, _check_score_type
 from lightning_rome.metrics.functional.counterfact import _paraphrase_magnitude_update
 
 __all__ = ["ParaphraseMagnitude"]
 
 
-class ParaphraseMagnitude(CaseMeanMetric):
+class ParaphraseMagnitude(CaseMean):
     """Paraphrase magnitude PM: the mean of ``P[o*] - P[o^c]`` on the paraphrase prompts.
 
     Averaged over each case's prompts first, then over cases (as in ROME's and MEMIT's tables).
@@ -34,6 +34,7 @@ class ParaphraseMagnitude(CaseMeanMetric):
     plot_lower_bound = -1.0
     plot_upper_bound = 1.0
     _state_prefix = "pm"
+    evaluation_inputs = ("paraphrase_new", "paraphrase_true")
 
     def __init__(self, score_type: ScoreType = "nll", **kwargs: Any) -> None:
         _check_score_type(score_type)

@@ -7,14 +7,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_rome.metrics.base import CaseMeanMetric
+from lightning_rome.metrics.base import CaseMean
 from lightning_rome.metrics.functional.reference_score import _reference_score_update
 from lightning_rome.metrics.functional.tfidf import AttributeSnippets, TfidfTable
 
 __all__ = ["ReferenceScore"]
 
 
-class ReferenceScore(CaseMeanMetric):
+class ReferenceScore(CaseMean):
     """Reference score RS: TF-IDF cosine similarity of generated text to reference text.
 
     Per case: the case's generated texts joined with spaces against the reference texts joined
@@ -45,6 +45,7 @@ class ReferenceScore(CaseMeanMetric):
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
     _state_prefix = "rs"
+    evaluation_inputs = ("generated_texts", "relation_ids", "target_new_ids")
 
     def __init__(
         self,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_rome.metrics.base import CaseMeanMetric
+from lightning_rome.metrics.base import CaseMean
 from lightning_rome.metrics.functional.zsre import Correct, TokenIds, _zsre_accuracy_update
 
 __all__ = ["ZsREAccuracy", "ZsREEfficacy", "ZsREParaphrase", "ZsRESpecificity"]
 
 
-class ZsREAccuracy(CaseMeanMetric):
+class ZsREAccuracy(CaseMean):
     """zsRE token-level accuracy: per case, the fraction of answer tokens that are the argmax
     after the question and the preceding answer tokens (teacher forcing); then the mean over cases.
 
@@ -37,6 +37,7 @@ class ZsREAccuracy(CaseMeanMetric):
     plot_upper_bound = 1.0
     ci_method = "wilson"
     _state_prefix = "zsre"
+    evaluation_inputs = None  # the forms below name their inputs
 
     def __init__(self, ignore_index: int = -100, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -76,6 +77,7 @@ class ZsREEfficacy(ZsREAccuracy):
     """zsRE efficacy: :class:`ZsREAccuracy` on the edited question (inputs ``rewrite_*``)."""
 
     _state_prefix = "zsre_efficacy"
+    evaluation_inputs = ("rewrite_correct",)
 
     def update(  # type: ignore[override]
         self,
@@ -91,6 +93,7 @@ class ZsREParaphrase(ZsREAccuracy):
     """zsRE paraphrase: :class:`ZsREAccuracy` on the rephrased question (``paraphrase_*``)."""
 
     _state_prefix = "zsre_paraphrase"
+    evaluation_inputs = ("paraphrase_correct",)
 
     def update(  # type: ignore[override]
         self,
@@ -107,6 +110,7 @@ class ZsRESpecificity(ZsREAccuracy):
     (inputs ``neighborhood_*``, ROME's name for these prompts)."""
 
     _state_prefix = "zsre_specificity"
+    evaluation_inputs = ("neighborhood_correct",)
 
     def update(  # type: ignore[override]
         self,

@@ -134,10 +134,12 @@ def test_watches_an_earlier_edit_through_training(lm, tmp_path):
     probe.load_state_dict(model.state_dict())
     patch_fn(probe).apply(probe)
     (edited,) = evaluate_cases(probe, tok, [case], None)
-    cb = EditEvaluation([case], None, at_fit_start=True)
-    assert cb._baseline is False
+    # The edit is applied by hand (no edit callback to see), so the user names it: post.
+    cb = EditEvaluation([case], None, at_fit_start=True, phase="post")
+    assert cb.options.baseline is False
     fit(tmp_path, LM(model, tok, lr=0.5), [ApplyAtStart(patch_fn), cb], epochs=1)
     first, last = cb.history[0]["results"], cb.history[-1]["results"]
+    assert [h["phase"] for h in cb.history] == ["post", "post"]
     p = edited["post"]["rewrite"]
     want_em = p["p_new"][0] - p["p_true"][0]
     assert first["post/EM"]["mean"] == pytest.approx(want_em, rel=1e-6)
@@ -190,3 +192,106 @@ def test_default_when_is_refused_in_a_fit_without_validation(lm, tmp_path, modul
     cb = EditEvaluation(CASES[:1], FixedEditor(scale=3.0), when="train_epoch_end")
     fit(tmp_path, module_cls(model, tok), [cb], epochs=1, **extra)
     assert [h["epoch"] for h in cb.history] == [0]
+
+
+def test_without_an_editor_the_names_say_what_was_measured(lm, tmp_path):
+    """editor=None names the one measurement after the model measured: post/ while an edit
+    callback of the Trainer holds its edit, pre/ while none does (here: before the callback
+    applies its edit at train_end), each with the values of that model."""
+    from lightning_rome.callbacks import EditorCallback
+
+    model, tok = lm
+    case = CASES[0]
+    start = model_checksum(model)
+    pre = {"post": make_metrics("counterfact", "x/")}
+    evaluate_cases(model, tok, [case], None, metrics=pre)
+    probe = tiny_model("gpt2", vocab_size=len(tok), initializer_range=0.2, n_positions=128)
+    probe.load_state_dict(model.state_dict())
+    FixedEditor(scale=3.0).edit(probe, tok, [case.request]).apply(probe)
+    post = {"post": make_metrics("counterfact", "x/")}
+    evaluate_cases(probe, tok, [case], None, metrics=post)
+    want_pre, want_post = (float(m["post"]["EM"].compute()) for m in (pre, post))
+    assert want_pre != want_post
+
+    # The edit callback applies its edit when fit starts (and reverts it at the end): post/.
+    edit = EditorCallback([case.request], FixedEditor(scale=3.0), revert=True,
+                          log_efficacy=False)
+    cb = EditEvaluation([case], None, when="train_epoch_end")
+    _, rows = fit(tmp_path / "a", LM(model, tok), [edit, cb], epochs=1)
+    (res,) = [h["results"] for h in cb.history]
+    assert cb.history[0]["phase"] == "post" and not any(k.startswith("pre/") for k in res)
+    assert res["post/EM"]["mean"] == pytest.approx(want_post, rel=1e-6)
+    assert any(r.get("edit_eval/post/EM") for r in rows)
+    assert not any(r.get("edit_eval/pre/EM") for r in rows)
+    assert model_checksum(model) == start  # reverted at fit end
+
+    # The edit comes at train_end, after the epoch's evaluation: the model measured is the
+    # unedited one, named pre/.
+    edit = EditorCallback([case.request], FixedEditor(scale=3.0), apply_on="train_end",
+                          revert=True, log_efficacy=False)
+    cb = EditEvaluation([case], None, when="train_epoch_end")
+    _, rows = fit(tmp_path / "b", LM(model, tok), [edit, cb], epochs=1)
+    (res,) = [h["results"] for h in cb.history]
+    assert cb.history[0]["phase"] == "pre" and not any(k.startswith("post/") for k in res)
+    assert res["pre/EM"]["mean"] == pytest.approx(want_pre, rel=1e-6)
+    assert any(r.get("edit_eval/pre/EM") for r in rows)
+    assert model_checksum(model) == start
+
+
+def test_phase_and_baseline_settings_that_cannot_be_honest_are_refused():
+    with pytest.raises(MisconfigurationException, match="phase='pre' names the measured model"):
+        EditEvaluation(CASES[:1], FixedEditor(), phase="pre")
+    with pytest.raises(MisconfigurationException, match="baseline=True needs an editor"):
+        EditEvaluation(CASES[:1], None, baseline=True)
+    with pytest.raises(MisconfigurationException, match="phase must be"):
+        EditEvaluation(CASES[:1], None, phase="edited")
+    with pytest.raises(MisconfigurationException, match="on_error"):
+        EditEvaluation(CASES[:1], None, on_error="ignore")
+
+
+def _texts(log_dir) -> dict[str, str]:
+    """Every text summary in a TensorBoard folder: {tag: markdown} (the last of each tag)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for events in Path(log_dir).rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            proto = acc.Tensors(tag)[-1].tensor_proto
+            out[tag.removesuffix("/text_summary")] = proto.string_val[0].decode()
+    return out
+
+
+def test_generations_go_to_tensorboard_as_text(lm, tmp_path):
+    """With generation on, each evaluation logs a table of the prompt and the continuation the
+    model wrote before and after the edit: the texts of the evaluation's own records."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    model, tok = lm
+    case = make_case(5, "Toko Yasuda", "{} plays the", "piano", "guitar",
+                     gen=("Toko Yasuda is known for", "Music is"))
+    cb = EditEvaluation([case], FixedEditor(scale=3.0), when="train_epoch_end",
+                        generation=True, generation_kwargs={"max_new_tokens": 4})
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=logger,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[cb])
+    trainer.fit(LM(model, tok))
+    table = _texts(logger.log_dir)["edit_eval/generations"]
+    (rec,) = cb.last_records
+    lines = table.splitlines()
+    assert lines[0] == "| case | prompt | before | after |"
+    for i, prompt in enumerate(case.generation_prompts):
+        before = rec["pre"]["generation"]["texts"][i][len(prompt):]
+        after = rec["post"]["generation"]["texts"][i][len(prompt):]
+        assert before != after  # the edit changed what the model writes
+        cells = [c.strip() for c in lines[2 + i].strip("|").split(" | ")]
+        assert cells == ["5", prompt, " ".join(before.split()), " ".join(after.split())]
+    # Without generation nothing is logged as text.
+    cb = EditEvaluation([case], FixedEditor(scale=3.0), when="train_epoch_end")
+    logger = TensorBoardLogger(tmp_path, name="tb2")
+    pl.Trainer(accelerator="cpu", max_epochs=1, logger=logger, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False,
+               callbacks=[cb]).fit(LM(model, tok))
+    assert "edit_eval/generations" not in _texts(logger.log_dir)

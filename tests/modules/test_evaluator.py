@@ -666,7 +666,7 @@ def test_on_error_skip_records_the_error_and_goes_on(lm, tmp_path):
 def test_a_failure_while_edited_reverts_first(lm, monkeypatch):
     """Scoring fails while the patch is applied: the model is restored before the error goes
     on (raise) or is recorded (skip)."""
-    import lightning_rome.modules.evaluator as evaluator
+    import lightning_rome.evaluation.run as evaluator
 
     model, tok = lm
     start = model_checksum(model)

@@ -95,3 +95,60 @@ def test_a_method_name_without_hparams_gets_settings_for_the_model(lm):
     with pytest.warns(PresetNotice, match="derived from its depth: layer 0"):
         ev = EditEvaluator(model, tok, "rome")
     assert ev.editor.hparams.layer == 0
+
+
+def test_sample_generations_are_logged_as_text(lm, tmp_path):
+    """generation=True: a TensorBoard text table of the first cases' generations, the prompt
+    and the continuation before and after the edit, from the run's own records; with
+    editor=None one column, the unedited model's."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from test_eval_callback import _texts
+    from test_evaluator import make_case
+
+    from lightning_rome.modules.evaluator import CaseResultsFile
+
+    model, tok = lm
+    cases = [make_case(i, s, "{} plays the", "piano", "guitar", gen=(f"{s} is known for",))
+             for i, s in enumerate(["Toko Yasuda", "Danielle Darrieux", "Paul Klee"])]
+    gen = {"max_new_tokens": 4}
+
+    def run(editor, name):
+        logger = TensorBoardLogger(tmp_path, name=name, default_hp_metric=False)
+        ev = EditEvaluator(model, tok, editor, generation=True, generation_kwargs=gen,
+                           generation_samples=2, results_dir=tmp_path / name / "res",
+                           verbose=False)
+        trainer(tmp_path, logger=logger).test(ev, datamodule=_gen_datamodule(tmp_path / name,
+                                                                             cases))
+        records, _ = CaseResultsFile.read(tmp_path / name / "res" / "cases.rank0.jsonl")
+        return _texts(logger.log_dir), {r["case_id"]: r for r in records}
+
+    texts, records = run(FixedEditor(scale=3.0), "fixed")
+    lines = texts["generations/fixed"].splitlines()
+    assert lines[0] == "| case | prompt | before | after |"
+    assert len(lines) == 2 + 2  # generation_samples=2 cases of one prompt each
+    for line, cid in zip(lines[2:], (0, 1)):
+        r, prompt = records[cid], cases[cid].generation_prompts[0]
+        want = [" ".join(r[p]["generation"]["texts"][0][len(prompt):].split())
+                for p in ("pre", "post")]
+        assert [c.strip() for c in line.strip("|").split(" | ")] == [str(cid), prompt, *want]
+    assert "summary/fixed" in texts
+    texts, records = run(None, "none")
+    lines = texts["generations/none"].splitlines()
+    assert lines[0] == "| case | prompt | unedited |"
+    prompt = cases[0].generation_prompts[0]
+    assert lines[2].split(" | ")[-1].rstrip(" |") == " ".join(
+        records[0]["pre"]["generation"]["texts"][0][len(prompt):].split())
+
+
+def _gen_datamodule(folder, cases):
+    """Test dataloaders of ``cases`` as they are (with their generation prompts)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_rome.records import collate_records
+
+    class DM(pl.LightningDataModule):
+        def test_dataloader(self):
+            return DataLoader(cases, batch_size=2, collate_fn=collate_records)
+
+    return DM()
