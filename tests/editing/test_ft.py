@@ -77,6 +77,22 @@ def test_module_and_direct_loop_agree(model, gpt2_tokenizer):
                                atol=1e-6)
 
 
+def test_module_refuses_a_patch_whose_bf16_steps_rounded_away(model, gpt2_tokenizer):
+    """FTModule under Trainer.fit in bfloat16 at lr 1e-7: the steps round away, so ``patch()``
+    raises instead of returning zeros; before any step it returns the (empty) change."""
+    from lightning_rome.models.precision import UnderflowError
+
+    model = model.to(torch.bfloat16)
+    module = FTModule(model, [REQ], {"layers": [1], "lr": 1e-7, "num_steps": 3,
+                                     "early_stop_loss": 0.0}, tokenizer=gpt2_tokenizer)
+    assert not module.patch().dense(NAME).any()  # no step yet: nothing to refuse
+    pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(module)
+    with pytest.raises(UnderflowError, match=r"ft: .*h\.1\.mlp\.c_proj\.weight.*bfloat16"):
+        module.patch()
+    module.restore()
+
+
 def test_ft_bad_input(model, gpt2_tokenizer):
     with pytest.raises(IndexError, match="out of range"):
         FT({"layers": [5]}).edit(model, gpt2_tokenizer, REQ)
