@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_rome.editing.ft import FTHyperParams, FTState, ft_loss
 from lightning_rome.models.loading import resolve_model
 from lightning_rome.models.precision import check_tuning_changed
+from lightning_rome.modules._frozen import EvalModeModel
 from lightning_rome.patches import WeightPatch
 from lightning_rome.requests import EditRequest, as_requests, check_batch
 
@@ -34,7 +35,7 @@ class _Repeat(Dataset):
         return i
 
 
-class FTModule(pl.LightningModule):
+class FTModule(EvalModeModel, pl.LightningModule):
     """Fine-tune a causal LM on edit requests with ``Trainer.fit``: ``training_step`` minimises
     ``−log P[o* | prompt]`` on the chosen layers; with ``norm_constraint`` (FT+L) the weights are
     clamped to ``±ε`` of their originals after every optimiser step. Training stops early once the
