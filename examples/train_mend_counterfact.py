@@ -17,8 +17,8 @@ What it does:
    ``counterfact/counterfact-train.json`` (the MEND-CF/KE-CF holdout)
    with a :class:`~lightning_rome.data.CounterFactDataModule` in ``edit_train`` mode, logging to
    TensorBoard, and saves a checkpoint;
-3. reloads the editor from the checkpoint (``MENDEditor.from_checkpoint`` /
-   ``KEEditor.from_checkpoint``), edits every one of
+3. reloads the editor from the checkpoint (``MEND.from_checkpoint`` /
+   ``KE.from_checkpoint``), edits every one of
    ``--eval-cases`` cases of ``counterfact/counterfact-val.json`` alone (apply, score, revert),
    and prints the COUNTERFACT scores (ES, PS, NS, EM, PM, NM, S) of the unedited model, the
    untrained editor and the trained editor, scored with ``lightning_rome.scoring.candidate_nll``.
@@ -40,8 +40,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_rome.data import CounterFactDataModule, EditCase
-from lightning_rome.editing.ke import KEEditor
-from lightning_rome.editing.mend import MENDEditor
+from lightning_rome.editing.hypernet import KE, MEND
 from lightning_rome.metrics import compute_with_ci, counterfact_metrics, summary_table
 from lightning_rome.models import load_model, load_tokenizer
 from lightning_rome.modules.ke import KEModule
@@ -165,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.save_checkpoint(ckpt)
 
     # torch.load(weights_only=True) inside; the editor is checked against this model.
-    editor = (MENDEditor.from_checkpoint(ckpt, model) if args.method == "mend"
-              else KEEditor.from_checkpoint(ckpt, model, tok))
+    editor = (MEND.from_checkpoint(ckpt, model) if args.method == "mend"
+              else KE.from_checkpoint(ckpt, model, tok))
     dm.setup("test")
     cases = dm.test_dataset.records[: args.eval_cases]
     fresh = module_cls(model, tok, hparams)

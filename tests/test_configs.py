@@ -94,8 +94,7 @@ def test_full_config_parses_without_loading_the_model(name, monkeypatch, capsys)
 
 @pytest.mark.parametrize("name", ["mend-cf-gpt2xl.yaml", "ke-cf-gpt2xl.yaml"])
 def test_hypernetwork_configs_name_the_published_settings(name, monkeypatch, capsys):
-    from lightning_rome.editing.ke import KEHyperParams
-    from lightning_rome.editing.mend import MENDHyperParams
+    from lightning_rome.editing.hypernet import KEHyperParams, MENDHyperParams
 
     _no_model_loading(monkeypatch)
     with pytest.raises(SystemExit):
@@ -267,8 +266,7 @@ def test_tiny_rome_zsre(in_tmp, fact_model_path):
 @pytest.mark.parametrize("method", ["mend", "ke"])
 def test_tiny_hypernetwork_training_writes_a_usable_checkpoint(method, in_tmp, fact_model_path):
     from lightning_rome import EditRequest
-    from lightning_rome.editing.ke import KEEditor
-    from lightning_rome.editing.mend import MENDEditor
+    from lightning_rome.editing.hypernet import KE, MEND
     from lightning_rome.models import load_model
 
     full = f"{method}-cf-gpt2xl.yaml"
@@ -282,8 +280,8 @@ def test_tiny_hypernetwork_training_writes_a_usable_checkpoint(method, in_tmp, f
     # The checkpoint holds an editor for this model: it edits the two configured layers.
     model, tok = load_model(fact_model_path)
     ckpt = next(p for p in ckpts if p.name == "last.ckpt")
-    editor = (MENDEditor.from_checkpoint(ckpt, model) if method == "mend"
-              else KEEditor.from_checkpoint(ckpt, model, tok))
+    editor = (MEND.from_checkpoint(ckpt, model) if method == "mend"
+              else KE.from_checkpoint(ckpt, model, tok))
     patch = editor.edit(model, tok, [EditRequest("{} plays the", "Toko Yasuda", "piano",
                                                  "guitar")])
     assert sorted(patch.names) == ["transformer.h.2.mlp.c_proj.weight",

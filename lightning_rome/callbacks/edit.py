@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from lightning_rome.callbacks._common import refuse_sharded, resolve_tokenizer
+from lightning_rome.editing import Editor
 from lightning_rome.patches import (
     EditTransaction,
     PatchMismatchError,
@@ -111,7 +112,7 @@ class EditorCallback(Callback):
     Args:
         requests: :class:`EditRequest` objects, dicts, or a path to a JSON/YAML list.
         editor: an object with ``edit(model, tokenizer, requests) -> WeightPatch`` (for example
-            ``FT({"layers": [1]})`` or ``MENDEditor.from_checkpoint(...)``), or a method name
+            ``FT({"layers": [1]})`` or ``MEND.from_checkpoint(...)``), or a method name
             for :func:`~lightning_rome.editing.get_editor` (``"ft"``, ``"ft-l"``, ``"kn"``,
             ``"alphaedit"``). An editor with ``state_dict``/``load_state_dict`` (AlphaEdit's
             preserved keys) has its state saved in checkpoints and restored from them.
@@ -135,7 +136,7 @@ class EditorCallback(Callback):
     def __init__(
         self,
         requests: Any,
-        editor: Any,
+        editor: Editor | str,
         hparams: Any = None,
         *,
         apply_on: ApplyOn = "fit_start",
@@ -177,7 +178,7 @@ class EditorCallback(Callback):
 
     # ------------------------------------------------------------------ configuration
     @property
-    def editor(self) -> Any:
+    def editor(self) -> Editor:
         """The editor whose patch the callback applies."""
         return self._editor
 

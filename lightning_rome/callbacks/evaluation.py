@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_rome.callbacks._common import log_text, refuse_sharded, resolve_tokenizer
 from lightning_rome.callbacks.edit import find_model
+from lightning_rome.editing import Editor
 from lightning_rome.evaluation import (
     EvalOptions,
     Record,
@@ -173,7 +174,7 @@ class EditEvaluation(Callback):
     def __init__(
         self,
         cases: Any,
-        editor: Any = None,
+        editor: Editor | str | None = None,
         hparams: Any = None,
         *,
         every_n_epochs: int = 1,

@@ -14,23 +14,27 @@ from transformers import PreTrainedTokenizerBase
 from lightning_rome.editing.alphaedit import AlphaEdit, AlphaEditHyperParams
 from lightning_rome.editing.ft import FT, FTL, FTHyperParams
 from lightning_rome.editing.hparams import HyperParams, list_presets
-from lightning_rome.editing.ke import KEEditor, KEHyperParams, KENetwork
-from lightning_rome.editing.kn import KN, KNHyperParams
-from lightning_rome.editing.memit import MEMIT, MEMITHyperParams, memit_edit
-from lightning_rome.editing.mend import (
+from lightning_rome.editing.hypernet import (
+    KE,
+    MEND,
     EditorMismatchError,
-    MENDEditor,
+    KEHyperParams,
+    KENetwork,
     MENDHyperParams,
     MENDNetwork,
 )
+from lightning_rome.editing.kn import KN, KNHyperParams
+from lightning_rome.editing.memit import MEMIT, MEMITHyperParams, memit_edit
 from lightning_rome.editing.rome import ROME, ROMEHyperParams, rome_edit
 from lightning_rome.patches import WeightPatch
 
 __all__ = [
     "FT",
     "FTL",
+    "KE",
     "KN",
     "MEMIT",
+    "MEND",
     "ROME",
     "AlphaEdit",
     "AlphaEditHyperParams",
@@ -38,12 +42,10 @@ __all__ = [
     "EditorMismatchError",
     "FTHyperParams",
     "HyperParams",
-    "KEEditor",
     "KEHyperParams",
     "KENetwork",
     "KNHyperParams",
     "MEMITHyperParams",
-    "MENDEditor",
     "MENDHyperParams",
     "MENDNetwork",
     "ROMEHyperParams",
@@ -75,10 +77,15 @@ _EDITORS: dict[str, str] = {
 
 def get_editor(method: str, hparams: Any = None, **kwargs: Any) -> Editor:
     """An editor by name: ``rome``, ``memit``, ``alphaedit``, ``ft``, ``ft-l``, ``kn``. MEND and KE need a
-    trained network: use ``MENDEditor.from_checkpoint`` / ``KEEditor.from_checkpoint``."""
+    trained network: use ``MEND.from_checkpoint`` / ``KE.from_checkpoint``."""
     import importlib
 
     key = method.lower()
+    if key in ("mend", "ke"):
+        cls, module = ("MEND", "MENDModule") if key == "mend" else ("KE", "KEModule")
+        raise ValueError(f"{cls} edits with a trained network, which a name alone does not give: "
+                         f"load one with {cls}.from_checkpoint(path, model) (a checkpoint of "
+                         f"lightning_rome.modules.{module}, trained with Trainer.fit)")
     if key not in _EDITORS:
         raise ValueError(f"unknown editing method {method!r}; known: {sorted(set(_EDITORS))}")
     mod, _, cls = _EDITORS[key].partition(":")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,11 +16,14 @@ from lightning_rome.records import EditCase
 from lightning_rome.utils.io import tensor_checksum
 from lightning_rome.utils.modules import unwrap_model
 
+if TYPE_CHECKING:
+    from lightning_rome.editing import Editor
+
 __all__ = ["case_fingerprint", "dataset_kind", "editor_fingerprint", "editor_hparams",
            "editor_name", "model_checksum", "resolve_editor"]
 
 
-def resolve_editor(editor: Any, hparams: Any = None) -> Any:
+def resolve_editor(editor: Editor | str | None, hparams: Any = None) -> Editor | None:
     """An editor object from what the user passed.
 
     Args:
@@ -53,7 +56,7 @@ def resolve_editor(editor: Any, hparams: Any = None) -> Any:
     return editor
 
 
-def editor_name(editor: Any) -> str:
+def editor_name(editor: Editor | None) -> str:
     """A short name for results and tables: ``"none"``, the editor's ``method`` attribute, or
     its class name in lower case."""
     if editor is None:
@@ -62,7 +65,7 @@ def editor_name(editor: Any) -> str:
     return name if isinstance(name, str) and name else type(editor).__name__.lower()
 
 
-def editor_hparams(editor: Any) -> Any:
+def editor_hparams(editor: Editor | None) -> Any:
     """The editor's hyperparameters as a dict (``to_dict()`` of a dataclass), or ``None``."""
     hp = getattr(editor, "hparams", None)
     if hp is None:
@@ -110,7 +113,7 @@ def _public_settings(obj: Any, depth: int = 0) -> dict[str, Any]:
     return out
 
 
-def editor_fingerprint(editor: Any) -> dict[str, Any] | None:
+def editor_fingerprint(editor: Editor | None) -> dict[str, Any] | None:
     """A JSON-serialisable identity of an editor (``None`` for the unedited baseline): its class,
     method and hyperparameters, its simple public settings, the SHA-256 of any network it holds
     (MEND, KE) and the names of the functions it was given. Two editors with the same

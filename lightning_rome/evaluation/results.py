@@ -15,7 +15,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -29,6 +29,9 @@ from lightning_rome.evaluation.editors import (
 from lightning_rome.evaluation.options import EvalOptions, Kind
 from lightning_rome.records import EditCase
 from lightning_rome.utils.io import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:
+    from lightning_rome.editing import Editor
 
 __all__ = [
     "RECORD_FORMAT",
@@ -328,7 +331,7 @@ def _warn(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- run.json
-def run_signature(model: nn.Module, editor: Any, options: EvalOptions,
+def run_signature(model: nn.Module, editor: Editor | None, options: EvalOptions,
                   dataset: Kind | None) -> dict[str, Any]:
     """What the results in a folder are determined by (its ``run.json``): the package version,
     the model (name, size and the SHA-256 of every weight), the editor's fingerprint
@@ -403,7 +406,7 @@ def write_summary(folder: str | os.PathLike[str], results: Mapping[str, Any],
         tmp.write_text(markdown, encoding="utf-8")
 
 
-def no_edit_took(method: str, editor: Any, post: Mapping[str, Any]) -> str | None:
+def no_edit_took(method: str, editor: Editor | None, post: Mapping[str, Any]) -> str | None:
     """The warning to give when no edit succeeded on any case (ES, or zsRE efficacy, 0 in the
     ``post/`` results): the editor's settings (the layer above all) most likely do not fit the
     model, which would otherwise be a silent 0. ``None`` when some edit took."""

@@ -36,7 +36,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -51,6 +51,9 @@ from lightning_rome.patches import EditTransaction, WeightPatch
 from lightning_rome.records import CaseId, EditCase
 from lightning_rome.scoring import candidate_scores, generate, model_device
 from lightning_rome.utils.modules import unwrap_model
+
+if TYPE_CHECKING:
+    from lightning_rome.editing import Editor
 
 __all__ = ["PROMPT_KINDS", "evaluate", "evaluate_cases", "evaluate_sequential", "score_cases"]
 
@@ -133,8 +136,8 @@ def _error_text(e: BaseException) -> str:
 class _Run:
     """One evaluation call: the model, the editor, the options and where the records go."""
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Any,
-                 hparams: Any, options: EvalOptions, metrics: Mapping[str, Any] | None,
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 editor: Editor | str | None, hparams: Any, options: EvalOptions, metrics: Mapping[str, Any] | None,
                  on_result: Callable[[Record], None] | None) -> None:
         self.model, self.tok = unwrap_model(model), tokenizer
         self.editor = resolve_editor(editor, hparams)
@@ -192,7 +195,7 @@ def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     cases: Sequence[EditCase],
-    editor: Any = None,
+    editor: Editor | str | None = None,
     *,
     hparams: Any = None,
     options: EvalOptions | None = None,
@@ -246,7 +249,7 @@ def evaluate(
 
 
 def evaluate_cases(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                   cases: Sequence[EditCase], editor: Any = None, *, hparams: Any = None,
+                   cases: Sequence[EditCase], editor: Editor | str | None = None, *, hparams: Any = None,
                    options: EvalOptions | None = None, metrics: Mapping[str, Any] | None = None,
                    on_result: Callable[[Record], None] | None = None,
                    **settings: Any) -> list[Record]:
@@ -271,7 +274,7 @@ def evaluate_cases(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
 
 
 def evaluate_sequential(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                        cases: Sequence[EditCase], editor: Any = None, *, hparams: Any = None,
+                        cases: Sequence[EditCase], editor: Editor | str | None = None, *, hparams: Any = None,
                         options: EvalOptions | None = None,
                         metrics: Mapping[str, Any] | None = None,
                         on_result: Callable[[Record], None] | None = None,

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -51,6 +51,9 @@ from lightning_rome.utils.io import (
     atomic_write_json,
     tensor_checksum,
 )
+
+if TYPE_CHECKING:
+    from lightning_rome.editing import Editor
 
 __all__ = [
     "CURVE_FILE",
@@ -152,7 +155,7 @@ def _weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _editor_id(editor: Any) -> dict[str, Any]:
+def _editor_id(editor: Editor) -> dict[str, Any]:
     hp = getattr(editor, "hparams", None)
     if hp is not None and callable(getattr(hp, "to_dict", None)):
         hp = hp.to_dict()
@@ -160,7 +163,7 @@ def _editor_id(editor: Any) -> dict[str, Any]:
     return {"method": name, "class": type(editor).__qualname__, "hparams": hp}
 
 
-def run_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Any,
+def run_key(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor,
             cases: Sequence[EditCase], retain: Sequence[RetainFact],
             fluency_prompts: Sequence[str], settings: SequentialSettings) -> dict[str, Any]:
     """Everything that determines a run's curve, as a JSON-serialisable dict.
@@ -302,7 +305,7 @@ def _patch_path(folder: Path, batch: int) -> Path:
     return folder / PATCH_DIR / f"batch-{batch:06d}.safetensors"
 
 
-def _save_checkpoint(path: Path, key: dict[str, Any], editor: Any, batches: int,
+def _save_checkpoint(path: Path, key: dict[str, Any], editor: Editor, batches: int,
                      points: list[dict[str, Any]], edit_seconds: float) -> None:
     """The run's state after ``batches`` batches (their patches are saved apart, one file per
     batch): the points so far, the editing time and the editor's state, if it has one."""
@@ -361,7 +364,7 @@ def _prepare_folder(folder: Path, key: dict[str, Any], overwrite: bool) -> None:
 
 
 # ------------------------------------------------------------------------------- the run
-def _warm_up(editor: Any, model: nn.Module, tok: PreTrainedTokenizerBase,
+def _warm_up(editor: Editor, model: nn.Module, tok: PreTrainedTokenizerBase,
              requests: list[Any]) -> None:
     """Compute (and discard) the first batch's edit on the unedited model, so that whatever an
     editor caches per model on its first call (context templates sampled from the model,
@@ -375,7 +378,7 @@ def _warm_up(editor: Any, model: nn.Module, tok: PreTrainedTokenizerBase,
 def run_sequential(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    editor: Any,
+    editor: Editor,
     cases: Sequence[EditCase],
     *,
     retain: Sequence[RetainFact] = (),

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from lightning_rome.callbacks._common import log_text, refuse_sharded
+from lightning_rome.editing import Editor
 from lightning_rome.evaluation.editors import (
     dataset_kind,
     editor_fingerprint,
@@ -197,7 +198,7 @@ class EditEvaluator(pl.LightningModule):
         self,
         model: nn.Module | str,
         tokenizer: PreTrainedTokenizerBase | str | None = None,
-        editor: Any = None,
+        editor: Editor | str | None = None,
         hparams: Any = None,
         *,
         mode: Mode = "independent",

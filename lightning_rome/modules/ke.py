@@ -11,13 +11,14 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_rome.editing.ke import KEEditor, KEHyperParams, KENetwork, ke_losses, ke_margin
-from lightning_rome.editing.mend import model_name_of, resolve_layers
-from lightning_rome.modules.mend import (
+from lightning_rome.editing.hypernet.checkpoint import model_name_of
+from lightning_rome.editing.hypernet.ke import KE, KEHyperParams, KENetwork, ke_losses, ke_margin
+from lightning_rome.editing.hypernet.weights import resolve_layers
+from lightning_rome.modules.hypernet import (
     HypernetworkModule,
     LayoutArg,
-    _layout_from_json,
-    _layout_to_json,
+    layout_from_json,
+    layout_to_json,
 )
 
 __all__ = ["KEModule"]
@@ -26,21 +27,21 @@ __all__ = ["KEModule"]
 class KEModule(HypernetworkModule):
     """Train KnowledgeEditor with ``Trainer.fit`` (KE-CF, KE-zsRE).
 
-    ``training_step`` computes :func:`~lightning_rome.editing.ke.ke_losses` on an
+    ``training_step`` computes :func:`~lightning_rome.editing.hypernet.ke.ke_losses` on an
     :class:`~lightning_rome.data.EditTrainingBatch`: the Lagrangian ``L_e + λ (C − m)`` with
     ``L_e`` the NLL of the new target on the edit and equivalence prompts under the edited model
     and ``C`` the locality KL; the optimiser minimises it over the editor while ``λ`` (a buffer,
     saved in checkpoints) takes a projected ascent step ``λ ← max(0, λ + lr_lambda (C − m))``
     after each batch, with ``C`` averaged over processes under DDP. The margin ``m`` follows
-    :func:`~lightning_rome.editing.ke.ke_margin` (optionally annealed). See
-    :mod:`lightning_rome.editing.ke` for the exact formulation.
+    :func:`~lightning_rome.editing.hypernet.ke.ke_margin` (optionally annealed). See
+    :mod:`lightning_rome.editing.hypernet.ke` for the exact formulation.
 
     Logged: ``train/loss``, ``train/edit_nll``, ``train/loc_kl`` (``C``), ``train/constraint``
     (``C − m``), ``train/edit_acc``, ``train/loc_agree``, ``train/lambda``, ``train/margin``.
 
     Args:
-        model: the base causal LM (frozen; not part of the module's state), or its name or
-            local path (as YAML configs give it).
+        model: the base causal LM (a frozen submodule, left out of checkpoints), or its name
+            or local path (as YAML configs give it).
         tokenizer: its tokenizer or its path (KE encodes the edit's text; default: the
             model's, when ``model`` is a name or path).
         hparams: :class:`~lightning_rome.editing.KEHyperParams`, a dict, a preset or a YAML path.
@@ -62,12 +63,12 @@ class KEModule(HypernetworkModule):
         if tokenizer is None:
             raise ValueError("KE needs the tokenizer: it encodes the text of every edit")
         hp = KEHyperParams.resolve(hparams)
-        layout_obj = _layout_from_json(model, layout)
+        layout_obj = layout_from_json(model, layout)
         hp = dataclasses.replace(hp, layers=resolve_layers(model, hp.layers, layout_obj))
         self.ke_hparams = hp
         self.network = KENetwork.for_model(model, hp, tokenizer, layout_obj)
         self.register_buffer("lam", torch.tensor(float(hp.lambda_init)))  # λ
-        self.save_hyperparameters({"hparams": hp.to_dict(), "layout": _layout_to_json(layout),
+        self.save_hyperparameters({"hparams": hp.to_dict(), "layout": layout_to_json(layout),
                                    "model_name": model_name or model_name_of(model)})
 
     @override
@@ -106,8 +107,8 @@ class KEModule(HypernetworkModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.network.parameters(), lr=self.ke_hparams.lr)
 
-    def editor(self) -> KEEditor:
-        """A :class:`~lightning_rome.editing.KEEditor` sharing this module's network."""
+    def editor(self) -> KE:
+        """A :class:`~lightning_rome.editing.KE` sharing this module's network."""
         meta = self.editor_metadata()
-        return KEEditor(self.network, fingerprint=meta["fingerprint"],
+        return KE(self.network, fingerprint=meta["fingerprint"],
                         model_name=meta["model_name"])

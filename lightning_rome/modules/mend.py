@@ -4,146 +4,24 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_rome.editing.mend import (
-    CHECKPOINT_KEY,
-    MENDEditor,
-    MENDHyperParams,
-    MENDNetwork,
-    check_editor_fits,
-    editor_metadata,
-    mend_losses,
-    model_name_of,
-    resolve_layers,
+from lightning_rome.editing.hypernet.checkpoint import model_name_of
+from lightning_rome.editing.hypernet.mend import MEND, MENDHyperParams, MENDNetwork, mend_losses
+from lightning_rome.editing.hypernet.weights import resolve_layers
+from lightning_rome.modules.hypernet import (
+    HypernetworkModule,
+    LayoutArg,
+    layout_from_json,
+    layout_to_json,
 )
-from lightning_rome.models.layout import ModelLayout, get_layout
-from lightning_rome.models.loading import load_tokenizer, resolve_model
-from lightning_rome.patches import WeightPatch
 
-__all__ = ["HypernetworkModule", "MENDModule"]
-
-LayoutArg = ModelLayout | dict[str, Any] | str | None
-
-
-def _layout_to_json(layout: LayoutArg) -> dict[str, Any] | str | None:
-    """A JSON-able form of a layout override (a full layout becomes a dict of all its fields)."""
-    if isinstance(layout, ModelLayout):
-        d = dataclasses.asdict(layout)
-        d["n_layers_attr"] = list(d["n_layers_attr"])
-        return d
-    return layout
-
-
-def _layout_from_json(model: nn.Module, layout: LayoutArg) -> ModelLayout:
-    if isinstance(layout, dict) and {f.name for f in dataclasses.fields(ModelLayout)} <= set(
-            layout):
-        return ModelLayout(**{**layout, "n_layers_attr": tuple(layout["n_layers_attr"])})
-    return get_layout(model, layout)
-
-
-class HypernetworkModule(pl.LightningModule):
-    """What :class:`MENDModule` and :class:`~lightning_rome.modules.KEModule` share: the frozen
-    base model kept *outside* the module tree (so it is neither trained, nor saved in
-    checkpoints, nor wrapped by DDP), checkpoint metadata (the base model's name and the
-    fingerprint of the edited weights) checked on load, and logging.
-
-    The base model is put in eval mode (no dropout) and its parameters get
-    ``requires_grad=False``; it follows the module to its device when fitting, validating or
-    testing.
-    """
-
-    method = ""
-
-    def _setup_base(self, model: nn.Module | str, tokenizer: PreTrainedTokenizerBase | str | None,
-                    check_fingerprint: bool) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
-        if isinstance(model, str | os.PathLike):  # a name or path, as YAML configs give it
-            model, tokenizer = resolve_model(model, tokenizer)
-        elif isinstance(tokenizer, str | os.PathLike):
-            tokenizer = load_tokenizer(tokenizer)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        # Not a submodule: object.__setattr__ bypasses nn.Module's registration.
-        object.__setattr__(self, "model", model)
-        self.tokenizer = tokenizer
-        self.check_fingerprint = check_fingerprint
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model, tokenizer
-
-    # -------------------------------------------------------------------------- device
-    def _base_to_device(self) -> None:
-        first = next(self.model.parameters(), None)
-        if first is not None and first.device != self.device:
-            self.model.to(self.device)
-
-    @override
-    def on_fit_start(self) -> None:
-        self._base_to_device()
-
-    @override
-    def on_validation_start(self) -> None:
-        self._base_to_device()
-
-    @override
-    def on_test_start(self) -> None:
-        self._base_to_device()
-
-    # -------------------------------------------------------------------------- checkpoints
-    def editor_metadata(self) -> dict[str, Any]:
-        """The ``lightning_rome_editor`` entry of this module's checkpoints."""
-        return editor_metadata(self.model, self.network, self.method,
-                               self.hparams.get("model_name"))
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = self.editor_metadata()
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get(CHECKPOINT_KEY)
-        if not isinstance(meta, Mapping) or meta.get("method") != self.method:
-            raise ValueError(f"this checkpoint holds no {self.method!r} editor (its "
-                             f"{CHECKPOINT_KEY!r} entry is missing or for another method)")
-        check_editor_fits(self.model, meta["shapes"],
-                          meta["fingerprint"] if self.check_fingerprint else None,
-                          trained_on=meta.get("model_name"))
-
-    # -------------------------------------------------------------------------- logging
-    def _log_losses(self, stage: str, out: Mapping[str, Tensor], batch_size: int) -> None:
-        train = stage == "train"
-        for key, value in out.items():
-            self.log(f"{stage}/{key}", value.detach() if isinstance(value, Tensor) else value,
-                     prog_bar=key in ("loss", "edit_acc"), on_step=train, on_epoch=not train,
-                     batch_size=batch_size, sync_dist=not train)
-
-    def _reduce_sum(self, t: Tensor) -> Tensor:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return t
-        return trainer.strategy.reduce(t, reduce_op="sum")
-
-    def _reduce_mean(self, t: Tensor) -> Tensor:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return t
-        return trainer.strategy.reduce(t, reduce_op="mean")
-
-    def edit(self, requests: Any) -> WeightPatch:
-        """Edit the base model with the editor as trained so far (see :meth:`editor`)."""
-        if self.tokenizer is None:
-            raise ValueError("edit() needs the tokenizer: pass tokenizer= to the module")
-        self._base_to_device()
-        return self.editor().edit(self.model, self.tokenizer, requests)
+__all__ = ["MENDModule"]
 
 
 class MENDModule(HypernetworkModule):
@@ -152,7 +30,7 @@ class MENDModule(HypernetworkModule):
     Every training batch is an :class:`~lightning_rome.data.EditTrainingBatch` (a
     :class:`~lightning_rome.data.CounterFactDataModule` or
     :class:`~lightning_rome.data.ZsREDataModule` with ``mode="edit_train"``). ``training_step``
-    computes :func:`~lightning_rome.editing.mend.mend_losses`: each case's gradient is
+    computes :func:`~lightning_rome.editing.hypernet.mend_losses`: each case's gradient is
     decomposed into ``(u, δ)``, transformed by the editor into ``ΔW_c = −α Σ δ̃ ũᵀ``, and the
     loss ``c_edit · L_e + c_loc · L_loc`` is backpropagated through the edited forward pass into
     the editor (the base model's weights stay frozen and bit-identical). The running
@@ -167,8 +45,8 @@ class MENDModule(HypernetworkModule):
     edited weights, which :meth:`load_from_checkpoint` checks against the model it is given.
 
     Args:
-        model: the base causal LM (frozen; not part of the module's state), or its name or
-            local path (loaded with :func:`~lightning_rome.models.load_model`, as YAML configs
+        model: the base causal LM (a frozen submodule, left out of checkpoints), or its name
+            or local path (loaded with :func:`~lightning_rome.models.load_model`, as YAML configs
             give it).
         tokenizer: its tokenizer or its path (needed for :meth:`edit` only; default: the
             model's, when ``model`` is a name or path).
@@ -202,11 +80,11 @@ class MENDModule(HypernetworkModule):
         super().__init__()
         model, tokenizer = self._setup_base(model, tokenizer, check_fingerprint)
         hp = MENDHyperParams.resolve(hparams)
-        layout_obj = _layout_from_json(model, layout)
+        layout_obj = layout_from_json(model, layout)
         hp = dataclasses.replace(hp, layers=resolve_layers(model, hp.layers, layout_obj))
         self.mend_hparams = hp
         self.network = MENDNetwork.for_model(model, hp, layout_obj)
-        self.save_hyperparameters({"hparams": hp.to_dict(), "layout": _layout_to_json(layout),
+        self.save_hyperparameters({"hparams": hp.to_dict(), "layout": layout_to_json(layout),
                                    "model_name": model_name or model_name_of(model)})
 
     @override
@@ -228,9 +106,9 @@ class MENDModule(HypernetworkModule):
         return torch.optim.Adam([{"params": rest, "lr": hp.lr},
                                  {"params": [self.network.alpha], "lr": hp.lr_alpha}])
 
-    def editor(self) -> MENDEditor:
-        """A :class:`~lightning_rome.editing.MENDEditor` sharing this module's network (edits
+    def editor(self) -> MEND:
+        """A :class:`~lightning_rome.editing.MEND` sharing this module's network (edits
         run in eval mode: no statistics update)."""
         meta = self.editor_metadata()
-        return MENDEditor(self.network, fingerprint=meta["fingerprint"],
+        return MEND(self.network, fingerprint=meta["fingerprint"],
                           model_name=meta["model_name"])

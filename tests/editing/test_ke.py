@@ -20,15 +20,16 @@ from test_mend import (
 from testutils import tiny_gpt2
 
 from lightning_rome.data import EditTrainingBatch, ZsREDataModule
-from lightning_rome.editing.ke import (
-    KEEditor,
+from lightning_rome.editing.hypernet import (
+    KE,
+    EditorMismatchError,
     KEHyperParams,
     KENetwork,
     condition_ids,
+    edit_rows,
     ke_losses,
     ke_margin,
 )
-from lightning_rome.editing.mend import EditorMismatchError, edit_rows
 from lightning_rome.modules.ke import KEModule
 from lightning_rome.tokens import continuation_ids
 
@@ -54,7 +55,7 @@ def test_untrained_ke_is_a_scaled_gradient_step(gpt2_tokenizer):
     """Initial heads: α = δ = η = 0, β = 0, γ = init_gamma, so ΔW = ¼ · init_gamma · ∇_W L."""
     model = tiny_gpt2()
     net = _network(model, gpt2_tokenizer, init_gamma=-2.0)
-    patch = KEEditor(net).edit(model, gpt2_tokenizer, REQ)
+    patch = KE(net).edit(model, gpt2_tokenizer, REQ)
     rows = edit_rows(gpt2_tokenizer, [REQ.text], [REQ.target_new])
     for n, g in zip(_names(model, [0, 1]), _autograd_grads(model, rows, _names(model, [0, 1]))):
         torch.testing.assert_close(patch.dense(f"{n}.weight"), 0.25 * -2.0 * g, atol=1e-6,
@@ -70,7 +71,7 @@ def test_update_formula_against_dense_computation(gpt2_tokenizer):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    patch = KEEditor(net).edit(model, gpt2_tokenizer, REQ2)
+    patch = KE(net).edit(model, gpt2_tokenizer, REQ2)
     ids, lengths = condition_ids(gpt2_tokenizer, [REQ2])
     with torch.no_grad():
         h = net.condition(net.embed(model, ids), lengths)  # (1, 2H)
@@ -94,7 +95,7 @@ def test_several_requests_add_up(gpt2_tokenizer):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    ed = KEEditor(net)
+    ed = KE(net)
     both = ed.edit(model, gpt2_tokenizer, [REQ, REQ2])
     one, two = ed.edit(model, gpt2_tokenizer, REQ), ed.edit(model, gpt2_tokenizer, REQ2)
     for n in both.deltas:
@@ -162,16 +163,16 @@ def test_fit_checkpoint_reload_and_mismatch(gpt2_tokenizer, tmp_path):
     assert set(ckpt["state_dict"]) == {"lam"} | {f"network.{k}" for k in init}
     expect = module.edit(REQ)
     for patch in (KEModule.load_from_checkpoint(path, model=model, tokenizer=gpt2_tokenizer)
-                  .edit(REQ), KEEditor.from_checkpoint(path, model).edit(model, gpt2_tokenizer,
+                  .edit(REQ), KE.from_checkpoint(path, model).edit(model, gpt2_tokenizer,
                                                                           REQ)):
         for n in expect.deltas:
             torch.testing.assert_close(patch.dense(n), expect.dense(n))
     with pytest.raises(EditorMismatchError, match="fingerprint mismatch"):
-        KEEditor.from_checkpoint(path, tiny_gpt2(seed=3))
+        KE.from_checkpoint(path, tiny_gpt2(seed=3))
     with pytest.raises(ValueError, match="holds a 'ke' editor, not 'mend'"):
-        from lightning_rome.editing.mend import MENDEditor
+        from lightning_rome.editing.hypernet import MEND
 
-        MENDEditor.from_checkpoint(path, model)
+        MEND.from_checkpoint(path, model)
 
 
 def test_fit_on_zsre(gpt2_tokenizer, tmp_path):
@@ -207,7 +208,7 @@ def test_bad_input(gpt2_tokenizer):
     net = KENetwork({"transformer.h.1.mlp.c_proj": (32, 128)},
                     KEHyperParams(embedding="own", lstm_hidden=4, hidden=4), vocab_size=100)
     with pytest.raises(ValueError, match="outside the editor's vocabulary"):
-        KEEditor(net).edit(model, gpt2_tokenizer, REQ)
+        KE(net).edit(model, gpt2_tokenizer, REQ)
 
 
 @pytest.mark.parametrize(("steps", "min_es"), [(100, 0.5), pytest.param(250, 0.65,

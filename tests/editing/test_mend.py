@@ -29,11 +29,11 @@ from lightning_rome.data import (
     RecordBatch,
     ZsREDataModule,
 )
-from lightning_rome.editing.mend import (
+from lightning_rome.editing.hypernet import (
+    MEND,
     EditorMismatchError,
-    MENDEditor,
+    LowRankMLP,
     MENDHyperParams,
-    MENDNet,
     MENDNetwork,
     RunningMoments,
     decompose_gradient,
@@ -265,7 +265,7 @@ def test_running_moments_match_torch():
 
 def test_mend_net_is_identity_at_init_and_trainable():
     torch.manual_seed(0)
-    net = MENDNet(dim=10, rank=4, n_blocks=2, n_layers=3)
+    net = LowRankMLP(dim=10, rank=4, n_blocks=2, n_layers=3)
     z = torch.randn(5, 10)
     assert torch.equal(net(z, 2), z)
     net(z, 1).pow(2).sum().backward()
@@ -277,7 +277,7 @@ def test_untrained_mend_is_one_gradient_step(gpt2_tokenizer):
     """Identity network, no statistics: W̃ = W − α ∇_W L exactly (α = edit_lr)."""
     model = tiny_gpt2()
     hp = MENDHyperParams(layers=[0, 1], rank=4, edit_lr=0.5, positions="all")
-    editor = MENDEditor(MENDNetwork.for_model(model, hp))
+    editor = MEND(MENDNetwork.for_model(model, hp))
     patch = editor.edit(model, gpt2_tokenizer, REQ)
     rows = edit_rows(gpt2_tokenizer, [REQ.text], [REQ.target_new])
     grads = _autograd_grads(model, rows, _names(model, [0, 1]))
@@ -315,7 +315,7 @@ def test_hook_forward_equals_patched_weights(gpt2_tokenizer, family):
     probe = edit_rows(gpt2_tokenizer, [REQ2.text, "Paris is the capital of"], ["French", "X"],
                       case_index=[0, 0])
     hooked = edited_logits(model, probe, edits)  # (2, T, V)
-    patch = MENDEditor(net).edit(model, gpt2_tokenizer, REQ)
+    patch = MEND(net).edit(model, gpt2_tokenizer, REQ)
     assert all(d.rank == 1 for d in patch.deltas.values())
     for n in net.module_names:
         torch.testing.assert_close(patch.dense(f"{n}.weight"), edits[n].dense(0))
@@ -342,7 +342,7 @@ def test_losses_against_scoring_and_a_hand_written_kl(gpt2_tokenizer):
     # α = 0: the edited model is the base model.
     nll = candidate_nll(model, gpt2_tokenizer, batch.equiv.prompts, batch.equiv.targets)
     torch.testing.assert_close(out["edit_nll"], torch.stack([n.mean() for n in nll]).mean())
-    assert float(out["loc_kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(out["loc_kl"].detach()) == pytest.approx(0.0, abs=1e-6)
     assert float(out["loc_agree"]) == 1.0
     torch.testing.assert_close(out["loss"], 0.1 * out["edit_nll"] + out["loc_kl"])
     # locality_kl against torch's kl_div on two unrelated distributions.
@@ -407,7 +407,7 @@ def test_fit_checkpoint_and_reload(gpt2_tokenizer, tmp_path):
                                         "transformer.h.1.mlp.c_proj.weight"}
     expect = module.edit(REQ)
     reloaded = MENDModule.load_from_checkpoint(path, model=model, tokenizer=gpt2_tokenizer)
-    direct = MENDEditor.from_checkpoint(path, model)
+    direct = MEND.from_checkpoint(path, model)
     for patch in (reloaded.edit(REQ), direct.edit(model, gpt2_tokenizer, REQ)):
         for n in expect.deltas:
             torch.testing.assert_close(patch.dense(n), expect.dense(n))
@@ -424,18 +424,18 @@ def test_checkpoint_for_another_model_is_refused(gpt2_tokenizer, tmp_path):
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     other = tiny_gpt2(seed=1)
     with pytest.raises(EditorMismatchError, match="fingerprint mismatch"):
-        MENDEditor.from_checkpoint(tmp_path / "m.ckpt", other)
+        MEND.from_checkpoint(tmp_path / "m.ckpt", other)
     with pytest.raises(EditorMismatchError, match="fingerprint mismatch"):
         MENDModule.load_from_checkpoint(tmp_path / "m.ckpt", model=other,
                                         tokenizer=gpt2_tokenizer)
     wider = tiny_gpt2(n_embd=64)
     with pytest.raises(EditorMismatchError, match="shape"):
-        MENDEditor.from_checkpoint(tmp_path / "m.ckpt", wider)
-    editor = MENDEditor.from_checkpoint(tmp_path / "m.ckpt", other, check_fingerprint=False)
+        MEND.from_checkpoint(tmp_path / "m.ckpt", wider)
+    editor = MEND.from_checkpoint(tmp_path / "m.ckpt", other, check_fingerprint=False)
     assert editor.edit(other, gpt2_tokenizer, REQ).names == ["transformer.h.1.mlp.c_proj.weight"]
     # A loaded editor checks names and shapes of the model it edits (not the bits: an edit
     # may follow other edits).
-    good = MENDEditor.from_checkpoint(tmp_path / "m.ckpt", model)
+    good = MEND.from_checkpoint(tmp_path / "m.ckpt", model)
     with pytest.raises(EditorMismatchError, match="shape"):
         good.edit(wider, gpt2_tokenizer, REQ)
     first = good.edit(model, gpt2_tokenizer, REQ)
@@ -527,7 +527,7 @@ def test_fit_under_ddp_spawn(gpt2_tokenizer, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not torch.equal(module.network.alpha.detach(), init_alpha)  # results came back
     ckpt = trainer.checkpoint_callback.best_model_path
-    assert MENDEditor.from_checkpoint(ckpt, model).edit(model, gpt2_tokenizer, REQ).names
+    assert MEND.from_checkpoint(ckpt, model).edit(model, gpt2_tokenizer, REQ).names
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,8 +9,14 @@ from testutils import tiny_gpt2
 
 from lightning_rome import EditRequest
 from lightning_rome.editing import FT, FTL, KN, MEMIT, ROME
-from lightning_rome.editing.ke import KEEditor, KEHyperParams, KENetwork
-from lightning_rome.editing.mend import MENDEditor, MENDHyperParams, MENDNetwork
+from lightning_rome.editing.hypernet import (
+    KE,
+    MEND,
+    KEHyperParams,
+    KENetwork,
+    MENDHyperParams,
+    MENDNetwork,
+)
 from lightning_rome.patches import LowRankDelta
 
 CONTEXTS = ["{}", "Some text. {}"]
@@ -33,9 +39,9 @@ EDITORS = {
     "ft": lambda: lambda m, t: FT({"layers": [1], "num_steps": 2}),
     "ft-l": lambda: lambda m, t: FTL({"layers": [1], "num_steps": 2, "norm_constraint": 1e-3}),
     "kn": lambda: lambda m, t: KN({"layers": [1], "steps": 2, "batch_size": 2}),
-    "mend": lambda: lambda m, t: MENDEditor(MENDNetwork.for_model(
+    "mend": lambda: lambda m, t: MEND(MENDNetwork.for_model(
         m, MENDHyperParams(layers=[0, 1], rank=4, edit_lr=0.5, positions="all"))),
-    "ke": lambda: lambda m, t: KEEditor(KENetwork.for_model(
+    "ke": lambda: lambda m, t: KE(KENetwork.for_model(
         m, KEHyperParams(layers=[0, 1], lstm_hidden=8, hidden=16, positions="all"), t)),
 }
 

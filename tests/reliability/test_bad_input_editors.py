@@ -294,6 +294,13 @@ def test_unknown_editor_name():
         get_editor("roem")
 
 
+@pytest.mark.parametrize("name,cls", [("mend", "MEND"), ("KE", "KE")])
+def test_hypernetwork_editor_by_name_points_to_its_checkpoint(name, cls):
+    with pytest.raises(ValueError, match=rf"{cls} edits with a trained network.*"
+                                         rf"{cls}\.from_checkpoint"):
+        get_editor(name)
+
+
 @pytest.mark.parametrize("editor,hp,match", [
     ("rome", {"layer": 1, "lyer": 2}, "unknown ROMEHyperParams field.*lyer"),
     ("rome", {"key_mode": "bogus"}, "key_mode"),

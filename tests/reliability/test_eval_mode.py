@@ -9,10 +9,10 @@ from testutils import GPT2_TOKENIZER
 from torch import nn
 
 from lightning_rome.editing import (
-    KEEditor,
+    KE,
+    MEND,
     KEHyperParams,
     KENetwork,
-    MENDEditor,
     MENDHyperParams,
     MENDNetwork,
 )
@@ -43,14 +43,14 @@ def dropout_gpt2() -> nn.Module:
 
 def _mend(model, tok):
     torch.manual_seed(1)
-    return MENDEditor(MENDNetwork.for_model(model, MENDHyperParams(layers=[1], rank=4,
+    return MEND(MENDNetwork.for_model(model, MENDHyperParams(layers=[1], rank=4,
                                                                    edit_lr=0.5)))
 
 
 def _ke(model, tok):
     torch.manual_seed(1)
     hp = KEHyperParams(layers=[1], lstm_hidden=8, hidden=16)
-    return KEEditor(KENetwork.for_model(model, hp, tok))
+    return KE(KENetwork.for_model(model, hp, tok))
 
 
 def _editor(name, model, tok):

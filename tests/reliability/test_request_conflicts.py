@@ -9,10 +9,10 @@ import torch
 from testutils import GPT2_TOKENIZER, tiny_gpt2
 
 from lightning_rome.editing import (
-    KEEditor,
+    KE,
+    MEND,
     KEHyperParams,
     KENetwork,
-    MENDEditor,
     MENDHyperParams,
     MENDNetwork,
 )
@@ -34,10 +34,10 @@ def tok():
 def _editor(name, model, tok):
     torch.manual_seed(1)
     if name == "mend":
-        return MENDEditor(MENDNetwork.for_model(model, MENDHyperParams(layers=[1], rank=4,
+        return MEND(MENDNetwork.for_model(model, MENDHyperParams(layers=[1], rank=4,
                                                                        edit_lr=0.5)))
     if name == "ke":
-        return KEEditor(KENetwork.for_model(
+        return KE(KENetwork.for_model(
             model, KEHyperParams(layers=[1], lstm_hidden=8, hidden=16), tok))
     return EDITORS[name]()
 

@@ -18,7 +18,7 @@ in, its current answer ``y = o^c`` when known, the new answer ``a = o*``):
 
    with ``σ`` the logistic sigmoid and ``L(W; x, a)`` the mean per-token NLL of ``a`` after ``x``.
    The gradient is decomposed as for MEND, ``∇_W L = Σ_t δ_t u_tᵀ``
-   (:func:`~lightning_rome.editing.mend.decompose_gradient`), so that ``ΔW`` stays low-rank::
+   (:func:`~lightning_rome.editing.hypernet.gradients.decompose_gradient`), so that ``ΔW`` stays low-rank::
 
        ΔW = Σ_t (σ(η) σ(α) ⊙ δ_t)(γ ⊙ u_t)ᵀ + (σ(η) σ(δ)) βᵀ        (rank K + 1)
 
@@ -53,17 +53,13 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rome.editing.hparams import FINITE, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
-from lightning_rome.editing.mend import (
-    LowRankEdit,
-    TokenFactors,
-    _checked_requests,
-    _edit_objective,
+from lightning_rome.editing.hypernet.checkpoint import read_editor_checkpoint
+from lightning_rome.editing.hypernet.gradients import LowRankEdit, TokenFactors, decompose_gradient
+from lightning_rome.editing.hypernet.objective import check_training_batch, edit_objective
+from lightning_rome.editing.hypernet.rows import checked_requests, edit_rows
+from lightning_rome.editing.hypernet.weights import (
     check_editor_fits,
-    check_training_batch,
-    decompose_gradient,
-    edit_rows,
     edited_weights,
-    read_editor_checkpoint,
     resolve_layers,
 )
 from lightning_rome.models.layout import ModelLayout, get_layout
@@ -76,7 +72,7 @@ from lightning_rome.tokens import continuation_ids, encode_prompt
 from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
-    "KEEditor",
+    "KE",
     "KEHyperParams",
     "KENetwork",
     "condition_ids",
@@ -313,14 +309,14 @@ def ke_losses(model: nn.Module, network: KENetwork, tokenizer: PreTrainedTokeniz
                                  positions=network.hparams.positions, n_cases=len(requests))
     with torch.inference_mode(False), torch.enable_grad():
         edits = network.edits_for(model, tokenizer, requests, factors)
-    out = _edit_objective(model, edits, batch, c_edit=1.0, c_loc=0.0, edit_rows_too=True)
+    out = edit_objective(model, edits, batch, c_edit=1.0, c_loc=0.0, edit_rows_too=True)
     constraint = out["loc_kl"] - margin
     out["loss"] = out["edit_nll"] + lam * constraint
     out["constraint"] = constraint.detach()
     return out
 
 
-class KEEditor:
+class KE:
     """A trained KnowledgeEditor: ``edit(model, tokenizer, requests)`` returns a low-rank
     :class:`~lightning_rome.patches.WeightPatch` (one forward/backward of the base model, one
     pass of the editor); the model is left bit-identical. Several requests are each conditioned
@@ -349,7 +345,7 @@ class KEEditor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], model: nn.Module,
                         tokenizer: PreTrainedTokenizerBase | None = None, *,
-                        check_fingerprint: bool = True) -> KEEditor:
+                        check_fingerprint: bool = True) -> KE:
         """Load the editor of a ``KEModule`` checkpoint for ``model``.
 
         Raises:
@@ -377,7 +373,7 @@ class KEEditor:
             EditorMismatchError: the model lacks an edited weight or has another shape.
         """
         model = unwrap_model(model)  # a torch.compile wrapper: its module
-        reqs = _checked_requests(tokenizer, requests, self.method)
+        reqs = checked_requests(tokenizer, requests, self.method)
         check_editor_fits(model, {weight_param_name(m): s for m, s in
                                   self.network.shapes.items()}, None, trained_on=self.model_name)
         rows = edit_rows(tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
