@@ -144,3 +144,45 @@ def test_validate_runs_the_base_model_inside_the_trainer(gpt2_tokenizer, tmp_pat
                                                            datamodule=_datamodule(gpt2_tokenizer))
     assert torch.isfinite(torch.tensor(out[0]["val/loss"]))
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["mend", "ke"])
+def test_true_bfloat16_precision_reaches_the_base_model(gpt2_tokenizer, tmp_path, method):
+    """``precision="bf16-true"`` converts the whole module, base model included (it was left
+    in float32 when the base model was kept outside the module tree)."""
+    model = tiny_gpt2()
+    module = _module(method, model, gpt2_tokenizer)
+    seen: dict[str, torch.dtype] = {}
+
+    class _Dtypes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["base"] = next(pl_module.model.parameters()).dtype
+            seen["editor"] = next(pl_module.network.parameters()).dtype
+
+    trainer = _trainer(tmp_path, max_steps=1, precision="bf16-true", callbacks=[_Dtypes()])
+    trainer.fit(module, datamodule=_datamodule(gpt2_tokenizer))
+    assert seen == {"base": torch.bfloat16, "editor": torch.bfloat16}
+    if method == "mend":  # its running statistics stay float64 (a bf16 count stalls at 256)
+        norm = module.network.norm_u[0]
+        assert norm.mean.dtype == norm.m2.dtype == norm.count.dtype == torch.float64
+        assert float(norm.count) > 0
+
+
+def test_running_moments_survive_conversion_and_state_dict_round_trips():
+    from lightning_rome.editing.hypernet import RunningMoments
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 5, dtype=torch.float64) * 3 + 1
+    rm = RunningMoments(5)
+    rm.update_from_sums(RunningMoments.batch_sums(x[:200]))
+    rm.update_from_sums(RunningMoments.batch_sums(x[200:]))
+    rm.to(torch.bfloat16)  # what precision="bf16-true" does to the module tree
+    assert float(rm.count) == 300.0 and rm.mean.dtype == torch.float64
+    torch.testing.assert_close(rm.mean, x.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rm.std, x.std(0), rtol=1e-12, atol=0)
+    other = RunningMoments(5)
+    other.load_state_dict(rm.state_dict())
+    assert torch.equal(other.mean, rm.mean) and torch.equal(other.m2, rm.m2)
+    assert float(other.count) == 300.0
+    with pytest.raises(ValueError, match=r"size 4 needs statistics of shape \(9,\)"):
+        RunningMoments(4).load_state_dict(rm.state_dict())

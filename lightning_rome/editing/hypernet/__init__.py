@@ -12,6 +12,8 @@ share everything but that network. One concept per file:
 - :mod:`~lightning_rome.editing.hypernet.weights`: which weights are edited, and whether a
   trained editor fits a model;
 - :mod:`~lightning_rome.editing.hypernet.checkpoint`: the editor entry of a module's checkpoint;
+- :mod:`~lightning_rome.editing.hypernet.editor`: what a trained editor does around its network
+  (loading it from a checkpoint, the checks before every edit);
 - :mod:`~lightning_rome.editing.hypernet.mend` and :mod:`~lightning_rome.editing.hypernet.ke`:
   each method's hyperparameters, network, losses and editor (:class:`MEND`, :class:`KE`).
 
@@ -20,6 +22,7 @@ and :class:`lightning_rome.modules.KEModule`.
 """
 
 from lightning_rome.editing.hypernet.checkpoint import CHECKPOINT_KEY, read_editor_checkpoint
+from lightning_rome.editing.hypernet.editor import HypernetEditor
 from lightning_rome.editing.hypernet.gradients import (
     LowRankEdit,
     TokenFactors,
@@ -64,6 +67,7 @@ __all__ = [
     "KE",
     "MEND",
     "EditorMismatchError",
+    "HypernetEditor",
     "KEHyperParams",
     "KENetwork",
     "LowRankEdit",

@@ -43,7 +43,6 @@ weights with biases giving ``α = δ = η = 0`` (``σ = ½``), ``β = 0`` and ``
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -51,25 +50,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_rome.editing.hparams import FINITE, NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
-from lightning_rome.editing.hypernet.checkpoint import read_editor_checkpoint
+from lightning_rome.editing.hypernet.editor import HypernetEditor
 from lightning_rome.editing.hypernet.gradients import LowRankEdit, TokenFactors, decompose_gradient
 from lightning_rome.editing.hypernet.objective import check_training_batch, edit_objective
-from lightning_rome.editing.hypernet.rows import checked_requests, edit_rows
-from lightning_rome.editing.hypernet.weights import (
-    check_editor_fits,
-    edited_weights,
-    resolve_layers,
-)
-from lightning_rome.models.layout import ModelLayout, get_layout
-from lightning_rome.models.modes import eval_mode, in_eval_mode
+from lightning_rome.editing.hypernet.rows import edit_rows
+from lightning_rome.editing.hypernet.weights import edited_shapes
+from lightning_rome.models.layout import ModelLayout
+from lightning_rome.models.modes import eval_mode
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest
-from lightning_rome.scoring import model_device, pad_sequences
+from lightning_rome.scoring import pad_sequences
 from lightning_rome.tokens import continuation_ids, encode_prompt
-from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
     "KE",
@@ -235,12 +230,9 @@ class KENetwork(nn.Module):
         Raises:
             IndexError: a layer does not exist.
         """
-        layout = layout or get_layout(model)
-        layers = resolve_layers(model, hparams.layers, layout)
-        weights = edited_weights(model, layers, hparams.part, layout)
         embed = model.get_input_embeddings()
         vocab = len(tokenizer) if tokenizer is not None else int(embed.weight.shape[0])
-        return cls({m: s for m, s in weights.values()}, hparams,
+        return cls(edited_shapes(model, hparams.layers, hparams.part, layout), hparams,
                    input_dim=int(embed.weight.shape[1]), vocab_size=vocab)
 
     def embed(self, model: nn.Module, ids: Tensor) -> Tensor:
@@ -249,8 +241,9 @@ class KENetwork(nn.Module):
         if self.embedding is not None:
             return self.embedding(ids.to(self.embedding.weight.device))
         emb = model.get_input_embeddings()
+        dtype = self.lstm.weight_ih_l0.dtype  # the editor's precision (bf16-true: bfloat16)
         with torch.no_grad():
-            return emb(ids.to(emb.weight.device)).detach().float().clone()
+            return emb(ids.to(emb.weight.device)).detach().to(dtype).clone()
 
     def condition(self, embeds: Tensor, lengths: Tensor) -> Tensor:
         """``h = [last forward state; last backward state]`` ``(C, 2H)``."""
@@ -316,7 +309,7 @@ def ke_losses(model: nn.Module, network: KENetwork, tokenizer: PreTrainedTokeniz
     return out
 
 
-class KE:
+class KE(HypernetEditor):
     """A trained KnowledgeEditor: ``edit(model, tokenizer, requests)`` returns a low-rank
     :class:`~lightning_rome.patches.WeightPatch` (one forward/backward of the base model, one
     pass of the editor); the model is left bit-identical. Several requests are each conditioned
@@ -324,58 +317,26 @@ class KE:
 
     Args:
         network: the trained :class:`KENetwork`.
-        fingerprint: ``{parameter: checksum}`` of the weights it was trained on (a record;
-            :meth:`from_checkpoint` checks it, :meth:`edit` only checks names and shapes, so
-            that edits can follow other edits).
-        model_name: the base model it was trained on.
+        fingerprint, model_name: see :class:`~lightning_rome.editing.hypernet.editor.HypernetEditor`.
     """
 
     method = "ke"
-
-    def __init__(self, network: KENetwork, *, fingerprint: Mapping[str, str] | None = None,
-                 model_name: str | None = None) -> None:
-        self.network = network
-        self.fingerprint = dict(fingerprint) if fingerprint else None
-        self.model_name = model_name
-
-    @property
-    def hparams(self) -> KEHyperParams:
-        return self.network.hparams
+    hparams_class = KEHyperParams
+    network: KENetwork
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], model: nn.Module,
-                        tokenizer: PreTrainedTokenizerBase | None = None, *,
-                        check_fingerprint: bool = True) -> KE:
-        """Load the editor of a ``KEModule`` checkpoint for ``model``.
+    @override
+    def build_network(cls, shapes: Mapping[str, Sequence[int]], hparams: Any,
+                      meta: Mapping[str, Any]) -> KENetwork:
+        return KENetwork(shapes, hparams, input_dim=meta["input_dim"],
+                         vocab_size=meta.get("vocab_size"))
 
-        Raises:
-            EditorMismatchError: the checkpoint was trained for another model.
-        """
-        saved, state, meta = read_editor_checkpoint(path, cls.method)
-        hp = KEHyperParams.from_dict(saved["hparams"])
-        check_editor_fits(model, meta["shapes"], meta["fingerprint"] if check_fingerprint
-                          else None, trained_on=meta.get("model_name"))
-        shapes = {m: meta["shapes"][weight_param_name(m)] for m in meta["module_names"]}
-        network = KENetwork(shapes, hp, input_dim=meta["input_dim"],
-                            vocab_size=meta.get("vocab_size"))
-        network.load_state_dict(state)
-        network.to(model_device(model)).eval()
-        return cls(network, fingerprint=meta["fingerprint"] if check_fingerprint else None,
-                   model_name=meta.get("model_name"))
-
-    @in_eval_mode
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
-             ) -> WeightPatch:
-        """The KE update for ``requests`` as a :class:`WeightPatch` (rank ``K + 1`` per request
-        and weight); the model is not changed.
-
-        Raises:
-            EditorMismatchError: the model lacks an edited weight or has another shape.
-        """
-        model = unwrap_model(model)  # a torch.compile wrapper: its module
-        reqs = checked_requests(tokenizer, requests, self.method)
-        check_editor_fits(model, {weight_param_name(m): s for m, s in
-                                  self.network.shapes.items()}, None, trained_on=self.model_name)
+    @override
+    def patch_for(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                  requests: list[EditRequest]) -> WeightPatch:
+        """One low-rank delta per edited weight: each request's ``K`` target tokens and its
+        offset term (rank ``K + 1`` per request)."""
+        reqs = requests
         rows = edit_rows(tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
         factors = decompose_gradient(model, rows, self.network.module_names,
                                      positions=self.hparams.positions, n_cases=len(reqs))

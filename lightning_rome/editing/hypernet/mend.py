@@ -8,7 +8,8 @@ of a loss ``L`` is a sum of rank-one terms over the tokens ``t``::
 
     ∇_W L = Σ_t δ_t u_tᵀ,      δ_t = ∂L/∂y_t,  u_t the layer input at token t.
 
-:func:`~lightning_rome.editing.hypernet.gradients.decompose_gradient` collects ``(u_t, δ_t)`` of every edited layer in **one forward and one
+:func:`~lightning_rome.editing.hypernet.gradients.decompose_gradient` collects ``(u_t, δ_t)`` of every
+edited layer in **one forward and one
 backward pass** of the edit example ``x_e ‖ y_e`` (``L`` = the mean per-token NLL of ``y_e``, summed
 over edit rows). By default (``positions="target"``) it keeps the tokens whose logits predict a
 target token; ``positions="all"`` keeps every real token, and then ``Σ_t δ_t u_tᵀ`` *is* the exact
@@ -54,7 +55,6 @@ The paper's settings for GPT-style models are the presets in ``presets/mend.yaml
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -62,9 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_rome.editing.hparams import NONNEG, POSITIVE, POSITIVE_INT, HyperParams, Num
-from lightning_rome.editing.hypernet.checkpoint import read_editor_checkpoint
+from lightning_rome.editing.hypernet.editor import HypernetEditor
 from lightning_rome.editing.hypernet.gradients import (
     LowRankEdit,
     TokenFactors,
@@ -72,18 +73,13 @@ from lightning_rome.editing.hypernet.gradients import (
     edits_to_patch,
 )
 from lightning_rome.editing.hypernet.objective import check_training_batch, edit_objective
-from lightning_rome.editing.hypernet.rows import checked_requests, edit_rows
-from lightning_rome.editing.hypernet.weights import (
-    check_editor_fits,
-    edited_weights,
-    resolve_layers,
-)
-from lightning_rome.models.layout import ModelLayout, get_layout
-from lightning_rome.models.modes import eval_mode, in_eval_mode
+from lightning_rome.editing.hypernet.rows import edit_rows
+from lightning_rome.editing.hypernet.weights import edited_shapes
+from lightning_rome.models.layout import ModelLayout
+from lightning_rome.models.modes import eval_mode
 from lightning_rome.models.weights import weight_param_name
 from lightning_rome.patches import WeightPatch
-from lightning_rome.scoring import model_device
-from lightning_rome.utils.modules import unwrap_model
+from lightning_rome.requests import EditRequest
 
 __all__ = ["MEND", "LowRankMLP", "MENDHyperParams", "MENDNetwork", "RunningMoments",
            "mend_losses"]
@@ -140,17 +136,37 @@ class MENDHyperParams(HyperParams):
 class RunningMoments(nn.Module):
     """Running per-coordinate mean and variance (merged exactly from batch sums, float64).
 
-    ``normalize(x) = (x − mean) / (std + eps)`` (see :meth:`normalize`). The statistics are buffers (saved in checkpoints) and change only through
-    :meth:`update_from_sums`.
+    ``normalize(x) = (x − mean) / (std + eps)`` (see :meth:`normalize`). The statistics change
+    only through :meth:`update_from_sums`. They are the module's extra state (saved in
+    ``state_dict`` and checkpoints under ``<prefix>_extra_state``), not buffers, so that a
+    conversion of the whole module (``.to(torch.bfloat16)``, ``precision="bf16-true"``) leaves
+    them in float64 (a count of 257 samples is not representable in bfloat16). They follow the
+    device of the sums merged into them.
     """
 
     def __init__(self, dim: int, eps: float = 1e-7) -> None:
         super().__init__()
         self.dim = dim
         self.eps = eps
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+        self.count = torch.zeros((), dtype=torch.float64)  # n
+        self.mean = torch.zeros(dim, dtype=torch.float64)  # (d,)
+        self.m2 = torch.zeros(dim, dtype=torch.float64)  # (d,) Σ (x − mean)²
+
+    @override
+    def get_extra_state(self) -> Tensor:
+        """``[n, mean (d), m2 (d)]``, float64 ``(1 + 2d,)``."""
+        return torch.cat([self.count.reshape(1), self.mean, self.m2])
+
+    @override
+    def set_extra_state(self, state: Any) -> None:
+        state = torch.as_tensor(state)
+        if tuple(state.shape) != (1 + 2 * self.dim,):
+            raise ValueError(f"RunningMoments of size {self.dim} needs statistics of shape "
+                             f"({1 + 2 * self.dim},) = [n, mean, m2], got {tuple(state.shape)}")
+        state = state.to(torch.float64)
+        self.count = state[0].clone()
+        self.mean = state[1:1 + self.dim].clone()
+        self.m2 = state[1 + self.dim:].clone()
 
     @staticmethod
     def batch_sums(x: Tensor) -> Tensor:
@@ -163,7 +179,10 @@ class RunningMoments(nn.Module):
     @torch.no_grad()
     def update_from_sums(self, sums: Tensor) -> None:
         """Merge a batch's :meth:`batch_sums` into the running moments (Chan et al.)."""
-        sums = sums.to(self.mean.device, torch.float64)
+        sums = sums.detach().to(torch.float64)  # (1 + 2d,)
+        if self.mean.device != sums.device:
+            self.count, self.mean, self.m2 = (s.to(sums.device)
+                                              for s in (self.count, self.mean, self.m2))
         n_b = sums[0]
         if float(n_b) <= 0:
             return
@@ -171,13 +190,13 @@ class RunningMoments(nn.Module):
         m2_b = (sums[1 + self.dim:] - n_b * mean_b * mean_b).clamp(min=0)  # (d,)
         total = self.count + n_b
         diff = mean_b - self.mean  # (d,)
-        self.mean += diff * n_b / total
-        self.m2 += m2_b + diff * diff * self.count * n_b / total
-        self.count.copy_(total)
+        self.mean = self.mean + diff * n_b / total
+        self.m2 = self.m2 + m2_b + diff * diff * self.count * n_b / total
+        self.count = total
 
     @property
     def std(self) -> Tensor:
-        """The running standard deviation ``(d,)`` (unbiased)."""
+        """The running standard deviation ``(d,)`` (unbiased), float64."""
         return (self.m2 / (self.count - 1).clamp(min=1)).sqrt()  # (d,)
 
     def normalize(self, x: Tensor) -> Tensor:
@@ -190,8 +209,8 @@ class RunningMoments(nn.Module):
         floor = 1e-2 * std.mean()
         if not bool(floor > 0):
             return x
-        mean = self.mean.to(x.dtype)
-        return (x - mean) / (std.clamp(min=floor).to(x.dtype) + self.eps)
+        mean = self.mean.to(x.device, x.dtype)
+        return (x - mean) / (std.clamp(min=floor).to(x.device, x.dtype) + self.eps)
 
 
 class LowRankMLP(nn.Module):
@@ -268,10 +287,7 @@ class MENDNetwork(nn.Module):
         Raises:
             IndexError: a layer does not exist.
         """
-        layout = layout or get_layout(model)
-        layers = resolve_layers(model, hparams.layers, layout)
-        weights = edited_weights(model, layers, hparams.part, layout)
-        return cls({m: s for m, s in weights.values()}, hparams)
+        return cls(edited_shapes(model, hparams.layers, hparams.part, layout), hparams)
 
     @property
     def param_names(self) -> list[str]:
@@ -308,6 +324,7 @@ class MENDNetwork(nn.Module):
                                  f"out={d_out}")
             z = torch.cat([self.norm_u[i].normalize(f.u),
                            self.norm_delta[i].normalize(f.delta)], dim=-1)  # (C, K, m)
+            z = z.to(self.alpha.dtype)  # the network's precision (bf16-true: bfloat16)
             key, layer = self._net_of[i]
             g = self.nets[key](z, layer)  # (C, K, m)
             keep = f.mask[..., None].to(g.dtype)  # (C, K, 1)
@@ -361,7 +378,7 @@ def mend_losses(model: nn.Module, network: MENDNetwork, batch: Any, *,
                            edit_rows_too=False)
 
 
-class MEND:
+class MEND(HypernetEditor):
     """A trained MEND editor: ``edit(model, tokenizer, requests)`` returns a low-rank
     :class:`~lightning_rome.patches.WeightPatch` from one forward and one backward pass of the
     base model and one pass of the editor network; the model is left bit-identical.
@@ -371,10 +388,7 @@ class MEND:
 
     Args:
         network: the trained :class:`MENDNetwork`.
-        fingerprint: ``{parameter: checksum}`` of the weights it was trained on (a record;
-            :meth:`from_checkpoint` checks it, while :meth:`edit` only checks that the edited
-            weights exist with their shapes, so that edits can follow other edits).
-        model_name: the base model it was trained on (for messages and patches).
+        fingerprint, model_name: see :class:`~lightning_rome.editing.hypernet.editor.HypernetEditor`.
 
     Example:
         >>> editor = MEND.from_checkpoint("mend.ckpt", model)
@@ -383,52 +397,21 @@ class MEND:
     """
 
     method = "mend"
-
-    def __init__(self, network: MENDNetwork, *, fingerprint: Mapping[str, str] | None = None,
-                 model_name: str | None = None) -> None:
-        self.network = network
-        self.fingerprint = dict(fingerprint) if fingerprint else None
-        self.model_name = model_name
-
-    @property
-    def hparams(self) -> MENDHyperParams:
-        return self.network.hparams
+    hparams_class = MENDHyperParams
+    network: MENDNetwork
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], model: nn.Module,
-                        tokenizer: PreTrainedTokenizerBase | None = None, *,
-                        check_fingerprint: bool = True) -> MEND:
-        """Load the editor of a ``MENDModule`` checkpoint for ``model``.
+    @override
+    def build_network(cls, shapes: Mapping[str, Sequence[int]], hparams: Any,
+                      meta: Mapping[str, Any]) -> MENDNetwork:
+        return MENDNetwork(shapes, hparams)
 
-        Raises:
-            EditorMismatchError: the checkpoint was trained for another model (a missing
-                weight, another shape, or a fingerprint mismatch).
-        """
-        saved, state, meta = read_editor_checkpoint(path, cls.method)
-        hp = MENDHyperParams.from_dict(saved["hparams"])
-        check_editor_fits(model, meta["shapes"], meta["fingerprint"] if check_fingerprint
-                          else None, trained_on=meta.get("model_name"))
-        shapes = {m: meta["shapes"][weight_param_name(m)] for m in meta["module_names"]}
-        network = MENDNetwork(shapes, hp)
-        network.load_state_dict(state)
-        network.to(model_device(model)).eval()
-        return cls(network, fingerprint=meta["fingerprint"] if check_fingerprint else None,
-                   model_name=meta.get("model_name"))
-
-    @in_eval_mode
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Any,
-             ) -> WeightPatch:
-        """The MEND update for ``requests`` as a :class:`WeightPatch` (rank = the number of
-        target tokens, per edited weight); the model is not changed.
-
-        Raises:
-            EditorMismatchError: the model lacks an edited weight or has another shape.
-            SubjectNotFoundError: a request's subject is not in its prompt's tokens.
-        """
-        model = unwrap_model(model)  # a torch.compile wrapper: its module
-        reqs = checked_requests(tokenizer, requests, self.method)
-        check_editor_fits(model, {weight_param_name(m): s for m, s in
-                                  self.network.shapes.items()}, None, trained_on=self.model_name)
+    @override
+    def patch_for(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                  requests: list[EditRequest]) -> WeightPatch:
+        """One low-rank delta per edited weight, of rank = the number of target tokens (the
+        requests' gradients add up)."""
+        reqs = requests
         rows = edit_rows(tokenizer, [r.text for r in reqs], [r.target_new for r in reqs],
                          case_index=[0] * len(reqs))
         factors = decompose_gradient(model, rows, self.network.module_names,

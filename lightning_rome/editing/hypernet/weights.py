@@ -11,11 +11,11 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from lightning_rome.models.layout import ModelLayout
+from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.utils.io import tensor_checksum
 
-__all__ = ["EditorMismatchError", "check_editor_fits", "edited_weights", "resolve_layers",
+__all__ = ["EditorMismatchError", "check_editor_fits", "edited_shapes", "edited_weights", "resolve_layers",
            "weights_fingerprint"]
 
 
@@ -51,6 +51,19 @@ def edited_weights(model: nn.Module, layers: Sequence[int], part: str, layout: M
         w = canonical_weight(module)  # (out, in); raises TypeError for a non-linear module
         out[weight_param_name(module_name)] = (module_name, (int(w.shape[0]), int(w.shape[1])))
     return out
+
+
+def edited_shapes(model: nn.Module, layers: Sequence[int] | None, part: str,
+                  layout: ModelLayout | None = None) -> dict[str, tuple[int, int]]:
+    """``{module name: canonical (out, in) shape}`` of the ``part`` weight of each of ``layers``
+    (``None``: the last three), checked against the model.
+
+    Raises:
+        IndexError: a layer does not exist.
+    """
+    layout = layout or get_layout(model)
+    weights = edited_weights(model, resolve_layers(model, layers, layout), part, layout)
+    return {module_name: shape for module_name, shape in weights.values()}
 
 
 def weights_fingerprint(model: nn.Module, param_names: Sequence[str]) -> dict[str, str]:
