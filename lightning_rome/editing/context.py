@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_rome.editing.suffix import SuffixRows, known_verdict, suffix_pass_agrees
 from lightning_rome.hooks import module_hooks
 from lightning_rome.requests import EditRequest
 from lightning_rome.scoring import make_batch, model_device, teacher_forced_rows
@@ -270,6 +271,7 @@ def _optimise_values(
     early_stop_loss: float = 0.05,
     mode: Literal["add", "replace"] = "add",
     essence_template: str = "{} is a",
+    engine: Literal["auto", "suffix", "full"] = "auto",
 ) -> ValueResult:
     """Optimise, for each request, a vector ``v = v_init + δ`` at the output of ``module_name``
     (ROME: the MLP's ``W_out`` at layer l*; MEMIT: the block output at the last edited layer)
@@ -290,6 +292,11 @@ def _optimise_values(
     ``mode="add"`` (the published code) adds δ to each context's own value at the fact token, which
     is what the rank-one update later does to keys near k*; ``mode="replace"`` (the paper's text)
     writes the same ``v`` into every context.
+
+    ``engine``: ``"suffix"`` computes the tokens before each row's fact token once (they never
+    see δ) and runs each step over the rest only (:mod:`lightning_rome.editing.suffix`);
+    ``"full"`` runs every step over whole rows; ``"auto"`` (default) uses the suffix pass once
+    it was found to give the full pass's numbers on this model (checked on its first call).
 
     Runs with gradients enabled and outside inference mode, so it works from any Lightning hook.
     The model's weights are not modified.
@@ -342,28 +349,86 @@ def _optimise_values(
     body, head = model.base_model, model.get_output_embeddings()
     if body is model or head is None:
         raise TypeError(f"{type(model).__name__} has no separate base model and LM head")
+    if engine not in ("auto", "suffix", "full"):
+        raise ValueError(f"engine must be 'auto', 'suffix' or 'full', got {engine!r}")
 
-    def scored_logp(edit: Callable[[Tensor, str], Tensor] | None,
-                    retain: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Log-probabilities at the scored positions ``(G, V)`` with ``edit`` applied at the
-        module, and (if ``retain``) the module's output at the lookup tokens ``(R, d)``."""
-        with module_hooks(model, [module_name], retain_output=retain, edit_output=edit) as rec:
-            hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, use_cache=False)[0]  # (R, T, d)
-        vals = rec[module_name].output[rows, look].detach().float() if retain else None
-        return F.log_softmax(head(hidden[g_rows, g_pos]).float(), -1), vals
+    # The suffix pass (see lightning_rome.editing.suffix): the prefixes before the lookup
+    # tokens run once; a step runs the rest. "auto" checks it against the full pass once per
+    # model (at δ = 0, below) and keeps the full pass if they disagree or it fails.
+    zero = torch.zeros_like(look)  # (R,) the lookup token is each suffix's first
+    # (G,) scored positions within the suffixes; the padding of short targets (position 0,
+    # masked out of the loss) is clamped to the suffix's first token.
+    g_pos_s = (g_pos - look[g_rows]).clamp(min=0)
+    g_real = torch.cat([msk.reshape(-1) > 0, torch.ones_like(kl_rows, dtype=torch.bool)])
+    splittable = not bool((g_pos < look[g_rows])[g_real].any())  # no target before its token
+    suffix: SuffixRows | None = None
+    verdict = known_verdict(model)
+    if splittable and (engine == "suffix" or (engine == "auto" and verdict is not False)):
+        try:
+            with torch.no_grad():
+                suffix = SuffixRows.build(body, batch.input_ids, batch.attention_mask,
+                                          batch.position_ids, look)
+        except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
+            if engine == "suffix":
+                raise
+            suffix_pass_agrees(model, (), None)
+            verdict = False
+    use_suffix = suffix is not None and (engine == "suffix" or verdict is True)
+    probe = suffix is not None and not use_suffix  # "auto" on a model not yet checked
+
+    def scored_logp(edit: Callable[[Tensor], Callable[[Tensor, str], Tensor]] | None,
+                    retain: bool = False, on_suffix: bool = False,
+                    ) -> tuple[Tensor, Tensor | None]:
+        """Log-probabilities at the scored positions ``(G, V)`` with ``edit`` (given the lookup
+        positions) applied at the module, and (if ``retain``) the module's output at the lookup
+        tokens ``(R, d)``; over whole rows, or (``on_suffix``) over the suffixes."""
+        at = zero if on_suffix else look
+        with module_hooks(model, [module_name], retain_output=retain,
+                          edit_output=edit(at) if edit is not None else None) as rec:
+            if on_suffix:
+                hidden = suffix.hidden(body)  # type: ignore[union-attr]  # (R, S, d)
+            else:
+                hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False)[0]  # (R, T, d)
+        vals = rec[module_name].output[rows, at].detach().float() if retain else None
+        scored = hidden[g_rows, g_pos_s if on_suffix else g_pos]  # (G, d)
+        return F.log_softmax(head(scored).float(), -1), vals
+
+    def checked_start(edit: Callable[[Tensor], Callable[[Tensor, str], Tensor]] | None,
+                      ) -> tuple[Tensor, Tensor | None]:
+        """The unedited (δ = 0) pass; on a model not yet checked, also the suffix pass under
+        no_grad, compared with it (the verdict decides the engine of the later steps)."""
+        nonlocal use_suffix
+        out = scored_logp(edit, retain=True, on_suffix=use_suffix)
+        if probe:
+            try:
+                with torch.no_grad():
+                    other = scored_logp(edit, retain=True, on_suffix=True)
+            except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
+                other = None
+            # Compared at the real scored positions (a short target's padding is scored at
+            # another position by each pass, and masked out of the loss).
+            use_suffix = suffix_pass_agrees(
+                model, (out[0].detach()[g_real], out[1]),  # type: ignore[arg-type]
+                None if other is None else (other[0][g_real], other[1]))  # type: ignore[arg-type]
+        return out
 
     d_model = int(model.config.hidden_size)
     delta = torch.zeros((n, d_model), device=device, requires_grad=True)  # (n, d)
 
-    def edit(x: Tensor, name: str) -> Tensor:  # x: (R, T, d)
-        x = x.clone()
-        if mode == "add":
-            new = x[rows, look] + delta[own].to(x.dtype)  # (R, d)
-        else:
-            new = (v_init + delta)[own].to(x.dtype)  # (R, d)
-        x[rows, look] = new
-        return x
+    def edit(at: Tensor) -> Callable[[Tensor, str], Tensor]:
+        """The edit of the module's output at positions ``at`` ``(R,)`` of each row."""
+
+        def apply(x: Tensor, name: str) -> Tensor:  # x: (R, T, d)
+            x = x.clone()
+            if mode == "add":
+                new = x[rows, at] + delta[own].to(x.dtype)  # (R, d)
+            else:
+                new = (v_init + delta)[own].to(x.dtype)  # (R, d)
+            x[rows, at] = new
+            return x
+
+        return apply
 
     def start(logp: Tensor, vals: Tensor) -> None:
         """v_init (the value at each bare prompt) and the unedited essence distribution."""
@@ -375,7 +440,7 @@ def _optimise_values(
     v_init = kl_logp_init = max_norm = torch.empty(0)
     if mode == "replace":  # the unedited values are needed before the first edited pass
         with torch.no_grad():
-            start(*scored_logp(None, retain=True))  # type: ignore[arg-type]
+            start(*checked_start(None))  # type: ignore[arg-type]
     opt = torch.optim.Adam([delta], lr=lr)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
@@ -396,10 +461,10 @@ def _optimise_values(
             if step == 0 and mode == "add":
                 # δ = 0: step 0's pass is the unedited pass, so it also gives v_init and the
                 # essence baseline (no separate forward pass for them).
-                logp, vals = scored_logp(edit, retain=True)
+                logp, vals = checked_start(edit)
                 start(logp, vals)  # type: ignore[arg-type]
             else:
-                logp, _ = scored_logp(edit)  # (G, V)
+                logp, _ = scored_logp(edit, on_suffix=use_suffix)  # (G, V)
             tok_logp = logp[:G_nll].view(*pos.shape, -1).gather(-1, ids[..., None])[..., 0]
             nll_each = -(tok_logp * msk).sum(1) / msk.sum(1)  # (R_nll,)
             nll = torch.zeros(n, device=device).index_add(0, nll_owner, nll_each)
