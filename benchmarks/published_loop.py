@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PUBLISHED_GROUP", "published_batches", "published_second_moment"]
+__all__ = ["PUBLISHED_GROUP", "published_batches", "published_compute_v", "published_second_moment"]
 
 PUBLISHED_GROUP = 100
 """``layer_stats``' ``DataLoader`` batch size: the texts that are sorted and collated together."""
@@ -124,3 +124,112 @@ def published_second_moment(model: nn.Module, tokenizer: Any, texts: list[str],
     if mom2 is None:
         raise ValueError("the texts gave no tokens")
     return {"C": mom2 / count, "count": count, "padded": padded}
+
+
+# ---------------------------------------------------------------------------------------------
+# ROME's value optimisation (``compute_v``), the published way
+
+
+def published_compute_v(model: nn.Module, tokenizer: Any, request: Any, module_name: str,
+                        contexts: list[str], *, steps: int = 20, lr: float = 0.5,
+                        weight_decay: float = 0.5, kl_factor: float = 0.0625,
+                        clamp_norm_factor: float = 4.0, early_stop_loss: float = 0.05,
+                        fact_token: str = "subject_last") -> dict[str, Any]:
+    """ROME's v* for one request as the published ``compute_v`` (kmeng01/rome,
+    ``rome/compute_v.py``) computes it, re-implemented for the benchmarks:
+
+    1. one padded batch (right padding) of every context template filled with the prompt and
+       the target's tokens but its last (teacher forcing), followed by the essence prompt
+       ``"{} is a"``; the lookup index of each row is the subject's fact token;
+    2. every step runs the **whole model on the whole batch**, with a forward hook on the
+       module that adds δ to its output at each row's lookup index (the first pass's value at
+       the first row's lookup token is ``v_init``), and takes the **log-softmax of the logits at
+       every position** of every row; the loss is the mean over the rewriting rows of each
+       row's summed target log-probabilities divided by the target length, plus
+       ``kl_factor · KL(new ‖ initial)`` of the essence row at its lookup token, plus
+       ``weight_decay · ‖δ‖ / ‖v_init‖²``;
+    3. it stops when the loss is below ``early_stop_loss`` or at the last step (no gradient
+       step after the last loss), else Adam steps and ``‖δ‖`` is clamped to
+       ``clamp_norm_factor · ‖v_init‖``.
+
+    The rows and lookup indices are built with the package's tokenizer helpers, so that both
+    sides see the same tokens; what is timed is the published loop.
+
+    Returns:
+        ``{"v_star": (d,), "v_init": (d,), "losses": [...], "steps": n}``.
+    """
+    import torch.nn.functional as F
+
+    from lightning_rome.editing.context import wrap
+    from lightning_rome.scoring import teacher_forced_rows
+    from lightning_rome.tokens import continuation_ids, encode_prompt, fact_token_index, fill
+
+    device = next(model.parameters()).device
+    target = continuation_ids(tokenizer, request.target_new)
+    prompts, lookups = [], []
+    for c in contexts:
+        tpl = wrap(c, request.prompt)
+        prompts.append(encode_prompt(tokenizer, fill(tpl, request.subject)[0]))
+        lookups.append(fact_token_index(tokenizer, tpl, request.subject, fact_token))
+    prompts.append(encode_prompt(tokenizer, fill("{} is a", request.subject)[0]))
+    lookups.append(fact_token_index(tokenizer, "{} is a", request.subject, fact_token))
+    n_rw = len(contexts)
+    tf = teacher_forced_rows(tokenizer, prompts, [target] * n_rw + [[]], side="right",
+                             device=device)
+    batch = tf.batch
+    R, T = batch.input_ids.shape
+    labels = torch.full((n_rw, T), -100, dtype=torch.long, device=device)  # (n_rw, T)
+    for i in range(n_rw):
+        for j, p in enumerate(tf.predict_index[i].tolist()):
+            if bool(tf.target_mask[i, j]):
+                labels[i, p] = target[j]
+    look = torch.tensor(lookups, device=device)  # (R,)
+    module = model.get_submodule(module_name)
+    d = int(model.config.hidden_size)
+    delta = torch.zeros(d, device=device, requires_grad=True)
+    state: dict[str, Tensor] = {}
+
+    def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> Tensor:
+        if "v_init" not in state:
+            state["v_init"] = out[0, look[0]].detach().clone()
+        out = out.clone()
+        out[torch.arange(R, device=device), look] += delta.to(out.dtype)
+        return out
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([delta], lr=lr)
+    losses: list[float] = []
+    handle = module.register_forward_hook(hook)
+    try:
+        for it in range(steps):
+            opt.zero_grad()
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids).logits  # (R, T, V)
+            kl_logp = F.log_softmax(logits[n_rw, look[n_rw]][None].float(), -1)  # (1, V)
+            if "kl_init" not in state:
+                state["kl_init"] = kl_logp.detach().clone()
+            logp = F.log_softmax(logits[:n_rw].float(), -1)  # (n_rw, T, V): every position
+            mask = labels != -100
+            tok = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]  # (n_rw, T)
+            nll = (-(tok * mask).sum(1) / len(target)).mean()
+            kl = kl_factor * F.kl_div(state["kl_init"], kl_logp, log_target=True,
+                                      reduction="batchmean")
+            wd = weight_decay * (delta.norm() / state["v_init"].norm() ** 2)
+            loss = nll + kl + wd
+            losses.append(float(loss.detach()))
+            if losses[-1] < early_stop_loss or it == steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            max_norm = clamp_norm_factor * state["v_init"].norm()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    return {"v_star": (state["v_init"] + delta).detach(), "v_init": state["v_init"],
+            "losses": losses, "steps": len(losses)}
