@@ -31,6 +31,7 @@ from benchmarks.common import REPO, add_common_args, fmt_s, machine_line, print_
 #: ``(name for --only, module in benchmarks/)`` in the order they run.
 SUITE: tuple[tuple[str, str], ...] = (
     ("rome", "bench_rome"),
+    ("vstar", "bench_vstar"),
     ("memit", "bench_memit"),
     ("stats", "bench_stats"),
     ("memory", "bench_memory"),

@@ -16,7 +16,7 @@ run), the measure of the forward work each engine does.
 Usage::
 
     python -m benchmarks.bench_vstar                 # GPT-2 small shape (random), layer 5
-    python -m benchmarks.bench_vstar --quick         # GPT-2 scaled to 4 x 256
+    python -m benchmarks.bench_vstar --quick         # GPT-2 scaled to 4 x 256, 5 steps
 """
 
 from __future__ import annotations
@@ -110,11 +110,12 @@ def run(s: Any, steps: int = 20, layer: int | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimisation steps (default 20, the published count; --quick: 5)")
     ap.add_argument("--layer", type=int, default=None)
     args = ap.parse_args(argv)
     s = settings_from_args(args)
-    run(s, steps=args.steps, layer=args.layer)
+    run(s, steps=args.steps or (5 if s.quick else 20), layer=args.layer)
     return 0
 
 

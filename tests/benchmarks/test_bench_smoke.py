@@ -58,3 +58,15 @@ def test_samples_study_quick_tiny(capsys):
         assert ("error" in plain) == (shrunk["tokens"] < d), (n, shrunk["tokens"], d)
     assert "error" in by[("N = 20", "plain")]  # 20 sentences are ~240 tokens < d = 384
     assert by[("no C (identity)", "mom2_adjustment=False")]["efficacy"] >= 0.0
+
+
+def test_vstar_benchmark_engines_agree_with_the_published_loop(capsys):
+    """bench_vstar on a tiny GPT-2: both package engines give the published loop's v*."""
+    from benchmarks.bench_vstar import run
+    from benchmarks.common import Settings
+
+    res = run(Settings(quick=True, runs=1, warmup=0, threads=1, model="tiny"), steps=4)
+    out = capsys.readouterr().out
+    assert "| published compute_v loop" in out and "engine='suffix'" in out
+    assert res["rel_full"] < 1e-5 and res["rel_suffix"] < 1e-5, res
+    assert res["work_suffix"] < res["work_full"] / 2
