@@ -217,7 +217,8 @@ def read_keys(
     outputs: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """The input (and optionally the output) of ``module_name`` at the fact token of each
-    ``templates[i]`` filled with ``subjects[i]``, in one padded forward pass.
+    ``templates[i]`` filled with ``subjects[i]``, in one padded forward pass that ends at the
+    module (the layers above it and the LM head are not run).
 
     Returns:
         keys ``(n, d_in)`` and, if ``outputs``, values ``(n, d_out)``; float32.
@@ -229,7 +230,7 @@ def read_keys(
     rows = torch.arange(len(texts), device=batch.input_ids.device)
     pos = torch.as_tensor(idx, device=batch.input_ids.device)
     with torch.no_grad(), module_hooks(model, [module_name], retain_input=True,
-                                       retain_output=outputs) as rec:
+                                       retain_output=outputs, stop=True) as rec:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
               position_ids=batch.position_ids, use_cache=False)
     k = rec[module_name].input[rows, pos].float().detach()  # (n, d_in)
@@ -396,22 +397,24 @@ def _optimise_values(
 
     def checked_start(edit: Callable[[Tensor], Callable[[Tensor, str], Tensor]] | None,
                       ) -> tuple[Tensor, Tensor | None]:
-        """The unedited (δ = 0) pass; on a model not yet checked, also the suffix pass under
-        no_grad, compared with it (the verdict decides the engine of the later steps)."""
+        """The unedited (δ = 0) pass. On a model not yet checked, both passes run and are
+        compared; the suffix pass's result is used when they agree, so that every call computes
+        with the same pass from its first step on (the first call's v* equals a later one's)."""
         nonlocal use_suffix
-        out = scored_logp(edit, retain=True, on_suffix=use_suffix)
-        if probe:
-            try:
-                with torch.no_grad():
-                    other = scored_logp(edit, retain=True, on_suffix=True)
-            except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
-                other = None
-            # Compared at the real scored positions (a short target's padding is scored at
-            # another position by each pass, and masked out of the loss).
-            use_suffix = suffix_pass_agrees(
-                model, (out[0].detach()[g_real], out[1]),  # type: ignore[arg-type]
-                None if other is None else (other[0][g_real], other[1]))  # type: ignore[arg-type]
-        return out
+        if not probe:
+            return scored_logp(edit, retain=True, on_suffix=use_suffix)
+        full = scored_logp(edit, retain=True, on_suffix=False)
+        try:
+            other: tuple[Tensor, Tensor | None] | None = scored_logp(edit, retain=True,
+                                                                     on_suffix=True)
+        except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
+            other = None
+        # Compared at the real scored positions (a short target's padding is scored at
+        # another position by each pass, and masked out of the loss).
+        use_suffix = suffix_pass_agrees(
+            model, (full[0].detach()[g_real], full[1]),  # type: ignore[arg-type]
+            None if other is None else (other[0].detach()[g_real], other[1]))  # type: ignore[arg-type]
+        return other if use_suffix and other is not None else full
 
     d_model = int(model.config.hidden_size)
     delta = torch.zeros((n, d_model), device=device, requires_grad=True)  # (n, d)

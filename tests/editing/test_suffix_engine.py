@@ -147,3 +147,13 @@ def test_rome_and_memit_updates_equal_under_both_passes(gpt2_tokenizer, monkeypa
     for name in slow.names:
         a, b = fast.dense(name, torch.float64), slow.dense(name, torch.float64)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+def test_auto_gives_bit_identical_values_on_the_first_and_later_calls(gpt2_tokenizer):
+    """The first call on a model (which checks the suffix pass against the full one) computes
+    with the pass the later calls use: the same request gives the same v*, bit for bit."""
+    model = MODELS["gpt2"]()
+    first = _run(model, gpt2_tokenizer, "gpt2", "auto")
+    assert suffix_mod.known_verdict(model) is True
+    again = _run(model, gpt2_tokenizer, "gpt2", "auto")
+    assert torch.equal(first.v_star, again.v_star) and first.losses == again.losses
