@@ -36,6 +36,7 @@ __all__ = [
     "context_template_groups",
     "context_templates",
     "optimise_values",
+    "read_at",
     "read_keys",
     "second_moment",
     "template_weights",
@@ -206,6 +207,41 @@ def wrap(context: str, prompt: str) -> str:
     return context.replace("{}", prompt)
 
 
+def read_at(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    templates: Sequence[str],
+    subjects: Sequence[str],
+    fact_token: FactToken = "subject_last",
+    *,
+    inputs: Sequence[str] = (),
+    outputs: Sequence[str] = (),
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The inputs of the modules ``inputs`` and the outputs of ``outputs`` at the fact token of
+    each ``templates[i]`` filled with ``subjects[i]``, from one padded forward pass that ends
+    once the last of them has run (the layers above and the LM head are not run).
+
+    Returns:
+        ``({name: (n, d_in)}, {name: (n, d_out)})``, float32.
+    """
+    names = list(dict.fromkeys([*inputs, *outputs]))
+    if not names:
+        raise ValueError("read_at needs a module to read")
+    texts = [fill(t, s)[0] for t, s in zip(templates, subjects)]
+    idx = [fact_token_index(tokenizer, t, s, fact_token) for t, s in zip(templates, subjects)]
+    batch = make_batch(tokenizer, [encode_prompt(tokenizer, x) for x in texts], "right",
+                       model_device(model))
+    rows = torch.arange(len(texts), device=batch.input_ids.device)
+    pos = torch.as_tensor(idx, device=batch.input_ids.device)
+    with torch.no_grad(), module_hooks(model, names, retain_input=bool(inputs),
+                                       retain_output=bool(outputs), stop=True) as rec:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              position_ids=batch.position_ids, use_cache=False)
+    ins = {n: rec[n].input[rows, pos].float().detach() for n in inputs}  # (n, d_in)
+    outs = {n: rec[n].output[rows, pos].float().detach() for n in outputs}  # (n, d_out)
+    return ins, outs
+
+
 def read_keys(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -217,25 +253,14 @@ def read_keys(
     outputs: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """The input (and optionally the output) of ``module_name`` at the fact token of each
-    ``templates[i]`` filled with ``subjects[i]``, in one padded forward pass that ends at the
-    module (the layers above it and the LM head are not run).
+    ``templates[i]`` filled with ``subjects[i]`` (:func:`read_at`).
 
     Returns:
         keys ``(n, d_in)`` and, if ``outputs``, values ``(n, d_out)``; float32.
     """
-    texts = [fill(t, s)[0] for t, s in zip(templates, subjects)]
-    idx = [fact_token_index(tokenizer, t, s, fact_token) for t, s in zip(templates, subjects)]
-    batch = make_batch(tokenizer, [encode_prompt(tokenizer, x) for x in texts], "right",
-                       model_device(model))
-    rows = torch.arange(len(texts), device=batch.input_ids.device)
-    pos = torch.as_tensor(idx, device=batch.input_ids.device)
-    with torch.no_grad(), module_hooks(model, [module_name], retain_input=True,
-                                       retain_output=outputs, stop=True) as rec:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-              position_ids=batch.position_ids, use_cache=False)
-    k = rec[module_name].input[rows, pos].float().detach()  # (n, d_in)
-    v = rec[module_name].output[rows, pos].float() if outputs else None  # (n, d_out)
-    return k, v
+    ins, outs = read_at(model, tokenizer, templates, subjects, fact_token, inputs=[module_name],
+                        outputs=[module_name] if outputs else [])
+    return ins[module_name], outs.get(module_name)
 
 
 @dataclass

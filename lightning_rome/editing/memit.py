@@ -42,6 +42,7 @@ from lightning_rome.editing.context import (
     check_start_words,
     context_template_groups,
     optimise_values,
+    read_at,
     read_keys,
     second_moment,
     template_weights,
@@ -325,6 +326,30 @@ class MEMIT:
         w = self._context_weights(contexts).to(k)  # (n_ctx,)
         return torch.einsum("ucd,c->du", k, w)  # (d_in, u)
 
+    def _keys_and_residual(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str,
+                           block: str, reqs: Sequence[EditRequest], contexts: Sequence[str],
+                           ) -> tuple[Tensor, Tensor]:
+        """:meth:`_keys` and :meth:`_residual_now` of the model as it is now, from one pass
+        per chunk when the contexts hold the bare ``"{}"`` (its rows are the bare prompts whose
+        ``h_L`` is wanted; the pass runs up to block L instead of two passes)."""
+        if "{}" not in contexts:
+            return (self._keys(model, tok, name, reqs, contexts),
+                    self._residual_now(model, tok, block, reqs))
+        bare = list(contexts).index("{}")
+        templates = [wrap(c, r.prompt) for r in reqs for c in contexts]
+        subjects = [r.subject for r in reqs for _ in contexts]
+        step = self.hparams.key_batch_size
+        ks, hs = [], []
+        for s in range(0, len(templates), step):
+            ins, outs = read_at(model, tok, templates[s:s + step], subjects[s:s + step],
+                                self.hparams.fact_token, inputs=[name], outputs=[block])
+            ks.append(ins[name])
+            hs.append(outs[block])
+        k = torch.cat(ks).view(len(reqs), len(contexts), -1)  # (u, n_ctx, d_in)
+        h = torch.cat(hs).view(len(reqs), len(contexts), -1)[:, bare]  # (u, d)
+        w = self._context_weights(contexts).to(k)  # (n_ctx,)
+        return torch.einsum("ucd,c->du", k, w), h.T  # (d_in, u), (d, u)
+
     def _residual_now(self, model: nn.Module, tok: PreTrainedTokenizerBase, block: str,
                       reqs: Sequence[EditRequest]) -> Tensor:
         """``h_L`` at the fact token of each bare prompt, ``(d, u)``."""
@@ -468,8 +493,8 @@ class MEMIT:
             block = layout.block(hp.layers[-1])
             for i, layer in enumerate(hp.layers):
                 name = layout.name("mlp_out", layer)
-                K = self._keys(model, tokenizer, name, reqs, contexts)  # (d_in, u)
-                h = self._residual_now(model, tokenizer, block, reqs)  # (d, u)
+                K, h = self._keys_and_residual(model, tokenizer, name, block, reqs,
+                                               contexts)  # (d_in, u), (d, u)
                 R_l = (Z.to(h.device) - h) / (len(hp.layers) - i)  # (d, u)
                 C = self._C_of(model, tokenizer, name)
                 factor = None

@@ -383,3 +383,17 @@ def test_explicit_template_groups_weigh_as_the_published_code(model, gpt2_tokeni
         MEMITHyperParams(context_templates=[["{}"], ["no brace"]])
     with pytest.raises(ValueError, match="key_average"):
         MEMITHyperParams(key_average="median")
+
+
+@pytest.mark.parametrize("contexts", [CONTEXTS, ["Some text. {}", "More words here. {}"]])
+def test_keys_and_residual_from_one_pass_equal_two_passes(model, gpt2_tokenizer, contexts):
+    """With the bare "{}" among the contexts, the keys at layer l and h_L at the last layer of R
+    come from one pass; they equal the separate key pass and bare-prompt pass."""
+    memit = make(layers=[0, 1], context_templates=contexts)
+    name, block = "transformer.h.0.mlp.c_proj", "transformer.h.1"
+    K, h = memit._keys_and_residual(model, gpt2_tokenizer, name, block, REQS, contexts)
+    K2 = memit._keys(model, gpt2_tokenizer, name, REQS, contexts)
+    h2 = memit._residual_now(model, gpt2_tokenizer, block, REQS)
+    torch.testing.assert_close(K, K2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h, h2, rtol=1e-5, atol=1e-6)
+    assert K.shape == (128, len(REQS)) and h.shape == (32, len(REQS))
