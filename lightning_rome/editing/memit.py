@@ -59,7 +59,7 @@ from lightning_rome.patches import EditTransaction, LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests, check_batch
 from lightning_rome.stats.cache import write_safetensors
 from lightning_rome.tokens import FactToken, subject_span
-from lightning_rome.utils.io import CorruptFileError, cache_dir, tensor_checksum
+from lightning_rome.utils.io import CorruptFileError, cache_dir, tensor_checksum, tensor_fingerprint
 from lightning_rome.utils.modules import unwrap_model
 
 __all__ = ["MEMIT", "MEMITHyperParams", "SolveMethod", "cholesky_factor", "memit_edit",
@@ -213,7 +213,7 @@ class _Factor:
     ``device`` (``L`` is ``None`` when C is not positive definite)."""
 
     C: Tensor
-    version: int
+    version: int | tuple[str, int]
     device: torch.device
     L: Tensor | None
 
@@ -276,11 +276,11 @@ class MEMIT:
         :func:`memit_update`), so changing λ never reuses a wrong factor."""
         per_model = self._chol.setdefault(model, {})
         hit = per_model.get(name)
-        if hit is not None and hit.C is C and hit.version == C._version and (
-                hit.device == device):
+        version = _version_of(C)
+        if hit is not None and hit.C is C and hit.version == version and hit.device == device:
             return hit.L
         L = cholesky_factor(C.to(device))
-        per_model[name] = _Factor(C, C._version, device, L)
+        per_model[name] = _Factor(C, version, device, L)
         return L
 
     def _template_groups(self, model: nn.Module, tok: PreTrainedTokenizerBase,
@@ -331,8 +331,12 @@ class MEMIT:
                            ) -> tuple[Tensor, Tensor]:
         """:meth:`_keys` and :meth:`_residual_now` of the model as it is now, from one pass
         per chunk when the contexts hold the bare ``"{}"`` (its rows are the bare prompts whose
-        ``h_L`` is wanted; the pass runs up to block L instead of two passes)."""
-        if "{}" not in contexts:
+        ``h_L`` is wanted; the pass runs up to block L instead of two passes). In float16 or
+        bfloat16 the two passes stay apart: ``h_L`` read in a batch padded to the longest
+        context differs from the bare prompts' batch by the half-precision rounding of another
+        padding, which ``R = Z − h`` would write into the weights."""
+        low_precision = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        if "{}" not in contexts or low_precision:
             return (self._keys(model, tok, name, reqs, contexts),
                     self._residual_now(model, tok, block, reqs))
         bare = list(contexts).index("{}")
@@ -527,6 +531,15 @@ class MEMIT:
                 chunk = []
         if chunk:
             yield self.edit(model, tokenizer, chunk, apply=True)
+
+
+def _version_of(C: Tensor) -> int | tuple[str, int]:
+    """What says that ``C`` is unmodified: its version counter, or for an inference tensor
+    (made under ``torch.inference_mode``, e.g. in a Lightning validation hook: it has none) the
+    fingerprint of its values."""
+    if C.is_inference():
+        return ("fingerprint", tensor_fingerprint(C))
+    return C._version
 
 
 def check_chunk_size(chunk_size: int | None) -> None:

@@ -397,3 +397,27 @@ def test_keys_and_residual_from_one_pass_equal_two_passes(model, gpt2_tokenizer,
     torch.testing.assert_close(K, K2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h, h2, rtol=1e-5, atol=1e-6)
     assert K.shape == (128, len(REQS)) and h.shape == (32, len(REQS))
+
+
+def test_the_cached_factor_of_an_inference_tensor_follows_its_values(model, gpt2_tokenizer,
+                                                                     monkeypatch):
+    """A C made under torch.inference_mode (a Lightning validation hook) has no version counter:
+    the factor is reused while its values are unchanged and recomputed when they change."""
+    import lightning_rome.editing.memit as memit_module
+
+    calls = []
+    real = memit_module.cholesky_factor
+    monkeypatch.setattr(memit_module, "cholesky_factor",
+                        lambda C: calls.append(C) or real(C))
+    with torch.inference_mode():
+        base = C_of()(None, None, None).clone()
+    assert base.is_inference()
+    memit = make(layers=[1])
+    memit.second_moment = lambda m, t, n: base
+    memit.edit(model, gpt2_tokenizer, REQS)
+    memit.edit(model, gpt2_tokenizer, REQS)
+    assert len(calls) == 1
+    with torch.inference_mode():
+        base.mul_(2.0)  # the same tensor, other values
+    memit.edit(model, gpt2_tokenizer, REQS)
+    assert len(calls) == 2
