@@ -190,10 +190,45 @@ def _throughput(memit: MEMIT, bm: BenchModel, Cs: dict[str, torch.Tensor], reqs:
     return t_solve
 
 
+def published_rows(memit: MEMIT, bm: BenchModel, Cs: dict[str, torch.Tensor],
+                   reqs: list[Any], batches: list[int], s: Settings) -> tuple[list[list[str]],
+                                                                        dict[int, Any]]:
+    """The package's MEMIT against the published ``execute_memit`` loop
+    (:func:`benchmarks.published_loop.published_memit`), interleaved at each batch size (one
+    run above 10 edits), with the relative difference of their ΔW."""
+    from benchmarks.published_loop import published_memit
+
+    hp = memit.hparams
+    layout = get_layout(bm.model)
+    contexts = memit._contexts(bm.model, bm.tokenizer)
+
+    def pub(batch: list[Any]) -> dict[str, torch.Tensor]:
+        return published_memit(bm.model, bm.tokenizer, batch, hp.layers, layout, contexts, Cs,
+                               hp.mom2_update_weight, steps=hp.v_num_grad_steps,
+                               clamp_norm_factor=hp.clamp_norm_factor, lr=hp.v_lr,
+                               weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
+                               early_stop_loss=hp.early_stop_loss)
+
+    rows, out = [], {}
+    for n in batches:
+        batch = reqs[:n]
+        (t_pub, ref), (t_pkg, patch) = time_interleaved(
+            [lambda b=batch: pub(b), lambda b=batch: memit.edit(bm.model, bm.tokenizer, b)], s,
+            runs=s.runs if n <= 10 else 1, warmup=0)
+        rel = max(float((patch.dense(k, torch.float64) - v).norm() / v.norm())
+                  for k, v in ref.items())
+        out[n] = {"published": t_pub.times, "package": t_pkg.times, "rel_dW": rel}
+        rows.append([str(n), fmt_s(t_pub.median), fmt_s(t_pkg.median),
+                     f"{t_pub.median / t_pkg.median:.2f}x", f"{rel:.1e}"])
+        print(f"  batch {n}: published {fmt_s(t_pub.median)}, package {fmt_s(t_pkg.median)} "
+              f"({t_pub.median / t_pkg.median:.2f}x), ΔW rel. diff {rel:.1e}", flush=True)
+    return rows, out
+
+
 def run(s: Settings, *, batches: list[int] | None = None, steps: int = 2,
         layers: list[int] | None = None, budget: float | None = None,
         solve_dims: list[int] | None = None, solve_sizes: list[int] | None = None,
-        edits: bool = True) -> dict[str, Any]:
+        edits: bool = True, published: bool = False) -> dict[str, Any]:
     """Run the benchmark and print its table; returns the figures."""
     print(machine_line(s.device), flush=True)
     if batches is None:
@@ -227,6 +262,11 @@ def run(s: Settings, *, batches: list[int] | None = None, steps: int = 2,
         print(f"\nThe cost per edit falls {drop:.1f}x from batch {first} to batch {last} "
               f"({steps_txt}).")
 
+    if published:
+        with section("MEMIT against the published execute_memit loop"):
+            prow, results["published"] = published_rows(memit, bm, Cs, reqs, batches, s)
+        print_table(["batch", "published loop", "package", "speed-up", "ΔW rel. diff"], prow,
+                    title="MEMIT edit: the published loop vs the package (interleaved)")
     dims = solve_dims or ([bm.d_ff] if s.quick or s.model == "tiny" else [1600, 6400])
     sizes = solve_sizes or ([1, 10, 100] if s.quick or s.model == "tiny"
                             else [1, 10, 100, 1000])
@@ -262,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                          "100)")
     ap.add_argument("--solves-only", action="store_true",
                     help="only the solve table (no edits timed)")
+    ap.add_argument("--published", action="store_true",
+                    help="also time the published execute_memit loop at each batch size "
+                         "(benchmarks/published_loop.py), interleaved with the package")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds per batch size after which no further run starts "
                          "(default 900; 10 with --quick)")
@@ -269,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     s = settings_from_args(args)
     r = run(s, batches=args.batches, steps=args.steps, layers=args.layers, budget=args.budget,
             solve_dims=args.solve_dims, solve_sizes=args.solve_sizes,
-            edits=not args.solves_only)
-    return 0 if r["solve_ok"] else 1
+            edits=not args.solves_only, published=args.published)
+    ok = r["solve_ok"] and all(v["rel_dW"] < 1e-3 for v in r.get("published", {}).values())
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

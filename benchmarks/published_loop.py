@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PUBLISHED_GROUP", "published_batches", "published_compute_v", "published_second_moment"]
+__all__ = ["PUBLISHED_GROUP", "published_batches", "published_compute_v", "published_memit",
+           "published_second_moment"]
 
 PUBLISHED_GROUP = 100
 """``layer_stats``' ``DataLoader`` batch size: the texts that are sorted and collated together."""
@@ -189,12 +190,13 @@ def published_compute_v(model: nn.Module, tokenizer: Any, request: Any, module_n
     delta = torch.zeros(d, device=device, requires_grad=True)
     state: dict[str, Tensor] = {}
 
-    def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> Tensor:
+    def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> Any:
+        h = out[0] if isinstance(out, tuple) else out  # a block returns a tuple
         if "v_init" not in state:
-            state["v_init"] = out[0, look[0]].detach().clone()
-        out = out.clone()
-        out[torch.arange(R, device=device), look] += delta.to(out.dtype)
-        return out
+            state["v_init"] = h[0, look[0]].detach().clone()
+        h = h.clone()
+        h[torch.arange(R, device=device), look] += delta.to(h.dtype)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -233,3 +235,85 @@ def published_compute_v(model: nn.Module, tokenizer: Any, request: Any, module_n
             p.requires_grad_(True)
     return {"v_star": (state["v_init"] + delta).detach(), "v_init": state["v_init"],
             "losses": losses, "steps": len(losses)}
+
+
+# ---------------------------------------------------------------------------------------------
+# MEMIT (``execute_memit``), the published way
+
+
+def _published_read(model: nn.Module, tokenizer: Any, module_name: str, texts: list[str],
+                    subjects: list[str], which: str) -> Tensor:
+    """``get_module_input_output_at_words``: the module's input (``which="in"``) or output at
+    each text's fact token, from one padded pass of the **whole** model (logits included)."""
+    from lightning_rome.scoring import make_batch
+    from lightning_rome.tokens import encode_prompt, fact_token_index, fill
+
+    device = next(model.parameters()).device
+    filled = [fill(x, s)[0] for x, s in zip(texts, subjects)]
+    look = torch.tensor([fact_token_index(tokenizer, x, s, "subject_last")
+                         for x, s in zip(texts, subjects)], device=device)
+    batch = make_batch(tokenizer, [encode_prompt(tokenizer, x) for x in filled], "right", device)
+    kept: dict[str, Tensor] = {}
+
+    def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+        kept["x"] = inputs[0] if which == "in" else (out[0] if isinstance(out, tuple) else out)
+
+    handle = model.get_submodule(module_name).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=batch.position_ids)
+    finally:
+        handle.remove()
+    return kept["x"][torch.arange(len(texts), device=device), look].float()  # (n, d)
+
+
+def published_memit(model: nn.Module, tokenizer: Any, requests: list[Any], layers: list[int],
+                    layout: Any, contexts: list[str], Cs: dict[str, Tensor], lam: float, *,
+                    steps: int = 20, clamp_norm_factor: float = 0.75, **z_kwargs: Any,
+                    ) -> dict[str, Tensor]:
+    """MEMIT's ``execute_memit`` (kmeng01/memit, ``memit/memit_main.py``), re-implemented for the
+    benchmarks: each request's ``z`` by the ``compute_z`` loop **one request at a time** (the
+    loop of :func:`published_compute_v` at the last layer's block output), then for each layer
+    of R, in order, on the model edited so far: the keys (context-averaged inputs of the
+    layer's ``W_out``) and the current ``h_L`` each from a pass of the whole model, the dense
+    solve ``(λC + KKᵀ)⁻¹K`` in float64, and the update written into the weights. The weights
+    are restored before returning.
+
+    Returns:
+        ``{parameter name: ΔW (d_out, d_in)}``, float64.
+    """
+    from lightning_rome.editing.context import wrap
+    from lightning_rome.models import canonical_weight
+
+    block = layout.block(layers[-1])
+    zs = torch.stack([published_compute_v(model, tokenizer, r, block, contexts, steps=steps,
+                                          clamp_norm_factor=clamp_norm_factor,
+                                          **z_kwargs)["v_star"] for r in requests], 1)  # (d, u)
+    saved: dict[str, Tensor] = {}
+    deltas: dict[str, Tensor] = {}
+    try:
+        for i, layer in enumerate(layers):
+            name = layout.name("mlp_out", layer)
+            texts = [wrap(c, r.prompt) for r in requests for c in contexts]
+            subs = [r.subject for r in requests for _ in contexts]
+            ks = _published_read(model, tokenizer, name, texts, subs, "in")  # (u·n_ctx, d_in)
+            K = ks.view(len(requests), len(contexts), -1).mean(1).T.double()  # (d_in, u)
+            h = _published_read(model, tokenizer, block, [r.prompt for r in requests],
+                                [r.subject for r in requests], "out").T  # (d, u)
+            R = (zs.to(h) - h).double() / (len(layers) - i)  # (d, u)
+            C = Cs[name].double()
+            adj = torch.linalg.solve(lam * C + K @ K.T, K)  # (d_in, u)
+            dW = R @ adj.T  # (d_out, d_in)
+            module = model.get_submodule(name)
+            w = module.weight
+            if name not in saved:
+                saved[name] = w.detach().clone()
+            with torch.no_grad():  # the [out, in] view (GPT-2's Conv1D stores W transposed)
+                canonical_weight(module).add_(dW.to(w.dtype))
+            deltas[name + ".weight"] = dW
+    finally:
+        with torch.no_grad():
+            for name, w0 in saved.items():
+                model.get_submodule(name).weight.copy_(w0)
+    return deltas
