@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_demo"]
+__all__ = ["known_trace_cases", "rome_row", "run_demo", "trace_average"]
 
 #: Cases evaluated for ROME, one edit at a time.
 N_ROME = 10
@@ -51,6 +51,50 @@ def _score(model: Any, tok: Any, cases: list[Any], metrics: Any, bar: Any = None
         inputs[f"{kind}_new"] = [s[kind]["nll_new"] for s in scores]
         inputs[f"{kind}_true"] = [s[kind]["nll_true"] for s in scores]
     metrics.update(**inputs)
+
+
+def known_trace_cases(cm: Any, n: int) -> list[Any]:
+    """The first ``n`` cases the model knows (its edit prompts traced for the average)."""
+    return list(cm.known_cases[:n])
+
+
+def trace_average(model: Any, tok: Any, cases: list[Any], kind: str, *, window: int = 1,
+                  samples: int = 10, seed: int = 0) -> Any:
+    """The causal trace of ``kind`` averaged over the edit prompts of ``cases`` (each traced for
+    its true object), as a :class:`~lightning_rome.tracing.TraceAggregate`: the indirect effect
+    per token class and layer with 95% intervals, and the total effect."""
+    from lightning_rome.tracing import average_traces, trace
+
+    traces = [trace(model, tok, c.request.prompt, c.request.subject, kind=kind, window=window,
+                    samples=samples, answer=c.request.target_true, seed=seed + i)
+              for i, c in enumerate(cases)]
+    return average_traces(traces)
+
+
+def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] | None = None,
+             second_moment: Any = None, bar: Any = None, on_case: Any = None) -> Any:
+    """ROME, one edit at a time (each reverted after scoring), on ``cases`` with the
+    ``demo-model`` preset (``overrides`` replaced): :func:`compute_with_ci` of the COUNTERFACT
+    metrics without generation. ``on_case(case, patch)`` runs while each edit is applied."""
+    from dataclasses import replace
+
+    from lightning_rome.editing import ROME
+    from lightning_rome.editing.rome import ROMEHyperParams
+    from lightning_rome.metrics import compute_with_ci, counterfact_metrics
+
+    hp = replace(ROMEHyperParams.from_preset("demo-model"), **(overrides or {}))
+    rome = ROME(hp, second_moment=second_moment)
+    metrics = counterfact_metrics(generation=False)
+    for case in cases:
+        patch = rome.edit(model, tok, [case.request])
+        patch.apply(model)
+        try:
+            _score(model, tok, [case], metrics, bar)
+            if on_case is not None:
+                on_case(case, patch)
+        finally:
+            patch.revert(model)
+    return compute_with_ci(metrics)
 
 
 def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None = None,

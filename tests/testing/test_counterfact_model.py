@@ -191,3 +191,23 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_ROME_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"counterfact-val\.json"):
         get_counterfact_model(TINY, cache_dir=tmp_path / "cache")
+
+
+def test_extra_relations_options():
+    """The made-up attributes: refused out of range, seeded, drawn from their pools, and off by
+    default without changing the default model's cache key."""
+    from lightning_rome.testing.counterfact_model import EXTRA_RELATIONS, extra_facts
+
+    with pytest.raises(ValueError, match="extra_relations"):
+        CounterFactModelConfig(extra_relations=len(EXTRA_RELATIONS) + 1)
+    with pytest.raises(ValueError, match="multi_fact_rows needs extra_relations"):
+        CounterFactModelConfig(multi_fact_rows=1)
+    assert "extra_relations" not in CounterFactModelConfig().to_dict()
+    config = CounterFactModelConfig(n_cases=20, extra_relations=2)
+    assert config.key() != CounterFactModelConfig(n_cases=20).key()
+    cases = select_cases(config)
+    facts = extra_facts(config, cases)
+    assert facts == extra_facts(config, cases)  # seeded
+    assert all([t for t, _ in f] == [t for t, _ in EXTRA_RELATIONS[:2]] for f in facts)
+    assert len({o for f in facts for _, o in f}) > 5  # values vary across subjects
+    assert extra_facts(CounterFactModelConfig(n_cases=20), cases) == [[] for _ in cases]
