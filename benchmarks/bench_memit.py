@@ -40,10 +40,16 @@ from benchmarks.common import (
     section,
     settings_from_args,
     sync,
+    time_interleaved,
     time_runs,
     write_json,
 )
-from lightning_rome.editing.memit import MEMIT, MEMITHyperParams, memit_update
+from lightning_rome.editing.memit import (
+    MEMIT,
+    MEMITHyperParams,
+    cholesky_factor,
+    memit_update,
+)
 from lightning_rome.models import get_layout
 
 DEFAULT_LAYERS = {"gpt2-small": [3, 4, 5, 6, 7], "gpt2-mini": [1, 2], "tiny": [0, 1],
@@ -105,62 +111,89 @@ def time_batch(memit: MEMIT, bm: BenchModel, reqs: list[Any], s: Settings,
             "peak": peak}
 
 
-def solve_cost(bm: BenchModel, Cs: dict[str, torch.Tensor], s: Settings) -> float:
-    """Median time of one per-layer solve ``R Kᵀ (λC + KKᵀ)⁻¹`` for a single request."""
+def solve_cost(bm: BenchModel, Cs: dict[str, torch.Tensor], s: Settings) -> dict[str, float]:
+    """Median times of one per-layer solve ``R Kᵀ (λC + KKᵀ)⁻¹`` for a single request: dense,
+    and Woodbury with the cached Cholesky factor (what :class:`MEMIT` does), and the factor."""
     C = next(iter(Cs.values()))
     K = torch.randn(bm.d_ff, 1, dtype=torch.float64, device=s.device)  # (d_in, 1)
     R = torch.randn(bm.model.config.n_embd, 1, dtype=torch.float64, device=s.device)
-    times = []
-    for _ in range(3):
+    t_chol, L = time_runs(lambda: cholesky_factor(C), s, runs=1, warmup=0)
+    (t_dense, _), (t_wood, _) = time_interleaved(
+        [lambda: memit_update(K, R, C, 20000.0, method="dense"),
+         lambda: memit_update(K, R, C, 20000.0, factor=L, method="woodbury")], s, runs=3,
+        warmup=0)
+    return {"dense": t_dense.median, "woodbury": t_wood.median, "cholesky": t_chol.median}
+
+
+def solve_rows(s: Settings, dims: list[int], sizes: list[int]) -> tuple[list[list[str]],
+                                                                        list[dict[str, Any]]]:
+    """The per-layer solve of :func:`memit_update`, dense (``method="dense"``: an LU solve of
+    the ``d x d`` system, what every batch paid before) against Woodbury (``"woodbury"`` with
+    the Cholesky factor of C computed once per layer, as :class:`MEMIT` caches it), for each
+    key dimension ``d`` and batch size ``u``, interleaved; with the relative difference of the
+    two ΔW (float64)."""
+    rows, out = [], []
+    d_out = 768
+    for d in dims:
+        C = random_second_moment(d, s.seed + d, s.device)  # (d, d)
         sync(s.device)
         t0 = time.perf_counter()
-        memit_update(K, R, C, 20000.0)
+        L = cholesky_factor(C)  # (d, d), once per layer
         sync(s.device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[1]
+        t_chol = time.perf_counter() - t0
+        rows.append([d, "Cholesky of C (once per layer, cached)", "-", fmt_s(t_chol), "-", "-"])
+        out.append({"d": d, "cholesky_s": t_chol})
+        g = torch.Generator().manual_seed(s.seed)
+        for u in sizes:
+            K = (torch.randn(d, u, generator=g, dtype=torch.float64) / 10).to(s.device)
+            R = torch.randn(d_out, u, generator=g, dtype=torch.float64).to(s.device)
+            runs = 1 if d * d * d > 2e10 else 3
+            (t_dense, dense), (t_wood, wood) = time_interleaved(
+                [lambda K=K, R=R, C=C: memit_update(K, R, C, 20000.0, method="dense"),
+                 lambda K=K, R=R, C=C, L=L: memit_update(K, R, C, 20000.0, factor=L,
+                                                        method="woodbury")],
+                s, runs=runs, warmup=0)
+            dW = dense.dense(torch.float64)
+            rel = float((wood.dense(torch.float64) - dW).norm() / dW.norm())
+            rows.append([d, f"u = {u}", fmt_s(t_dense.median), fmt_s(t_wood.median),
+                         f"{t_dense.median / t_wood.median:.1f}x", f"{rel:.1e}"])
+            out.append({"d": d, "u": u, "dense_s": t_dense.times, "woodbury_s": t_wood.times,
+                        "rel": rel})
+        del C, L
+    return rows, out
 
 
-def woodbury_update(K: torch.Tensor, R: torch.Tensor, L: torch.Tensor, lam: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prototype (benchmark-only): the same ``ΔW = R Kᵀ (λC + KKᵀ)⁻¹`` through the Woodbury
-    identity ``(λC + KKᵀ)⁻¹ K = C⁻¹K (λI + KᵀC⁻¹K)⁻¹`` with a cached Cholesky factor ``L`` of
-    C: O(d²u) per batch instead of O(d³). Returns ``(R, Aᵀ)`` like :func:`memit_update`."""
-    K64 = K.double()  # (d_in, u)
-    X = torch.cholesky_solve(K64, L)  # (d_in, u)  C⁻¹K
-    M = lam * torch.eye(K64.shape[1], dtype=torch.float64, device=K64.device) + K64.T @ X
-    A_T = torch.linalg.solve(M, X.T)  # (u, d_in)  Aᵀ = M⁻¹ (C⁻¹K)ᵀ, M symmetric
-    return R.double(), A_T
-
-
-def solve_table(bm: BenchModel, Cs: dict[str, torch.Tensor], s: Settings,
-                sizes: list[int]) -> list[list[str]]:
-    """``memit_update`` (a dense d×d solve per layer and batch) against the Woodbury prototype,
-    per batch size u, with the largest relative difference of ΔW."""
-    C = next(iter(Cs.values()))
-    d_out = bm.model.config.n_embd
-    g = torch.Generator().manual_seed(s.seed)
-    sync(s.device)
-    t0 = time.perf_counter()
-    L = torch.linalg.cholesky(C)  # (d_in, d_in), once per layer
-    sync(s.device)
-    t_chol = time.perf_counter() - t0
-    rows = [["Cholesky of C (once per layer, cached)", "-", fmt_s(t_chol), "-", "-"]]
-    for u in sizes:
-        K = torch.randn(bm.d_ff, u, generator=g, dtype=torch.float64).to(s.device) / 10
-        R = torch.randn(d_out, u, generator=g, dtype=torch.float64).to(s.device)
-        t_direct, direct = time_runs(lambda K=K, R=R: memit_update(K, R, C, 20000.0), s,
-                                     runs=3, warmup=0)
-        t_wood, (left, right) = time_runs(lambda K=K, R=R: woodbury_update(K, R, L, 20000.0),
-                                          s, runs=3, warmup=0)
-        dW = direct.dense(torch.float64)
-        rel = float((left @ right - dW).norm() / dW.norm())
-        rows.append([f"u = {u}", fmt_s(t_direct.median), fmt_s(t_wood.median),
-                     f"{t_direct.median / t_wood.median:.1f}x", f"{rel:.1e}"])
-    return rows
+def _throughput(memit: MEMIT, bm: BenchModel, Cs: dict[str, torch.Tensor], reqs: list[Any],
+                batches: list[int], s: Settings, budget: float, rows: list[list[Any]],
+                results: dict[int, Any]) -> dict[str, float]:
+    """Time MEMIT edits at each batch size (rows and results filled in); returns the solve
+    costs of one layer."""
+    memit.edit(bm.model, bm.tokenizer, reqs[-1:])  # warm-up: templates, C, factor, allocator
+    t_solve = solve_cost(bm, Cs, s)
+    print(f"per-layer solve at u = 1 ({bm.d_ff}x{bm.d_ff}, float64): dense "
+          f"{fmt_s(t_solve['dense'])}, Woodbury with the cached factor "
+          f"{fmt_s(t_solve['woodbury'])} (the factor, once per layer: "
+          f"{fmt_s(t_solve['cholesky'])})")
+    base = None
+    for n in batches:
+        r = time_batch(memit, bm, reqs[:n], s, budget)
+        per_edit = r["median"] / n
+        base = base or per_edit
+        results[n] = {**r, "per_edit": per_edit}
+        rows.append([n, len(r["times"]), fmt_s(r["median"]), f"{n / r['median']:.3g}",
+                     fmt_s(per_edit), f"{base / per_edit:.2f}x",
+                     f"{100 * r['z'] / r['median']:.0f}%", fmt_bytes(r["peak"])])
+        print(f"  batch {n}: {fmt_s(r['median'])} ({len(r['times'])} runs: "
+              f"{', '.join(fmt_s(t) for t in r['times'])}), {fmt_s(per_edit)} per edit, "
+              f"z optimisation {100 * r['z'] / r['median']:.0f}%, peak "
+              f"{fmt_bytes(r['peak'])}", flush=True)
+    return t_solve
 
 
 def run(s: Settings, *, batches: list[int] | None = None, steps: int = 2,
-        layers: list[int] | None = None, budget: float | None = None) -> dict[str, Any]:
+        layers: list[int] | None = None, budget: float | None = None,
+        solve_dims: list[int] | None = None, solve_sizes: list[int] | None = None,
+        edits: bool = True) -> dict[str, Any]:
     """Run the benchmark and print its table; returns the figures."""
     print(machine_line(s.device), flush=True)
     if batches is None:
@@ -179,39 +212,38 @@ def run(s: Settings, *, batches: list[int] | None = None, steps: int = 2,
           f"C random PD per layer ({bm.d_ff}x{bm.d_ff}, not timed); {s.dtype_name}; up to "
           f"{s.runs} timed runs per batch size (fewer past {budget:.0f} s), after a warm-up")
     rows, results = [], {}
-    with section("MEMIT throughput"):
-        memit.edit(bm.model, bm.tokenizer, reqs[-1:])  # warm-up: templates, C, allocator
-        t_solve = solve_cost(bm, Cs, s)
-        print(f"fixed cost per batch: {len(layers)} solves of a {bm.d_ff}x{bm.d_ff} float64 "
-              f"system, {fmt_s(t_solve)} each ({fmt_s(t_solve * len(layers))} per batch)")
-        base = None
-        for n in batches:
-            r = time_batch(memit, bm, reqs[:n], s, budget)
-            per_edit = r["median"] / n
-            base = base or per_edit
-            results[n] = {**r, "per_edit": per_edit}
-            rows.append([n, len(r["times"]), fmt_s(r["median"]), f"{n / r['median']:.3g}",
-                         fmt_s(per_edit), f"{base / per_edit:.2f}x",
-                         f"{100 * r['z'] / r['median']:.0f}%", fmt_bytes(r["peak"])])
-            print(f"  batch {n}: {fmt_s(r['median'])} ({len(r['times'])} runs: "
-                  f"{', '.join(fmt_s(t) for t in r['times'])}), {fmt_s(per_edit)} per edit, "
-                  f"z optimisation {100 * r['z'] / r['median']:.0f}%, peak "
-                  f"{fmt_bytes(r['peak'])}", flush=True)
-    print_table(["batch", "runs", "time (median)", "edits/s", "time per edit",
-                 "per edit vs batch 1 (one at a time)", "z optimisation", "peak mem"], rows,
-                title="MEMIT throughput against the batch size")
-    first, last = batches[0], batches[-1]
-    drop = results[first]["per_edit"] / results[last]["per_edit"]
-    steps_txt = ", ".join(f"{a}→{b}: {results[a]['per_edit'] / results[b]['per_edit']:.2f}x"
-                          for a, b in itertools.pairwise(batches))
-    print(f"\nThe cost per edit falls {drop:.1f}x from batch {first} to batch {last} "
-          f"({steps_txt}).")
-    with section("waste: the per-layer solve, direct vs Woodbury (benchmark-only prototype)"):
-        print_table(["batch", "memit_update (now)", "Woodbury, cached Cholesky", "speed-up",
-                     "ΔW rel. diff"], solve_table(bm, Cs, s, batches))
+    t_solve: dict[str, float] = {}
+    if edits:
+        with section("MEMIT throughput"):
+            t_solve = _throughput(memit, bm, Cs, reqs, batches, s, budget, rows, results)
+        print_table(["batch", "runs", "time (median)", "edits/s", "time per edit",
+                     "per edit vs batch 1 (one at a time)", "z optimisation", "peak mem"], rows,
+                    title="MEMIT throughput against the batch size")
+        first, last = batches[0], batches[-1]
+        drop = results[first]["per_edit"] / results[last]["per_edit"]
+        steps_txt = ", ".join(
+            f"{a}→{b}: {results[a]['per_edit'] / results[b]['per_edit']:.2f}x"
+            for a, b in itertools.pairwise(batches))
+        print(f"\nThe cost per edit falls {drop:.1f}x from batch {first} to batch {last} "
+              f"({steps_txt}).")
+
+    dims = solve_dims or ([bm.d_ff] if s.quick or s.model == "tiny" else [1600, 6400])
+    sizes = solve_sizes or ([1, 10, 100] if s.quick or s.model == "tiny"
+                            else [1, 10, 100, 1000])
+    with section("the per-layer solve: dense vs Woodbury with a cached Cholesky factor"):
+        srows, sres = solve_rows(s, dims, sizes)
+    print_table(["d", "batch", "dense solve", "Woodbury, cached Cholesky", "speed-up",
+                 "ΔW rel. diff (as stored)"], srows,
+                title="memit_update per layer: dense (λC + KKᵀ) solve vs Woodbury (float64)")
+    worst = max(r["rel"] for r in sres if "rel" in r)
+    ok = worst <= 1e-6
+    print(f"correctness: {'PASS' if ok else 'FAIL'}: largest relative difference of ΔW, "
+          f"Woodbury vs dense: {worst:.1e} (tolerance 1e-6)")
     write_json(s.json_out, "memit", {"batches": {str(k): {kk: vv for kk, vv in v.items()}
                                                  for k, v in results.items()},
-                                     "solve_s": t_solve, "steps": steps, "layers": layers})
+                                     "solve_s": t_solve, "steps": steps, "layers": layers,
+                                     "solves": sres, "solve_ok": ok})
+    results["solve_ok"] = ok
     return results
 
 
@@ -222,13 +254,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="z optimisation steps (default 2)")
     ap.add_argument("--layers", type=int, nargs="+", default=None,
                     help="the edited layers R (default 3-7 on GPT-2 small)")
+    ap.add_argument("--solve-dims", type=int, nargs="+", default=None,
+                    help="key dimensions d of the dense vs Woodbury solve table (default 1600 "
+                         "6400; --quick: the model's d_ff)")
+    ap.add_argument("--solve-sizes", type=int, nargs="+", default=None,
+                    help="batch sizes u of that table (default 1 10 100 1000; --quick: 1 10 "
+                         "100)")
+    ap.add_argument("--solves-only", action="store_true",
+                    help="only the solve table (no edits timed)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds per batch size after which no further run starts "
                          "(default 900; 10 with --quick)")
     args = ap.parse_args(argv)
     s = settings_from_args(args)
-    run(s, batches=args.batches, steps=args.steps, layers=args.layers, budget=args.budget)
-    return 0
+    r = run(s, batches=args.batches, steps=args.steps, layers=args.layers, budget=args.budget,
+            solve_dims=args.solve_dims, solve_sizes=args.solve_sizes,
+            edits=not args.solves_only)
+    return 0 if r["solve_ok"] else 1
 
 
 if __name__ == "__main__":

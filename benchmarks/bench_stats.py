@@ -2,18 +2,19 @@
 
 Three comparisons on WikiText-2 texts (the local copy), cache off:
 
-1. tokens/s of :func:`lightning_rome.stats.get_second_moment` (texts sorted by length into
-   batches of at most 4,096 padded tokens, each pass stopped before the hooked module, a blocked
-   symmetric float64 product) against
+1. tokens/s of :func:`lightning_rome.stats.get_second_moment` (texts sorted by length in
+   windows and cut into batches of at most 4,096 padded tokens, each pass stopped before the
+   hooked module, a blocked symmetric product) against
 
-   - the *published* loop (:func:`published_second_moment`, ROME's ``layer_stats``
-     re-implemented step by step: groups of 100 texts, each sorted longest first and cut into
-     sub-batches of at most ``3 x n_positions`` padded tokens with its collation rule, the
-     padded batch run with ``attention_mask`` and ``position_ids`` until a forward hook on the
-     module raises after the module ran, the real tokens' inputs cast to the precision and
-     added with ``mom2 += aᵀ a``). It runs at ``float32`` (ROME's and MEMIT's
+   - the *published* loop (:func:`benchmarks.published_loop.published_second_moment`, ROME's
+     ``layer_stats`` re-implemented from reading it: groups of 100 texts, each sorted longest
+     first and cut into sub-batches of at most ``3 x n_positions`` padded tokens with its
+     collation rule, the padded batch run with ``attention_mask`` and ``position_ids`` until a
+     forward hook on the module raises after the module ran, the real tokens' inputs cast to
+     the precision and added with ``mom2 += aᵀ a``). It runs at ``float32`` (ROME's and MEMIT's
      ``mom2_dtype``) and at ``float64`` (``layer_stats``' own default), each against the
-     package at the same precision, interleaved in one run;
+     package at the same precision, interleaved in one run (a b c d a b c d ...); the speed-ups
+     are printed as the ratio of medians and per round;
    - a naive loop: one text at a time, a full forward pass with a hook, and a float64 outer
      product per token (on fewer texts).
 
@@ -54,6 +55,7 @@ from benchmarks.common import (
     time_interleaved,
     write_json,
 )
+from benchmarks.published_loop import published_second_moment
 from lightning_rome.hooks import module_hooks
 from lightning_rome.models import get_layout
 from lightning_rome.stats import get_second_moment, get_second_moments
@@ -62,7 +64,6 @@ from lightning_rome.stats.collect import default_seq_len
 DEFAULT_LAYER = {"gpt2-small": 5, "gpt2-mini": 1, "tiny": 0, "fact": 1}
 MULTI_LAYERS = {"gpt2-small": [3, 4, 5, 6, 7], "gpt2-mini": [0, 1, 2, 3], "tiny": [0, 1],
                 "fact": [0, 1, 2, 3]}
-PUBLISHED_GROUP = 100  # layer_stats' DataLoader batch_size: texts sorted together
 
 
 def wikitext(n: int) -> list[str]:
@@ -93,81 +94,6 @@ def naive_second_moment(bm: BenchModel, texts: list[str], module_name: str) -> t
             C += torch.outer(k, k)  # (d, d)
             n += 1
     return C / n, n
-
-
-class _Stop(Exception):
-    """The published loop's way out of the forward pass (raised after the module ran)."""
-
-
-def _published_collate(items: list[dict[str, torch.Tensor]], token_size: int
-                       ) -> list[dict[str, torch.Tensor]]:
-    """The published length collation: sort the group longest first, drop empty texts, and
-    start a new sub-batch when (first row's width) x (rows + 1) would exceed ``token_size``;
-    each sub-batch is right-padded with zeros (ids, positions and mask alike)."""
-    items = sorted(items, key=lambda it: -len(it["input_ids"]))
-    groups: list[list[dict[str, torch.Tensor]]] = []
-    current: list[dict[str, torch.Tensor]] = []
-    width = 0
-    for it in items:
-        n = len(it["input_ids"])
-        if n == 0:
-            break
-        if width * (len(current) + 1) > token_size:
-            groups.append(current)
-            current, width = [], 0
-        if not current:
-            width = n
-        current.append(it)
-    if current:
-        groups.append(current)
-    return [{k: torch.nn.utils.rnn.pad_sequence([it[k] for it in g], batch_first=True)
-             for k in g[0]} for g in groups]
-
-
-@torch.no_grad()
-def published_second_moment(bm: BenchModel, texts: list[str], module_name: str, *,
-                            precision: torch.dtype = torch.float32,
-                            batch_tokens: int | None = None) -> dict[str, Any]:
-    """ROME's ``layer_stats`` loop, step by step (written for this benchmark; see the module
-    docstring). Returns ``C``, the token count and the padded tokens."""
-    model, tok = bm.model, bm.tokenizer
-    device = next(model.parameters()).device
-    npos = int(model.config.n_positions)
-    token_size = batch_tokens or 3 * npos
-    maxlen = min(npos, token_size)
-    module = model.get_submodule(module_name)
-    mom2, count, padded = None, 0, 0
-    for g in range(0, len(texts), PUBLISHED_GROUP):
-        items = []
-        for text in texts[g:g + PUBLISHED_GROUP]:  # the dataset's __getitem__
-            ids = tok.encode(text, truncation=True, max_length=maxlen)
-            items.append({"input_ids": torch.tensor(ids, dtype=torch.long),
-                          "position_ids": torch.arange(len(ids)),
-                          "attention_mask": torch.ones(len(ids), dtype=torch.long)})
-        for batch in _published_collate(items, token_size):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            kept: dict[str, torch.Tensor] = {}
-
-            def hook(mod: Any, inputs: Any, output: Any, kept: dict = kept) -> Any:
-                kept["input"] = inputs[0]
-                raise _Stop
-
-            handle = module.register_forward_hook(hook)
-            try:
-                model(**batch)
-            except _Stop:
-                pass
-            finally:
-                handle.remove()
-            padded += batch["input_ids"].numel()
-            x = kept["input"]  # (B, T, d)
-            flat = x.reshape(-1, x.shape[-1])  # (B*T, d)
-            a = flat[batch["attention_mask"].reshape(-1).nonzero()[:, 0]].to(precision)  # (n, d)
-            if mom2 is None:
-                mom2 = a.new_zeros(a.shape[1], a.shape[1])  # (d, d)
-            count += a.shape[0]
-            mom2 += a.t().mm(a)  # (d, d)
-    return {"C": mom2 / count, "count": count, "padded": padded}
 
 
 def _fast(bm: BenchModel, texts: list[str], layer: int, dtype: torch.dtype = torch.float64
@@ -224,11 +150,11 @@ def published_rows(bm: BenchModel, texts: list[str], naive_texts: list[str], lay
     name = get_layout(bm.model).name("mlp_out", layer)
     variants = {
         "package, float64 sums": lambda: _fast(bm, texts, layer, torch.float64),
-        "published loop, float64": lambda: published_second_moment(bm, texts, name,
-                                                                   precision=torch.float64),
+        "published loop, float64": lambda: published_second_moment(
+            bm.model, bm.tokenizer, texts, name, precision=torch.float64),
         "package, float32 sums": lambda: _fast(bm, texts, layer, torch.float32),
-        "published loop, float32": lambda: published_second_moment(bm, texts, name,
-                                                                   precision=torch.float32),
+        "published loop, float32": lambda: published_second_moment(
+            bm.model, bm.tokenizer, texts, name, precision=torch.float32),
     }
     timed = time_interleaved(list(variants.values()), s)
     res = dict(zip(variants, timed))
@@ -261,6 +187,17 @@ def published_rows(bm: BenchModel, texts: list[str], naive_texts: list[str], lay
                  "vs published (same precision)", "time / minimal work"], rows,
                 title=f"Second moment of {name}: {len(texts)} texts, {n:,} tokens (cache off, "
                       f"{s.runs} interleaved runs after {s.warmup} warm-up)")
+    pub32 = res["published loop, float32"][0]
+    ratios = {}
+    for label, ref in (("package, float32 sums", pub32),
+                       ("package, float64 sums", res["published loop, float64"][0]),
+                       ("package, float64 sums (default) vs published float32", pub32)):
+        ours = res[label.split(" (default)")[0]][0]
+        pairs = [b / a for a, b in zip(ours.times, ref.times)]  # one per interleaved round
+        ratios[label] = {"median": ref.median / ours.median, "pairs": pairs}
+        print(f"speed-up, {label}: {ref.median / ours.median:.2f}x (per round: "
+              f"{', '.join(f'{x:.2f}' for x in pairs)})")
+    out["ratios"] = ratios
     print(f"minimal work: forward {fl['forward'] / 1e9:,.1f} GFLOP (blocks 0-{layer} up to "
           f"W_out) + accumulation {fl['accumulate'] / 1e9:,.1f} GFLOP; measured GEMM rates "
           f"{rates[torch.float32] / 1e9:,.1f} GFLOP/s (float32), "

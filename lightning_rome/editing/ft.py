@@ -11,6 +11,7 @@ steps through ``Trainer.fit`` with its logging.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -22,6 +23,7 @@ from lightning_rome.editing.hparams import NONNEG, POSITIVE, POSITIVE_INT, Hyper
 from lightning_rome.models.checks import check_requests
 from lightning_rome.models.layout import ModelLayout, get_layout
 from lightning_rome.models.modes import in_eval_mode
+from lightning_rome.models.precision import check_tuning_changed
 from lightning_rome.models.weights import canonical_weight, is_transposed, weight_param_name
 from lightning_rome.patches import WeightPatch
 from lightning_rome.requests import EditRequest, as_requests, check_batch
@@ -151,6 +153,8 @@ class FT:
         Raises:
             FloatingPointError: the loss became NaN/inf (the model is restored first).
             TypeError: the tuned weights are float16.
+            UnderflowError: the tuned bfloat16 weights did not move (the steps rounded away;
+                the model is restored first).
             IncompatibleInputError: a request does not fit the model (vocabulary, length).
         """
         model = unwrap_model(model)  # a torch.compile wrapper: its module
@@ -173,23 +177,29 @@ class FT:
         for p in state.params:
             p.requires_grad_(True)
         self.last_losses = []
+        stepped = False
         try:
             with torch.enable_grad(), torch.inference_mode(False):
                 opt = torch.optim.Adam(state.params, lr=hp.lr, weight_decay=hp.weight_decay)
                 for _ in range(hp.num_steps):
                     loss = ft_loss(model, tokenizer, reqs)
-                    if not bool(torch.isfinite(loss)):
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
                         raise FloatingPointError(
-                            f"{self.method}: the loss became {float(loss)}; the model is "
-                            "restored")
-                    self.last_losses.append(float(loss.detach()))
-                    if float(loss) < hp.early_stop_loss:
+                            f"{self.method}: the loss became {value}; the model is restored")
+                    self.last_losses.append(value)
+                    if value < hp.early_stop_loss:
                         break
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    stepped = True
                     state.project()
             deltas = state.deltas()
+            if stepped:  # steps that all rounded away in bf16 would leave a patch of zeros
+                check_tuning_changed(deltas, {n: p.dtype for n, p in zip(state.names,
+                                                                         state.params)},
+                                     self.method)
         finally:
             state.restore()
             for p in frozen:

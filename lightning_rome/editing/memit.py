@@ -11,7 +11,10 @@ Many facts are written at once, spread over the MLPs of a range of layers R:
 
        ΔW_l = R_l Kᵀ (λ C_l + K Kᵀ)⁻¹         solved in float64
 
-   with ``C_l = E[k kᵀ]`` the layer's second moment and ``λ = mom2_update_weight``.
+   with ``C_l = E[k kᵀ]`` the layer's second moment and ``λ = mom2_update_weight``. For fewer
+   requests than ``d_in`` the solve goes through the Woodbury identity with a Cholesky factor
+   of ``C_l`` computed once per layer (O(d²u) per batch instead of O(d³); see
+   :func:`memit_update`).
 
 The result is one :class:`~lightning_rome.patches.WeightPatch` with a rank-u delta per layer.
 """
@@ -58,7 +61,8 @@ from lightning_rome.tokens import FactToken, subject_span
 from lightning_rome.utils.io import CorruptFileError, cache_dir, tensor_checksum
 from lightning_rome.utils.modules import unwrap_model
 
-__all__ = ["MEMIT", "MEMITHyperParams", "memit_edit", "memit_update"]
+__all__ = ["MEMIT", "MEMITHyperParams", "SolveMethod", "cholesky_factor", "memit_edit",
+           "memit_update"]
 
 
 @dataclasses.dataclass
@@ -136,21 +140,81 @@ class MEMITHyperParams(HyperParams):
                              f"{self.key_average!r}")
 
 
-def memit_update(K: Tensor, R: Tensor, C: Tensor, lam: float) -> LowRankDelta:
+SolveMethod = Literal["auto", "dense", "woodbury"]
+"""How :func:`memit_update` solves ``(λC + KKᵀ) A = K``: ``"dense"`` (an LU solve of the
+``d × d`` system, O(d³)), ``"woodbury"`` (through a Cholesky factor of C, O(d²u) once the factor
+is known) or ``"auto"`` (Woodbury when ``u < d`` and C is positive definite, else dense)."""
+
+
+def cholesky_factor(C: Tensor) -> Tensor | None:
+    """The lower Cholesky factor of ``C`` in float64, ``(d, d)``, or ``None`` when ``C`` is
+    not (numerically) positive definite."""
+    L, info = torch.linalg.cholesky_ex(C.double())  # (d, d)
+    return L if int(info) == 0 else None
+
+
+def memit_update(K: Tensor, R: Tensor, C: Tensor, lam: float, *, factor: Tensor | None = None,
+                 method: SolveMethod = "auto") -> LowRankDelta:
     """``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` as a low-rank delta, solved in float64.
+
+    With ``A = λC``, the Woodbury identity gives ``(A + KKᵀ)⁻¹ K = A⁻¹K (I + KᵀA⁻¹K)⁻¹ =
+    X (λI + KᵀX)⁻¹`` with ``X = C⁻¹K``: two triangular solves with the Cholesky factor of C and
+    a ``u × u`` solve, O(d²u) instead of the dense O(d³). It is used for ``u < d`` (``"auto"``)
+    when C is positive definite; otherwise the ``d × d`` system is solved directly. Both give
+    the same ΔW up to float64 rounding (relative ~ cond(λC + KKᵀ) x 1e-16).
 
     Args:
         K: ``(d_in, u)`` keys of the edited facts.
         R: ``(d_out, u)`` residuals to write.
         C: ``(d_in, d_in)`` second moment of the layer's keys.
         lam: λ.
+        factor: the lower Cholesky factor of this ``C`` (:func:`cholesky_factor`), e.g. cached
+            per layer; without it the Woodbury path factors C itself (O(d³/3), still half an
+            LU solve). It must be the factor of ``C`` itself: λ is applied here.
+        method: see :data:`SolveMethod`.
 
     Returns:
         ``LowRankDelta(R (d_out, u), Aᵀ (u, d_in))`` with ``A = (λC + KKᵀ)⁻¹ K``.
+
+    Raises:
+        ValueError: an unknown ``method``, or shapes that do not fit.
+        FloatingPointError: ``method="woodbury"`` with a C that is not positive definite.
     """
-    K64, R64 = K.double(), R.double()
+    if method not in ("auto", "dense", "woodbury"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'woodbury', got {method!r}")
+    d, u = K.shape
+    if tuple(C.shape) != (d, d) or R.ndim != 2 or R.shape[1] != u:
+        raise ValueError(f"shapes do not fit: K {tuple(K.shape)}, R {tuple(R.shape)}, "
+                         f"C {tuple(C.shape)}")
+    if factor is not None and tuple(factor.shape) != (d, d):
+        raise ValueError(f"the factor is {tuple(factor.shape)}, C is {tuple(C.shape)}")
+    K64, R64 = K.double(), R.double()  # (d_in, u), (d_out, u)
+    woodbury = method == "woodbury" or (method == "auto" and u < d)
+    if woodbury:
+        L = factor if factor is not None else cholesky_factor(C.to(K64.device))
+        if L is None and method == "woodbury":
+            raise FloatingPointError("C is not positive definite: the Woodbury solve needs "
+                                     "its Cholesky factor (use method='dense')")
+        if L is not None:
+            L = L.to(device=K64.device, dtype=torch.float64)  # (d_in, d_in)
+            X = torch.cholesky_solve(K64, L)  # (d_in, u): C⁻¹K
+            M = K64.T @ X  # (u, u): KᵀC⁻¹K, symmetric
+            M.diagonal().add_(lam)  # λI + KᵀC⁻¹K
+            At = torch.linalg.solve(M, X.T)  # (u, d_in): Aᵀ = M⁻¹ Xᵀ (M symmetric)
+            return LowRankDelta(R64.float(), At.float())  # (d_out, u), (u, d_in)
     A = torch.linalg.solve(lam * C.double().to(K64.device) + K64 @ K64.T, K64)  # (d_in, u)
     return LowRankDelta(R64.float(), A.T.float())  # (d_out, u), (u, d_in)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Factor:
+    """A cached Cholesky factor ``L`` of the tensor ``C`` at version ``version``, on
+    ``device`` (``L`` is ``None`` when C is not positive definite)."""
+
+    C: Tensor
+    version: int
+    device: torch.device
+    L: Tensor | None
 
 
 class MEMIT:
@@ -172,30 +236,51 @@ class MEMIT:
         self.hparams = MEMITHyperParams.resolve(hparams)
         self.second_moment = second_moment
         self.layout_override = layout
-        self._C: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = (
+        # per model: C by (module, statistics settings), and C's Cholesky factor by module
+        self._C: weakref.WeakKeyDictionary[nn.Module, dict[Any, Tensor]] = (
+            weakref.WeakKeyDictionary())
+        self._chol: weakref.WeakKeyDictionary[nn.Module, dict[str, _Factor]] = (
             weakref.WeakKeyDictionary())
         self.last_stats: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        # The per-model cache of C holds weak references, which cannot be pickled (ddp_spawn
-        # pickles callbacks and modules); a copy starts with an empty cache.
+        # The per-model caches of C and its factor hold weak references, which cannot be
+        # pickled (ddp_spawn pickles callbacks and modules); a copy starts with empty caches.
         state = self.__dict__.copy()
-        state["_C"] = None
+        state["_C"] = state["_chol"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._C = weakref.WeakKeyDictionary()
+        self._chol = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ pieces
     def _C_of(self, model: nn.Module, tok: PreTrainedTokenizerBase, name: str) -> Tensor:
+        hp = self.hparams
         per_model = self._C.setdefault(model, {})
-        if name not in per_model:
-            hp = self.hparams
-            per_model[name] = second_moment(model, tok, name, fn=self.second_moment,
-                                            corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples,
-                                            dtype=hp.mom2_dtype)
-        return per_model[name]
+        # the statistics settings are in the key: changing them on this editor gives a new C
+        key = (name, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_dtype)
+        if key not in per_model:
+            per_model[key] = second_moment(model, tok, name, fn=self.second_moment,
+                                           corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples,
+                                           dtype=hp.mom2_dtype)
+        return per_model[key]
+
+    def _factor_of(self, model: nn.Module, name: str, C: Tensor, device: torch.device,
+                   ) -> Tensor | None:
+        """The Cholesky factor of ``C`` on ``device`` (``None``: C is not positive definite),
+        computed once per layer. It is reused only for this very tensor, unmodified (its
+        object and version counter) on the same device; λ is not in it (it is applied in
+        :func:`memit_update`), so changing λ never reuses a wrong factor."""
+        per_model = self._chol.setdefault(model, {})
+        hit = per_model.get(name)
+        if hit is not None and hit.C is C and hit.version == C._version and (
+                hit.device == device):
+            return hit.L
+        L = cholesky_factor(C.to(device))
+        per_model[name] = _Factor(C, C._version, device, L)
+        return L
 
     def _template_groups(self, model: nn.Module, tok: PreTrainedTokenizerBase,
                          ) -> list[list[str]]:
@@ -387,7 +472,11 @@ class MEMIT:
                 h = self._residual_now(model, tokenizer, block, reqs)  # (d, u)
                 R_l = (Z.to(h.device) - h) / (len(hp.layers) - i)  # (d, u)
                 C = self._C_of(model, tokenizer, name)
-                delta = memit_update(K, R_l, C, hp.mom2_update_weight)
+                factor = None
+                if K.shape[1] < K.shape[0]:  # Woodbury (u < d): C's factor, cached per layer
+                    factor = self._factor_of(model, name, C, K.device)
+                delta = memit_update(K, R_l, C, hp.mom2_update_weight, factor=factor,
+                                     method="dense" if factor is None else "woodbury")
                 check_update_representable(model, {weight_param_name(name): delta}, "MEMIT")
                 dev = model.get_parameter(weight_param_name(name)).device
                 tx.apply(WeightPatch.from_model(

@@ -84,6 +84,13 @@ class EvalOptions:
         # A read-only copy: the options stay what they were when the run started.
         object.__setattr__(self, "generation_kwargs", MappingProxyType(dict(kw)))
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # A read-only mapping does not pickle (DDP spawn sends the options to every process):
+        # rebuild from the fields, with the keyword arguments as a plain dict.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["generation_kwargs"] = dict(fields["generation_kwargs"])
+        return (_rebuild_options, (type(self), fields))
+
     @classmethod
     def from_settings(cls, options: EvalOptions | None = None, **settings: Any) -> EvalOptions:
         """``options`` (default: the defaults) with the given fields replaced.
@@ -111,3 +118,7 @@ class EvalOptions:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["generation_kwargs"] = self.generation_settings()
         return out
+
+
+def _rebuild_options(cls: type[EvalOptions], fields: dict[str, Any]) -> EvalOptions:
+    return cls(**fields)

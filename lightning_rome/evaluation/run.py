@@ -47,7 +47,7 @@ from lightning_rome.evaluation.feed import update_metrics
 from lightning_rome.evaluation.options import EvalOptions
 from lightning_rome.evaluation.results import Record, new_record
 from lightning_rome.models.modes import eval_mode
-from lightning_rome.patches import WeightPatch
+from lightning_rome.patches import EditTransaction, WeightPatch
 from lightning_rome.records import CaseId, EditCase
 from lightning_rome.scoring import candidate_scores, generate, model_device
 from lightning_rome.utils.modules import unwrap_model
@@ -314,13 +314,11 @@ def _independent(run: _Run, cases: list[EditCase]) -> list[Record]:
             patch = run.edit(case)
             record["edit_seconds"] = time.perf_counter() - t1
             _with_norms(record, patch)
-            patch.apply(model)  # all or nothing: a patch that cannot apply writes nothing
-            try:
+            with EditTransaction(model) as tx:  # reverted on the way out, whatever happens
+                tx.apply(patch)  # all or nothing: a patch that cannot apply writes nothing
                 t2 = time.perf_counter()
                 record["post"] = run.measure([case], "post")[0]
                 record["eval_seconds"] = time.perf_counter() - t2
-            finally:
-                patch.revert(model)
         except Exception as e:
             run.failed(record, e, f"evaluation of case {case.case_id!r} failed and is skipped")
         run.check_restored(f"case {case.case_id!r}")
@@ -335,24 +333,19 @@ def _edits_in_sequence(run: _Run, cases: list[EditCase], records: list[Record]
     holding the earlier ones, yield the indices of the cases whose edit holds, and revert every
     applied patch, newest first, on the way out (success, error or interrupt). A failed edit
     raises (after the revert) or, with ``on_error="skip"``, is recorded and skipped."""
-    applied: list[WeightPatch] = []
-    try:
+    with EditTransaction(run.model) as tx:  # never committed: all reverted on the way out
         if run.editor is not None:
             for case, r in zip(cases, records):
                 t1 = time.perf_counter()
                 try:
                     patch = run.edit(case)
                     _with_norms(r, patch)
-                    patch.apply(run.model)
-                    applied.append(patch)
+                    tx.apply(patch)
                     r["edit_seconds"] = time.perf_counter() - t1
                 except Exception as e:
                     run.failed(r, e, f"the edit of case {case.case_id!r} failed and is skipped "
                                      f"(sequential group of {len(cases)})")
         yield [i for i, r in enumerate(records) if r["status"] == "ok"]
-    finally:
-        for p in reversed(applied):
-            p.revert(run.model)
 
 
 def _sequential(run: _Run, cases: list[EditCase]) -> list[Record]:

@@ -20,7 +20,8 @@ anywhere resumes after the last checkpointed batch, with the same curve, redoing
 was checkpointed. A results folder belongs to one run key (:func:`run_key`: the model's weights,
 the tokenizer, the data, the editor and its hyperparameters, the settings, the format
 version); another key is refused. At the end the model is restored bit-exactly unless
-``keep_edits=True``.
+``keep_edits=True`` (an interrupted or failed run always restores it; its checkpoint holds the
+edits).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rome.patches import WeightPatch
+from lightning_rome.patches import EditTransaction, WeightPatch
 from lightning_rome.records import EditCase
 from lightning_rome.scoring import candidate_nll, generate, model_device
 from lightning_rome.utils.io import (
@@ -402,7 +403,8 @@ def run_sequential(
             memory only, no resume).
         resume: continue from the folder's checkpoint (same run key); ``False`` starts over.
         overwrite: replace a folder that holds another run.
-        keep_edits: leave the edits in the model (default: restore it bit-exactly).
+        keep_edits: leave the edits in the model when the run finishes (default: restore it
+            bit-exactly; an interrupted or failed run is always restored).
         on_point: called with each new point (e.g. to log it).
         stop_after: raise :class:`SequentialInterrupt` after this many batches in total, once
             they are checkpointed (simulates an interruption).
@@ -431,17 +433,18 @@ def run_sequential(
     folder = Path(results_dir) if results_dir is not None else None
     points: list[dict[str, Any]] = []
     done, batches_run, edit_seconds = 0, 0, 0.0
-    applied: list[WeightPatch] = []
     originals: dict[str, Tensor] = {}  # the unedited value of every parameter an edit changed
+    # The edits, in order; reverted bit-exactly on the way out unless committed (keep_edits and
+    # a run that finished; an interrupted or failed run always restores the model).
+    tx = EditTransaction(model)
 
     def apply(patch: WeightPatch) -> None:
         for n in patch.names:
             if n not in originals:
                 originals[n] = model.get_parameter(n).detach().clone()
-        patch.apply(model)
-        applied.append(patch)
+        tx.apply(patch)
 
-    with eval_mode(model):
+    with eval_mode(model), tx:
         ckpt_state = None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -449,65 +452,62 @@ def run_sequential(
             ckpt = folder / CHECKPOINT_FILE
             if resume and ckpt.is_file():
                 ckpt_state = _load_checkpoint(ckpt, key)
-        try:
-            if ckpt_state is not None and int(ckpt_state[0]["batches"]) == len(batches):
-                # Finished earlier: nothing to redo, the model is not touched.
-                done, points = len(batches), list(ckpt_state[0]["points"])
-            elif ckpt_state is not None and folder is not None:
-                header, tensors = ckpt_state
-                _warm_up(editor, model, tokenizer, [c.request for c in batches[0]])
-                if header["editor"] is not None:
-                    editor.load_state_dict({"header": header["editor"], "keys": {
-                        n.removeprefix("editor::"): t for n, t in tensors.items()
-                        if n.startswith("editor::")}})
-                # Re-apply the saved patches in order: each checks the weights it was computed
-                # against, and the weights become exactly those of the uninterrupted run.
-                for j in range(int(header["batches"])):
-                    apply(WeightPatch.load(_patch_path(folder, j + 1)).to(model_device(model)))
-                done, points = int(header["batches"]), list(header["points"])
-                edit_seconds = float(header["edit_seconds"])
-            else:
-                m = measure(model, tokenizer, [], retain, fluency_prompts, settings)
-                points.append({"batches": 0, "edits": 0, **m, "update_norm": 0.0,
-                               "edit_seconds": 0.0})
+        if ckpt_state is not None and int(ckpt_state[0]["batches"]) == len(batches):
+            # Finished earlier: nothing to redo, the model is not touched.
+            done, points = len(batches), list(ckpt_state[0]["points"])
+        elif ckpt_state is not None and folder is not None:
+            header, tensors = ckpt_state
+            _warm_up(editor, model, tokenizer, [c.request for c in batches[0]])
+            if header["editor"] is not None:
+                editor.load_state_dict({"header": header["editor"], "keys": {
+                    n.removeprefix("editor::"): t for n, t in tensors.items()
+                    if n.startswith("editor::")}})
+            # Re-apply the saved patches in order: each checks the weights it was computed
+            # against, and the weights become exactly those of the uninterrupted run.
+            for j in range(int(header["batches"])):
+                apply(WeightPatch.load(_patch_path(folder, j + 1)).to(model_device(model)))
+            done, points = int(header["batches"]), list(header["points"])
+            edit_seconds = float(header["edit_seconds"])
+        else:
+            m = measure(model, tokenizer, [], retain, fluency_prompts, settings)
+            points.append({"batches": 0, "edits": 0, **m, "update_norm": 0.0,
+                           "edit_seconds": 0.0})
+            if on_point is not None:
+                on_point(points[-1])
+            if folder is not None:
+                _write_curve(folder, key, points, False)
+        for j in range(done, len(batches)):
+            t0 = time.perf_counter()
+            patch = editor.edit(model, tokenizer, [c.request for c in batches[j]])
+            if not isinstance(patch, WeightPatch):
+                raise TypeError(f"{type(editor).__name__}.edit returned "
+                                f"{type(patch).__name__}, expected a WeightPatch")
+            apply(patch.to(model_device(model)))
+            edit_seconds += time.perf_counter() - t0
+            batches_run += 1
+            done = j + 1
+            if folder is not None:
+                patch.save(_patch_path(folder, done))
+            is_point = done % settings.eval_every == 0 or done == len(batches)
+            if is_point:
+                edited = cases[:min(len(cases), done * b)]
+                m = measure(model, tokenizer, edited, retain, fluency_prompts, settings)
+                points.append({"batches": done, "edits": len(edited), **m,
+                               "update_norm": _update_norm(model, originals),
+                               "edit_seconds": edit_seconds})
                 if on_point is not None:
                     on_point(points[-1])
-                if folder is not None:
-                    _write_curve(folder, key, points, False)
-            for j in range(done, len(batches)):
-                t0 = time.perf_counter()
-                patch = editor.edit(model, tokenizer, [c.request for c in batches[j]])
-                if not isinstance(patch, WeightPatch):
-                    raise TypeError(f"{type(editor).__name__}.edit returned "
-                                    f"{type(patch).__name__}, expected a WeightPatch")
-                apply(patch.to(model_device(model)))
-                edit_seconds += time.perf_counter() - t0
-                batches_run += 1
-                done = j + 1
-                if folder is not None:
-                    patch.save(_patch_path(folder, done))
-                is_point = done % settings.eval_every == 0 or done == len(batches)
+            if folder is not None and (is_point or done % settings.checkpoint_every == 0):
+                _save_checkpoint(folder / CHECKPOINT_FILE, key, editor, done, points,
+                                 edit_seconds)
                 if is_point:
-                    edited = cases[:min(len(cases), done * b)]
-                    m = measure(model, tokenizer, edited, retain, fluency_prompts, settings)
-                    points.append({"batches": done, "edits": len(edited), **m,
-                                   "update_norm": _update_norm(model, originals),
-                                   "edit_seconds": edit_seconds})
-                    if on_point is not None:
-                        on_point(points[-1])
-                if folder is not None and (is_point or done % settings.checkpoint_every == 0):
-                    _save_checkpoint(folder / CHECKPOINT_FILE, key, editor, done, points,
-                                     edit_seconds)
-                    if is_point:
-                        _write_curve(folder, key, points, done == len(batches))
-                if stop_after is not None and done >= stop_after and done < len(batches):
-                    raise SequentialInterrupt(f"stopped after batch {done} (stop_after)")
-            if folder is not None:
-                _write_curve(folder, key, points, True)
-        finally:
-            if not keep_edits:
-                for p in reversed(applied):
-                    p.revert(model)
+                    _write_curve(folder, key, points, done == len(batches))
+            if stop_after is not None and done >= stop_after and done < len(batches):
+                raise SequentialInterrupt(f"stopped after batch {done} (stop_after)")
+        if folder is not None:
+            _write_curve(folder, key, points, True)
+        if keep_edits:
+            tx.commit(compose=False)
     return SequentialResult(points, key, batches_run, folder)
 
 

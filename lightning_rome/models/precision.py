@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_rome.models.weights import canonical_weight
 
-__all__ = ["UnderflowError", "check_update_representable"]
+__all__ = ["UnderflowError", "check_tuning_changed", "check_update_representable"]
 
 MIN_CHANGED = 0.01  # refuse when fewer than this fraction of the updated entries would change
 
@@ -58,3 +58,28 @@ def check_update_representable(model: nn.Module, deltas: Mapping[str, object], m
                 f"entries would change (max |Δ| {float(d.abs().max()):.3g}, mean |W| "
                 f"{float(w.float().abs().mean()):.3g}); the edit would do nothing. Load the "
                 "model in float32 to edit it (and cast it back after applying, if needed)")
+
+
+def check_tuning_changed(deltas: Mapping[str, Tensor], dtypes: Mapping[str, torch.dtype],
+                         method: str, *, min_changed: float = MIN_CHANGED) -> None:
+    """Raise :class:`UnderflowError` if weights tuned in place in a low-precision dtype
+    (float16, bfloat16) moved in fewer than ``min_changed`` of their entries: the optimiser's
+    steps rounded away, and the edit would do nothing.
+
+    Args:
+        deltas: ``{parameter name: tuned minus original}``, any shape.
+        dtypes: ``{parameter name: the dtype the weight was tuned in}``; float32 and float64
+            weights are not checked (there a zero entry is a real zero gradient).
+        method: the editor's name, for the message.
+    """
+    for name, d in deltas.items():
+        dtype = dtypes[name]
+        if dtype not in (torch.float16, torch.bfloat16) or d.numel() == 0:
+            continue
+        changed = int((d != 0).sum())
+        if changed < min_changed * d.numel():
+            raise UnderflowError(
+                f"{method}: the tuned {name} changed in only {changed} of {d.numel()} entries: "
+                f"the optimiser's steps round away in {str(dtype).removeprefix('torch.')}; "
+                "the edit would do nothing. Load the model in float32 to edit it, or raise "
+                "the learning rate")

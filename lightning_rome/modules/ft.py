@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +14,8 @@ from typing_extensions import override
 
 from lightning_rome.editing.ft import FTHyperParams, FTState, ft_loss
 from lightning_rome.models.loading import resolve_model
+from lightning_rome.models.precision import check_tuning_changed
+from lightning_rome.modules._frozen import EvalModeModel
 from lightning_rome.patches import WeightPatch
 from lightning_rome.requests import EditRequest, as_requests, check_batch
 
@@ -32,7 +35,7 @@ class _Repeat(Dataset):
         return i
 
 
-class FTModule(pl.LightningModule):
+class FTModule(EvalModeModel, pl.LightningModule):
     """Fine-tune a causal LM on edit requests with ``Trainer.fit``: ``training_step`` minimises
     ``−log P[o* | prompt]`` on the chosen layers; with ``norm_constraint`` (FT+L) the weights are
     clamped to ``±ε`` of their originals after every optimiser step. Training stops early once the
@@ -66,6 +69,7 @@ class FTModule(pl.LightningModule):
         self.requests: list[EditRequest] = check_batch(as_requests(requests), "FTModule")
         self.ft_hparams = FTHyperParams.resolve(hparams)
         self.state = FTState(model, self.ft_hparams)
+        self._steps_taken = 0  # optimiser steps so far (an underflow check needs > 0)
         self._base = WeightPatch.from_model(model, {n: torch.zeros(0) for n in self.state.names})
         trainable = {id(p) for p in self.state.params}
         for p in model.parameters():
@@ -74,10 +78,11 @@ class FTModule(pl.LightningModule):
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
         loss = ft_loss(self.model, self.tokenizer, self.requests)
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"FT loss became {float(loss)} at step {self.global_step}")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"FT loss became {value} at step {self.global_step}")
         self.log("ft/loss", loss, prog_bar=True, on_step=True, batch_size=len(self.requests))
-        if float(loss) < self.ft_hparams.early_stop_loss:
+        if value < self.ft_hparams.early_stop_loss:
             self.trainer.should_stop = True
             return None  # no optimiser step once converged
         return loss
@@ -86,6 +91,7 @@ class FTModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Runs after this batch's optimiser step: project onto FT+L's L∞ ball.
         self.state.project()
+        self._steps_taken += 1
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -98,9 +104,17 @@ class FTModule(pl.LightningModule):
 
     def patch(self) -> WeightPatch:
         """The weight change so far as a dense :class:`WeightPatch` (computed against the
-        original weights)."""
-        return WeightPatch(self.state.deltas(), method="ft-l" if self.ft_hparams.norm_constraint
-                           else "ft", hparams=self.ft_hparams.to_dict(), requests=self.requests,
+        original weights).
+
+        Raises:
+            UnderflowError: steps were taken but the bfloat16/float16 weights did not move.
+        """
+        deltas = self.state.deltas()
+        method = "ft-l" if self.ft_hparams.norm_constraint else "ft"
+        if self._steps_taken:
+            check_tuning_changed(deltas, {n: p.dtype for n, p in zip(self.state.names,
+                                                                     self.state.params)}, method)
+        return WeightPatch(deltas, method=method, hparams=self.ft_hparams.to_dict(), requests=self.requests,
                            model_name=self._base.model_name, checksums=self._base.checksums)
 
     def restore(self) -> None:

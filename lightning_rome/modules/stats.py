@@ -39,6 +39,8 @@ from lightning_rome.stats.cache import (
     stats_root,
 )
 from lightning_rome.stats.collect import (
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_PASS_COST,
     _hooks,
     _load_one,
     _pad,
@@ -48,6 +50,7 @@ from lightning_rome.stats.collect import (
     default_seq_len,
     iter_token_rows,
     key_dim,
+    pass_cost,
     resolve_modules,
 )
 from lightning_rome.stats.moments import SecondMoment
@@ -61,11 +64,13 @@ class _ShardBatches(IterableDataset):
 
     def __init__(self, corpus: TextCorpus, tokenizer: PreTrainedTokenizerBase, *, seq_len: int,
                  n_samples: int | None, n_tokens: int | None, batch_size: int | None,
-                 batch_tokens: int | None, rank: int, world_size: int) -> None:
+                 batch_tokens: int | None, rank: int, world_size: int,
+                 cost: float = DEFAULT_PASS_COST) -> None:
         self.corpus, self.tokenizer, self.seq_len = corpus, tokenizer, seq_len
         self.n_samples, self.n_tokens = n_samples, n_tokens
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.rank, self.world_size = rank, world_size
+        self.cost = cost  # what a pass costs, against padding (stats.collect.pass_cost)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rows = iter_token_rows(self.corpus, self.tokenizer, seq_len=self.seq_len,
@@ -73,7 +78,7 @@ class _ShardBatches(IterableDataset):
                                world_size=self.world_size)
         pad_id = _pad_id(self.tokenizer)
         for batch in batch_rows(rows, batch_size=self.batch_size,
-                                batch_tokens=self.batch_tokens):
+                                batch_tokens=self.batch_tokens, cost=self.cost):
             real = [ids for _, ids in batch if ids]
             if real:
                 ids, mask = _pad(real, pad_id, torch.device("cpu"))  # (B, T), (B, T)
@@ -109,8 +114,11 @@ class SecondMomentModule(L.LightningModule):
             noisier estimate of the same ``C``.
         n_tokens: a global token budget.
         seq_len: truncate texts to this many tokens (default: the model's context).
-        batch_size: texts per forward pass on each rank.
-        batch_tokens: padded tokens per forward pass.
+        batch_size: at most this many texts per forward pass on each rank (``None``: no
+            limit).
+        batch_tokens: at most this many padded tokens per forward pass; each rank sorts its
+            texts by length (in windows) before cutting them into batches, as
+            :func:`~lightning_rome.stats.get_second_moments` does.
         dtype: accumulation dtype (float64 or float32).
         part: the layout part for integer layers.
         layout: a layout override.
@@ -131,8 +139,8 @@ class SecondMomentModule(L.LightningModule):
         n_samples: int | None = 100_000,
         n_tokens: int | None = None,
         seq_len: int | None = None,
-        batch_size: int | None = 32,
-        batch_tokens: int | None = None,
+        batch_size: int | None = None,
+        batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
         dtype: torch.dtype = torch.float64,
         part: str = "mlp_out",
         layout: Any = None,
@@ -169,7 +177,8 @@ class SecondMomentModule(L.LightningModule):
         data = _ShardBatches(self.corpus, self.tokenizer, seq_len=self.seq_len,
                              n_samples=self.n_samples, n_tokens=self.n_tokens,
                              batch_size=self.batch_size, batch_tokens=self.batch_tokens,
-                             rank=rank, world_size=world)
+                             rank=rank, world_size=world,
+                             cost=pass_cost(self.model, self.batch_tokens))
         return DataLoader(data, batch_size=None)
 
     @override
@@ -270,8 +279,8 @@ def compute_second_moments_distributed(
     n_samples: int | None = 100_000,
     n_tokens: int | None = None,
     seq_len: int | None = None,
-    batch_size: int | None = 32,
-    batch_tokens: int | None = None,
+    batch_size: int | None = None,
+    batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
     dtype: torch.dtype = torch.float64,
     part: str = "mlp_out",
     layout: Any = None,

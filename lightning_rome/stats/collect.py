@@ -41,6 +41,7 @@ from lightning_rome.utils.progress import progress_bar
 
 __all__ = [
     "DEFAULT_BATCH_TOKENS",
+    "DEFAULT_PASS_COST",
     "DEFAULT_SORT_WINDOW",
     "accumulate_batch",
     "batch_rows",
@@ -50,6 +51,7 @@ __all__ = [
     "get_second_moments",
     "iter_token_rows",
     "key_dim",
+    "pass_cost",
     "resolve_modules",
     "sorted_batches",
 ]
@@ -62,10 +64,32 @@ DEFAULT_BATCH_TOKENS = 4096
 #: Texts read before sorting them by length into batches (checkpoints fall between windows).
 DEFAULT_SORT_WINDOW = 1024
 _FORWARD_DTYPES = (torch.float16, torch.bfloat16)
-#: What one more forward pass is taken to cost, in padded tokens per token of the budget: the
-#: batching trades this against padding (1/32: a 4,096-token budget pads ~7% on 200
-#: WikiText texts, ~2% on 1,024, against 24% and 5% when filling each batch to the budget).
-_BATCH_COST = 1 / 32
+#: What one more forward pass is taken to cost, as a fraction of the token budget, which the
+#: batching trades against padding: on an accelerator (and when the model is not known) 1/32,
+#: for the fixed launch cost of a pass (a 4,096-token budget pads ~7% on 200 WikiText texts,
+#: ~2% on 1,024, against 24% and 5% when filling each batch to the budget).
+DEFAULT_PASS_COST = 1 / 32
+#: On a CPU a pass costs its Python overhead, about 1 ms, i.e. ~5e7 FLOPs at one core's ~50
+#: GFLOP/s, against 2 FLOPs per (non-embedding) parameter for each token; the fraction is held
+#: to [1/512, 1/32]. GPT-2 small (~1.6 ms a token on one core) gets 1/512, 8 tokens at 4,096,
+#: and pads ~1% on 200 WikiText texts, 0.4% on 1,024; a tiny test model gets 1/32.
+_CPU_PASS_FLOP = 5e7
+_CPU_PASS_RANGE = (1 / 512, 1 / 32)
+
+
+def pass_cost(model: nn.Module, batch_tokens: int | None) -> float:
+    """The cost of one more forward pass of ``model`` on its device, as a fraction of
+    ``batch_tokens`` (see :data:`DEFAULT_PASS_COST`); it depends on the device and the model's
+    size only, so the batches of a run are the same every time."""
+    if batch_tokens is None or _device(model).type != "cpu":
+        return DEFAULT_PASS_COST
+    embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                for p in m.parameters(recurse=False)}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in embedded)
+    if n == 0:
+        return DEFAULT_PASS_COST
+    lo, hi = _CPU_PASS_RANGE
+    return min(max(_CPU_PASS_FLOP / (2 * n) / batch_tokens, lo), hi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,10 +187,10 @@ def iter_token_rows(corpus: Iterable[str], tokenizer: PreTrainedTokenizerBase, *
 
 
 def _cuts(lengths: Sequence[int], budget: int | None, max_rows: int | None,
-          ) -> list[tuple[int, int]]:
+          pass_cost: float) -> list[tuple[int, int]]:
     """Split lengths sorted longest first into batches ``[i, j)`` (padded to ``lengths[i]``)
     of at most ``budget`` padded tokens and ``max_rows`` rows that minimise the padded tokens
-    plus ``_BATCH_COST x budget`` per batch (dynamic programming; a batch that holds one
+    plus ``pass_cost x budget`` per batch (dynamic programming; a batch that holds one
     over-long row is always allowed)."""
     n = len(lengths)
     if budget is None:  # rows only: consecutive groups of max_rows
@@ -175,7 +199,7 @@ def _cuts(lengths: Sequence[int], budget: int | None, max_rows: int | None,
     L = np.asarray(lengths, dtype=np.float64)  # (n,)
     cost = np.zeros(n + 1)  # cost[j]: the best cost of the first j rows
     start = np.zeros(n + 1, dtype=np.int64)
-    per_batch, lo = _BATCH_COST * budget, 0
+    per_batch, lo = pass_cost * budget, 0
     for j in range(1, n + 1):
         # the first rows i that may start the batch ending before j form a range [lo, j)
         while j - lo > 1 and (L[lo] * (j - lo) > budget
@@ -193,15 +217,20 @@ def _cuts(lengths: Sequence[int], budget: int | None, max_rows: int | None,
 
 
 def sorted_batches(rows: Sequence[Row], *, batch_size: int | None = None,
-                   batch_tokens: int | None = DEFAULT_BATCH_TOKENS) -> list[list[Row]]:
+                   batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+                   cost: float = DEFAULT_PASS_COST) -> list[list[Row]]:
     """Cut rows into batches by length: longest first (ties in corpus order), each batch at
     most ``batch_size`` rows and ``batch_tokens`` padded tokens (rows x its longest row, which
-    comes first), chosen to pad little without making many small batches; a row longer than
-    the budget goes alone. Rows without tokens go into the last batch (they add nothing but
-    are counted)."""
+    comes first), chosen to pad little without making many small batches (one more pass is
+    taken to cost ``cost x batch_tokens`` padded tokens: see :func:`pass_cost`); a row longer
+    than the budget goes alone. Rows without tokens go into the last batch (they add nothing
+    but are counted)."""
+    if not cost >= 0:
+        raise ValueError(f"cost must be a non-negative fraction of the budget, got {cost!r}")
     order = sorted(rows, key=lambda r: (-len(r[1]), r[0]))
     real = [r for r in order if r[1]]
-    batches = [real[i:j] for i, j in _cuts([len(r[1]) for r in real], batch_tokens, batch_size)]
+    cuts = _cuts([len(r[1]) for r in real], batch_tokens, batch_size, cost)
+    batches = [real[i:j] for i, j in cuts]
     empty = order[len(real):]
     if empty:
         if batches:
@@ -225,15 +254,18 @@ def _windows(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
 
 def batch_rows(rows: Iterable[Row], *, batch_size: int | None = None,
                batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
-               window: int = DEFAULT_SORT_WINDOW) -> Iterator[list[Row]]:
-    """Read rows in windows of ``window`` rows and cut each into :func:`sorted_batches`.
+               window: int = DEFAULT_SORT_WINDOW, cost: float = DEFAULT_PASS_COST,
+               ) -> Iterator[list[Row]]:
+    """Read rows in windows of ``window`` rows and cut each into :func:`sorted_batches` (with
+    the pass ``cost``).
 
     Every row, also an empty one, is in exactly one batch, so ``len(batch)`` counts texts.
     """
     if window < 1:
         raise ValueError(f"window must be a positive number of texts, got {window}")
     for chunk in _windows(rows, window):
-        yield from sorted_batches(chunk, batch_size=batch_size, batch_tokens=batch_tokens)
+        yield from sorted_batches(chunk, batch_size=batch_size, batch_tokens=batch_tokens,
+                                  cost=cost)
 
 
 def _pad(rows: Sequence[list[int]], pad_id: int, device: torch.device,
@@ -407,12 +439,13 @@ def collect_second_moments(
     if bar is not None and skip:
         bar.update(skip)
     window = min(sort_window, checkpoint_every) if checkpoint_every else sort_window
+    cost = pass_cost(model, batch_tokens)
     n_texts, last_ckpt, tokens, padded, t0 = skip, skip, 0, 0, time.perf_counter()
     try:
         with eval_mode(model), _hooks(model, modules, stop_early) as records:
             for chunk in _windows(rows, window):
                 for batch in sorted_batches(chunk, batch_size=batch_size,
-                                            batch_tokens=batch_tokens):
+                                            batch_tokens=batch_tokens, cost=cost):
                     real = [ids for _, ids in batch if ids]
                     if real:
                         input_ids, mask = _pad(real, pad_id, device)  # (B, T), (B, T)

@@ -48,7 +48,7 @@ def test_ftl_weights_never_leave_the_eps_ball(model, gpt2_tokenizer):
     class Check(pl.Callback):  # callbacks run before the module's own on_train_batch_end
         def _check(self, module):
             for p, p0 in zip(module.state.params, module.state.originals):
-                seen.append(float((p - p0).abs().max()))
+                seen.append(float((p.detach() - p0).abs().max()))
 
         def on_train_batch_start(self, trainer, module, *args):
             self._check(module)
@@ -77,8 +77,49 @@ def test_module_and_direct_loop_agree(model, gpt2_tokenizer):
                                atol=1e-6)
 
 
+def test_module_refuses_a_patch_whose_bf16_steps_rounded_away(model, gpt2_tokenizer):
+    """FTModule under Trainer.fit in bfloat16 at lr 1e-7: the steps round away, so ``patch()``
+    raises instead of returning zeros; before any step it returns the (empty) change."""
+    from lightning_rome.models.precision import UnderflowError
+
+    model = model.to(torch.bfloat16)
+    module = FTModule(model, [REQ], {"layers": [1], "lr": 1e-7, "num_steps": 3,
+                                     "early_stop_loss": 0.0}, tokenizer=gpt2_tokenizer)
+    assert not module.patch().dense(NAME).any()  # no step yet: nothing to refuse
+    pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(module)
+    with pytest.raises(UnderflowError, match=r"ft: .*h\.1\.mlp\.c_proj\.weight.*bfloat16"):
+        module.patch()
+    module.restore()
+
+
 def test_ft_bad_input(model, gpt2_tokenizer):
     with pytest.raises(IndexError, match="out of range"):
         FT({"layers": [5]}).edit(model, gpt2_tokenizer, REQ)
     with pytest.raises(ValueError, match="norm_constraint"):
         FTL({"layers": [0], "norm_constraint": -1.0})
+
+
+def test_module_fits_in_eval_mode_without_lightnings_warning_and_restores_modes(
+        model, gpt2_tokenizer, recwarn):
+    """Like the direct loop, FTModule runs the model without dropout during the fit (with
+    Lightning's "modules in eval mode" warning dropped, since that is intended) and gives every
+    submodule its own mode back afterwards."""
+    model.train()
+    model.transformer.h[0].eval()  # a mixed mode, to be restored as it was
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(any(m.training for m in pl_module.model.modules()))
+
+    module = FTModule(model, [REQ], {"layers": [1], "lr": 1e-2, "num_steps": 2,
+                                     "early_stop_loss": 0.0}, tokenizer=gpt2_tokenizer)
+    pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[Probe()]).fit(module)
+    assert seen == [False, False]
+    assert not [w for w in recwarn if "eval mode" in str(w.message)]
+    assert model.training and model.transformer.h[1].training
+    assert not model.transformer.h[0].training
+    module.restore()

@@ -52,6 +52,119 @@ def test_update_solves_the_normal_equations():
     torch.testing.assert_close(delta, direct, rtol=1e-4, atol=1e-5)
 
 
+def _system(d, u, cond=None, seed=3):
+    """A positive-definite C ``(d, d)`` (eigenvalues spread over ``cond`` when given), keys
+    ``(d, u)`` and residuals ``(12, u)`` in float64."""
+    g = torch.Generator().manual_seed(seed)
+    if cond is None:
+        A = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+        C = A @ A.T / (3 * d)
+    else:
+        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        ev = torch.logspace(0, -float(torch.log10(torch.tensor(cond))), d, dtype=torch.float64)
+        C = (Q * ev) @ Q.T
+        C = (C + C.T) / 2
+    K = torch.randn(d, u, generator=g, dtype=torch.float64)
+    R = torch.randn(12, u, generator=g, dtype=torch.float64)
+    return C, K, R
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("d, u", [(60, 1), (60, 10), (60, 59), (60, 60), (40, 100)])
+@pytest.mark.parametrize("lam", [7.0, 20000.0])
+def test_woodbury_equals_the_dense_solve(d, u, lam):
+    """(λC + KKᵀ)⁻¹K = C⁻¹K (λI + KᵀC⁻¹K)⁻¹: the same ΔW as the dense d×d solve, for u < d
+    (what "auto" picks) and u ≥ d (Woodbury forced; "auto" solves densely there)."""
+    from lightning_rome.editing.memit import cholesky_factor
+
+    C, K, R = _system(d, u)
+    dense = memit_update(K, R, C, lam, method="dense").dense(torch.float64)
+    # the dense path against the normal equations, independently: Δ (λC + KKᵀ) = R Kᵀ
+    assert _rel(dense @ (lam * C + K @ K.T), R @ K.T) < 1e-6
+    L = cholesky_factor(C)
+    for kw in (dict(method="woodbury"), dict(method="woodbury", factor=L),
+               dict(factor=L), dict()):
+        got = memit_update(K, R, C, lam, **kw).dense(torch.float64)
+        assert _rel(got, dense) <= 1e-6, kw
+
+
+@pytest.mark.parametrize("cond", [1e6, 1e8])
+def test_woodbury_on_a_near_singular_C(cond):
+    """An ill-conditioned C (nothing is regularised; cond(λC + KKᵀ) up to ~8e9 here). Both
+    solves are backward stable, so they differ by about cond(λC + KKᵀ) x 1e-17 (measured:
+    4e-8 at cond(C) = 1e8, 5e-6 at 1e10): still within 1e-6 here."""
+    C, K, R = _system(80, 5, cond=cond)
+    for lam in (1.0, 20000.0):
+        dense = memit_update(K, R, C, lam, method="dense").dense(torch.float64)
+        wood = memit_update(K, R, C, lam, method="woodbury").dense(torch.float64)
+        assert _rel(wood, dense) <= 1e-6
+
+
+def test_a_singular_C_falls_back_to_the_dense_solve():
+    from lightning_rome.editing.memit import cholesky_factor
+
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    C = A @ A.T  # rank 10 < 30: no Cholesky factor
+    K = torch.randn(30, 25, generator=g, dtype=torch.float64)  # KKᵀ fills the rest
+    R = torch.randn(12, 25, generator=g, dtype=torch.float64)
+    assert cholesky_factor(C) is None
+    dense = memit_update(K, R, C, 3.0, method="dense").dense(torch.float64)
+    torch.testing.assert_close(memit_update(K, R, C, 3.0).dense(torch.float64), dense,
+                               rtol=0, atol=0)
+    with pytest.raises(FloatingPointError, match="positive definite"):
+        memit_update(K, R, C, 3.0, method="woodbury")
+    with pytest.raises(ValueError, match="method"):
+        memit_update(K, R, C, 3.0, method="lu")
+    with pytest.raises(ValueError, match="shapes"):
+        memit_update(K, R[:, :3], C, 3.0)
+    with pytest.raises(ValueError, match="factor"):
+        memit_update(K, R, C, 3.0, factor=torch.eye(4, dtype=torch.float64))
+
+
+def test_the_cached_factor_follows_C_and_never_lambda(model, gpt2_tokenizer, monkeypatch):
+    """The editor factors each layer's C once; the factor is reused only for that very C,
+    unmodified; a new λ reuses it (λ is applied in the solve) and still gives the dense ΔW."""
+    import lightning_rome.editing.memit as memit_module
+
+    calls = []
+    real = memit_module.cholesky_factor
+    monkeypatch.setattr(memit_module, "cholesky_factor",
+                        lambda C: calls.append(C) or real(C))
+    name = "transformer.h.1.mlp.c_proj"
+    base = C_of()(None, None, None)
+    memit = make(layers=[1])
+    memit.second_moment = lambda m, t, n: base.clone()  # a new tensor at every call
+    p1 = memit.edit(model, gpt2_tokenizer, REQS)
+    p2 = memit.edit(model, gpt2_tokenizer, REQS)
+    assert len(calls) == 1  # one factor for the layer, reused by the second batch
+    torch.testing.assert_close(p1.dense(f"{name}.weight"), p2.dense(f"{name}.weight"),
+                               rtol=0, atol=0)
+    memit.hparams.mom2_update_weight = 5.0  # another λ: the same factor of C
+    p3 = memit.edit(model, gpt2_tokenizer, REQS)
+    assert len(calls) == 1
+    # the dense path on the same editor state gives the same ΔW for this λ
+    monkeypatch.setattr(memit_module, "cholesky_factor", lambda C: None)  # "not PD": dense
+    memit_dense = make(layers=[1], mom2_update_weight=5.0)
+    p_dense = memit_dense.edit(model, gpt2_tokenizer, REQS)
+    assert _rel(p3.dense(f"{name}.weight", torch.float64),
+                p_dense.dense(f"{name}.weight", torch.float64)) <= 1e-6
+    assert _rel(p3.dense(f"{name}.weight", torch.float64),
+                p1.dense(f"{name}.weight", torch.float64)) > 1e-3  # λ did change ΔW
+    monkeypatch.setattr(memit_module, "cholesky_factor",
+                        lambda C: calls.append(C) or real(C))
+    C = memit._C_of(model, gpt2_tokenizer, name)
+    C.mul_(2.0)  # C changed in place: its factor is recomputed
+    memit.edit(model, gpt2_tokenizer, REQS)
+    assert len(calls) == 2
+    memit.hparams.mom2_n_samples = 123  # other statistics: another C, another factor
+    memit.edit(model, gpt2_tokenizer, REQS)
+    assert len(calls) == 3
+
+
 def test_single_request_single_layer_is_the_batch_least_squares_update(model, gpt2_tokenizer):
     memit = make(layers=[2])
     req = REQS[:1]
@@ -151,8 +264,9 @@ def test_editors_pickle_without_their_per_model_caches(model):
 
     memit, rome = MEMIT({"layers": [1]}), ROME({"layer": 1})
     memit._C[model] = {"x": torch.eye(2)}
+    memit._chol[model] = {"x": torch.eye(2)}
     rome._chol[model] = {"x": torch.eye(2)}
-    for editor, cache in ((memit, "_C"), (rome, "_chol")):
+    for editor, cache in ((memit, "_C"), (memit, "_chol"), (rome, "_chol")):
         copy = pickle.loads(pickle.dumps(editor))
         assert len(getattr(copy, cache)) == 0 and len(getattr(editor, cache)) == 1
         assert copy.hparams == editor.hparams

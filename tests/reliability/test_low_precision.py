@@ -84,3 +84,28 @@ def test_underflowing_alphaedit_is_refused(tok):
         editor.edit(model, tok, REQ)
     assert_unchanged(model, before)
     assert editor.n_preserved_edits == 0
+
+
+@pytest.mark.parametrize("lr", [1e-7])
+def test_ft_steps_that_round_away_in_bf16_are_refused(lr, tok):
+    """FT tunes the weights in place: in bfloat16 at a small learning rate every Adam step
+    (≈ lr) is far below the weights' resolution, so the tuned weights equal the originals and
+    the patch would be all zeros. Refused, naming the weight and the dtype; model unchanged."""
+    from lightning_rome.editing import FT
+
+    model = tiny_gpt2().to(torch.bfloat16)
+    before = snapshot(model)
+    editor = FT({"layers": [1], "num_steps": 3, "lr": lr})
+    with pytest.raises(UnderflowError, match=r"ft: .*mlp\.c_proj\.weight.*bfloat16"):
+        editor.edit(model, tok, REQ)
+    assert_unchanged(model, before)
+
+
+def test_ft_in_bf16_with_a_usable_learning_rate_goes_through(tok):
+    from lightning_rome.editing import FT
+
+    model = tiny_gpt2().to(torch.bfloat16)
+    patch = FT({"layers": [1], "num_steps": 3, "lr": 5e-2}).edit(model, tok, REQ)
+    (d,) = [patch.deltas[n] for n in patch.names]
+    d = d.dense() if hasattr(d, "dense") else d
+    assert (d != 0).float().mean() > 0.5

@@ -12,8 +12,14 @@ from testutils import tiny_gpt2
 
 from lightning_rome.data.text import as_corpus
 from lightning_rome.hooks import module_hooks
-from lightning_rome.stats import get_second_moment, get_second_moments
-from lightning_rome.stats.collect import batch_rows, iter_token_rows, sorted_batches
+from lightning_rome.stats import collect_second_moments, get_second_moment, get_second_moments
+from lightning_rome.stats.collect import (
+    DEFAULT_PASS_COST,
+    batch_rows,
+    iter_token_rows,
+    pass_cost,
+    sorted_batches,
+)
 from lightning_rome.stats.moments import add_gram
 
 N_TEXTS = 40
@@ -69,6 +75,54 @@ def test_c_does_not_depend_on_the_budget_and_equals_the_unpadded_sum(model64, gp
     assert padded[0] == n  # one text per pass: no padding at all
 
 
+def test_one_pass_over_layers_and_sort_windows_equals_the_unbatched_sum(gpt2_tokenizer, texts):
+    """Several layers in one pass, with sort windows and budgets that cut the texts into other
+    batches (and another processing order), each equal to its own one-text-at-a-time sum."""
+    model = tiny_gpt2(n_layer=3).double()
+    names = ["transformer.h.0.mlp.c_proj", "transformer.h.2.mlp.c_proj"]
+    refs = {n: one_by_one(model, gpt2_tokenizer, texts, n) for n in names}
+    padded = set()
+    for window, budget, rows in ((7, 150, None), (N_TEXTS, None, 8), (1, None, None)):
+        got = collect_second_moments(model, gpt2_tokenizer, names, texts, n_samples=N_TEXTS,
+                                     seq_len=SEQ_LEN, batch_tokens=budget, batch_size=rows,
+                                     sort_window=window)
+        padded.add(got[names[0]].meta["padded_tokens"])
+        for n in names:
+            C_ref, count = refs[n]
+            assert got[n].count == count and got[n].n_texts == N_TEXTS
+            assert rel(got[n].mom2, C_ref) < 1e-10
+    assert len(padded) > 1  # the batchings differ (window 1: one text a pass, no padding)
+
+
+def test_the_pass_cost_follows_the_device_and_the_model_size():
+    """A pass of a GPT-2-small-sized model on a CPU costs few tokens' worth (its batches pad
+    less: more, smaller batches) against an accelerator's or a tiny model's; both keep every
+    text once and respect the budget."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    small = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=768, n_head=12, vocab_size=64))
+    assert pass_cost(small, 4096) == pytest.approx(1 / 512)  # ~14M block parameters
+    assert pass_cost(tiny_gpt2(), 4096) == DEFAULT_PASS_COST == 1 / 32  # held to 1/32
+    assert pass_cost(small, None) == DEFAULT_PASS_COST
+    if torch.cuda.is_available():
+        assert pass_cost(tiny_gpt2().cuda(), 4096) == DEFAULT_PASS_COST
+    lengths = [3 + (7 * i) % 97 for i in range(300)]
+    rows = [(i, [1] * n) for i, n in enumerate(lengths)]
+
+    def padded(batches):
+        return sum(len(b) * len(b[0][1]) for b in batches)
+
+    cheap = sorted_batches(rows, batch_tokens=1024, cost=1 / 512)
+    costly = sorted_batches(rows, batch_tokens=1024, cost=DEFAULT_PASS_COST)
+    for batches in (cheap, costly):
+        assert sorted(i for b in batches for i, _ in b) == list(range(len(rows)))
+        assert all(len(b) * len(b[0][1]) <= 1024 for b in batches)
+    assert padded(cheap) < padded(costly) and len(cheap) > len(costly)
+    assert padded(cheap) < 1.02 * sum(lengths)
+    with pytest.raises(ValueError, match="cost"):
+        sorted_batches(rows, cost=-1.0)
+
+
 def test_sorted_batches_respect_the_budget_and_keep_every_text():
     rows = [(i, list(range(n))) for i, n in enumerate([5, 0, 17, 3, 17, 9, 40, 1, 0, 12])]
     batches = sorted_batches(rows, batch_tokens=34, batch_size=3)
@@ -105,8 +159,6 @@ def test_windows_bound_the_sort_and_set_checkpoints(model64, gpt2_tokenizer, tex
     saved = []
     out = get_second_moment(model64, gpt2_tokenizer, 0, corpus=texts, n_samples=N_TEXTS,
                             seq_len=SEQ_LEN, checkpoint_every=15, cache=False)
-    from lightning_rome.stats import collect_second_moments
-
     got = collect_second_moments(model64, gpt2_tokenizer, [NAME], texts, n_samples=N_TEXTS,
                                  seq_len=SEQ_LEN, checkpoint_every=15,
                                  on_checkpoint=lambda m: saved.append(m[NAME].n_texts))[NAME]
