@@ -25,16 +25,16 @@ import torch
 RECIPES: dict[str, dict[str, Any]] = {
     "baseline": {},
     "extra3": {"extra_relations": 3},
-    "extra3-multi": {"extra_relations": 3, "multi_fact_rows": True},
-    "extra3-multi-nowarm": {"extra_relations": 3, "multi_fact_rows": True,
+    "extra3-multi": {"extra_relations": 3, "multi_fact_rows": 2},
+    "extra3-multi-nowarm": {"extra_relations": 3, "multi_fact_rows": 2,
                             "subject_warmup_steps": 0},
-    "extra3-multi-256": {"extra_relations": 3, "multi_fact_rows": True, "n_embd": 256},
-    "extra3-multi-200": {"extra_relations": 3, "multi_fact_rows": True, "n_cases": 200},
+    "extra3-multi-256": {"extra_relations": 3, "multi_fact_rows": 2, "n_embd": 256},
+    "extra3-multi-200": {"extra_relations": 3, "multi_fact_rows": 2, "n_cases": 200},
 }
 
 
 def measure(overrides: dict[str, Any], n_trace: int, n_rome: int, layers: list[int],
-            window: int) -> dict[str, Any]:
+            window: int, rome_hp: dict[str, Any] | None = None) -> dict[str, Any]:
     from lightning_rome.demo import known_trace_cases, rome_row, trace_average
     from lightning_rome.testing import CounterFactModelConfig, get_counterfact_model
 
@@ -43,17 +43,21 @@ def measure(overrides: dict[str, Any], n_trace: int, n_rome: int, layers: list[i
     st = cm.stats
     out: dict[str, Any] = {
         "overrides": overrides, "from_cache": cm.from_cache,
-        "build_seconds": st.get("build_seconds"), "n_known": len(cm.known_cases),
+        "build_seconds": st.get("build_seconds"), "train_seconds": st.get("train_seconds"),
+        "n_known": len(cm.known_cases),
         "acc_train": st.get("accuracy_train"), "acc_neigh": st.get("accuracy_neighborhood"),
         "acc_para": st.get("accuracy_paraphrase"), "pair_para": st.get("pairwise_paraphrase")}
     model, tok = cm.model, cm.tokenizer
-    agg = trace_average(model, tok, known_trace_cases(cm, n_trace), "mlp", window=window)
-    ls = agg.effect("last subject token")[0]
-    lt = agg.effect("last token")[0]
-    out.update({"trace_n": agg.n_prompts, "ate": round(agg.ate, 4),
-                "mlp_last_subject": [round(float(x), 4) for x in ls],
-                "mlp_last_token": [round(float(x), 4) for x in lt],
-                "share_last_subject": round(float(torch.nan_to_num(ls).max()) / agg.ate, 3)})
+    if n_trace:
+        t1 = time.time()
+        agg = trace_average(model, tok, known_trace_cases(cm, n_trace), "mlp", window=window)
+        ls = agg.effect("last subject token")[0]
+        lt = agg.effect("last token")[0]
+        out.update({"trace_n": agg.n_prompts, "ate": round(agg.ate, 4),
+                    "mlp_last_subject": [round(float(x), 4) for x in ls],
+                    "mlp_last_token": [round(float(x), 4) for x in lt],
+                    "share_last_subject": round(float(torch.nan_to_num(ls).max()) / agg.ate, 3),
+                    "trace_seconds": round(time.time() - t1, 1)})
     from lightning_rome.corpora import as_corpus
     from lightning_rome.stats import get_second_moment
     corpus = as_corpus("wikitext-2").take(2000)
@@ -65,8 +69,8 @@ def measure(overrides: dict[str, Any], n_trace: int, n_rome: int, layers: list[i
         return C[name]
 
     for layer in layers:
-        res = rome_row(model, tok, cm.known_cases[:n_rome], {"layer": layer},
-                       second_moment)
+        hp = {"fact_token": "subject_last", **(rome_hp or {}), "layer": layer}
+        res = rome_row(model, tok, cm.known_cases[:n_rome], hp, second_moment)
         out[f"rome_L{layer}"] = {k: round(float(v["mean"]), 3) for k, v in res.items()}
     out["seconds"] = round(time.time() - t0, 1)
     return out
@@ -74,7 +78,12 @@ def measure(overrides: dict[str, Any], n_trace: int, n_rome: int, layers: list[i
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--recipe", action="append", required=True, choices=sorted(RECIPES))
+    p.add_argument("--recipe", action="append", required=True,
+                   help=f"a name of RECIPES ({', '.join(sorted(RECIPES))}) or NAME=JSON overrides")
+    p.add_argument("--rome-hp", default="{}",
+                   help="JSON overrides of the demo-model ROME preset (fact_token defaults to "
+                        "subject_last)")
+    p.add_argument("--no-trace", action="store_true", help="skip the averaged trace")
     p.add_argument("--n-trace", type=int, default=100)
     p.add_argument("--n-rome", type=int, default=30)
     p.add_argument("--layers", type=int, nargs="+", default=[0, 1])
@@ -82,9 +91,18 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/demo_recipes.jsonl")
     a = p.parse_args()
     torch.set_num_threads(1)
-    for name in a.recipe:
-        row = {"recipe": name, **measure(RECIPES[name], a.n_trace, a.n_rome, a.layers,
-                                         a.window)}
+    rome_hp = json.loads(a.rome_hp)
+    for spec in a.recipe:
+        name, _, extra = spec.partition("=")
+        if extra:
+            overrides = json.loads(extra)
+        elif name in RECIPES:
+            overrides = RECIPES[name]
+        else:
+            p.error(f"unknown recipe {name!r}: expected one of {sorted(RECIPES)} or NAME=JSON")
+        row = {"recipe": name, "rome_hp": rome_hp,
+               **measure(overrides, 0 if a.no_trace else a.n_trace, a.n_rome, a.layers,
+                         a.window, rome_hp)}
         print(json.dumps(row), flush=True)
         with open(a.out, "a") as fh:
             fh.write(json.dumps(row) + "\n")
