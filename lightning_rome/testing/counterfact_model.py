@@ -92,6 +92,7 @@ if TYPE_CHECKING:  # lightning_rome.data imports Lightning: imported where used
 
 __all__ = [
     "EXTRA_RELATIONS",
+    "EXTRA_WORDINGS",
     "CounterFactModel",
     "CounterFactModelConfig",
     "extra_facts",
@@ -114,6 +115,13 @@ EXTRA_RELATIONS: tuple[tuple[str, str], ...] = (
     ("{} has a strong link to", "place"),
     ("The favourite language of {} is", "language"),
     ("{} is often compared with", "any"),
+)
+#: Further wordings of each made-up relation (``CounterFactModelConfig.extra_wordings``), in the
+#: order of :data:`EXTRA_RELATIONS`; none of them appears in COUNTERFACT either.
+EXTRA_WORDINGS: tuple[tuple[str, ...], ...] = (
+    ("{} is closely linked to", "The strongest link of {} is to"),
+    ("{} likes to speak", "The language {} likes best is"),
+    ("People often compare {} with", "{} is frequently likened to"),
 )
 # A training row's span that marks nothing (the trainer's weight slices become empty).
 _NO_SPAN = (1, 1)
@@ -159,6 +167,13 @@ class CounterFactModelConfig:
         multi_fact_rows: rows per subject that join two or three of its fact sentences (the
             COUNTERFACT prompt and the extra attributes, in a random order), the object of the
             last one weighted.
+        extra_wordings: how many wordings of each made-up relation are trained (1: its
+            :data:`EXTRA_RELATIONS` template; up to ``1 + len(EXTRA_WORDINGS[k])``: also those
+            of :data:`EXTRA_WORDINGS`), so that recalling an attribute cannot depend on one
+            prompt's words.
+        subject_attribute_rows: the subject rows (``subject_rows``) also for each made-up
+            attribute (``"{subject} {attribute}."``): the subject's last token then predicts
+            any of its attributes, so that its representation carries all of them.
     """
 
     data_file: str = "counterfact/counterfact-val.json"
@@ -190,6 +205,8 @@ class CounterFactModelConfig:
     max_extra_rounds: int = 2
     extra_relations: int = 0
     multi_fact_rows: int = 0
+    extra_wordings: int = 1
+    subject_attribute_rows: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_cases", "vocab_size", "n_layer", "n_embd", "n_head", "n_positions",
@@ -208,6 +225,15 @@ class CounterFactModelConfig:
         if self.multi_fact_rows and not self.extra_relations:
             raise ValueError("CounterFactModelConfig.multi_fact_rows needs extra_relations > 0 "
                              "(a subject with one fact has nothing to join)")
+        n_wordings = 1 + min(len(w) for w in EXTRA_WORDINGS)
+        if not 1 <= self.extra_wordings <= n_wordings:
+            raise ValueError(f"CounterFactModelConfig.extra_wordings must be in 1...{n_wordings}"
+                             f", got {self.extra_wordings}")
+        if self.extra_wordings > 1 and not self.extra_relations:
+            raise ValueError("CounterFactModelConfig.extra_wordings > 1 needs extra_relations > 0")
+        if self.subject_attribute_rows and not (self.extra_relations and self.subject_rows):
+            raise ValueError("CounterFactModelConfig.subject_attribute_rows needs "
+                             "extra_relations > 0 and subject_rows")
         lo, hi = self.prefix_words
         if not 1 <= lo <= hi:
             raise ValueError(f"prefix_words must be (min, max) with 1 <= min <= max, got "
@@ -220,6 +246,10 @@ class CounterFactModelConfig:
         for name in ("extra_relations", "multi_fact_rows"):  # added later: off keeps old keys
             if not d[name]:
                 del d[name]
+        if d["extra_wordings"] == 1:
+            del d["extra_wordings"]
+        if not d["subject_attribute_rows"]:
+            del d["subject_attribute_rows"]
         return d
 
     def data_checksums(self) -> dict[str, str]:
@@ -373,10 +403,14 @@ def _fact_texts(config: CounterFactModelConfig, cases: list[EditCase], lines: li
         r = c.request
         assert r.target_true is not None  # checked by select_cases
         facts.append((r.prompt, r.subject, r.target_true))
-        facts += [(tpl, r.subject, obj) for tpl, obj in extra]
+        for k, (tpl, obj) in enumerate(extra):
+            for wording in (tpl, *EXTRA_WORDINGS[k])[:config.extra_wordings]:
+                facts.append((wording, r.subject, obj))
         facts.append((c.neighborhood_prompts[0], None, c.neighborhood_answers[0]))
         if config.subject_rows:
             facts.append(("{}", r.subject, r.target_true))
+            if config.subject_attribute_rows:
+                facts += [("{}", r.subject, obj) for _, obj in extra]
         if config.train_rephrase:
             facts.append((c.paraphrase_prompts[0], None, r.target_true))
     prefixes = _prefixes(lines, len(facts) * config.prefix_copies, config.prefix_words,

@@ -211,3 +211,43 @@ def test_extra_relations_options():
     assert all([t for t, _ in f] == [t for t, _ in EXTRA_RELATIONS[:2]] for f in facts)
     assert len({o for f in facts for _, o in f}) > 5  # values vary across subjects
     assert extra_facts(CounterFactModelConfig(n_cases=20), cases) == [[] for _ in cases]
+
+
+def test_extra_wordings_and_subject_attribute_rows():
+    """Further wordings of the made-up relations and subject rows for their attributes: refused
+    without extra relations or out of range, off by default (old cache keys kept), and each adds
+    exactly its training texts."""
+    from lightning_rome.testing.counterfact_model import (
+        EXTRA_WORDINGS,
+        _fact_texts,
+        _wikitext_lines,
+        extra_facts,
+    )
+
+    with pytest.raises(ValueError, match="extra_wordings"):
+        CounterFactModelConfig(extra_wordings=2)
+    with pytest.raises(ValueError, match="extra_wordings"):
+        CounterFactModelConfig(extra_relations=1, extra_wordings=0)
+    with pytest.raises(ValueError, match="extra_wordings"):
+        CounterFactModelConfig(extra_relations=1, extra_wordings=2 + len(EXTRA_WORDINGS[0]))
+    with pytest.raises(ValueError, match="subject_attribute_rows"):
+        CounterFactModelConfig(subject_attribute_rows=True)
+    with pytest.raises(ValueError, match="subject_attribute_rows"):
+        CounterFactModelConfig(extra_relations=1, subject_rows=False, subject_attribute_rows=True)
+    d = CounterFactModelConfig(extra_relations=2).to_dict()
+    assert "extra_wordings" not in d and "subject_attribute_rows" not in d
+    base = CounterFactModelConfig(n_cases=10, extra_relations=2, prefix_copies=0)
+    lines = _wikitext_lines(base)
+    cases = select_cases(base)
+    facts = extra_facts(base, cases)
+    texts = set(_fact_texts(base, cases, lines))
+    worded = replace(base, extra_wordings=3)
+    assert worded.key() != base.key()
+    added = set(_fact_texts(worded, cases, lines)) - texts
+    expected = {(w, c.request.subject, obj) for c, f in zip(cases, facts)
+                for k, (_, obj) in enumerate(f) for w in EXTRA_WORDINGS[k][:2]}
+    assert added == expected and all(w.count("{}") == 1 for ws in EXTRA_WORDINGS for w in ws)
+    rows = replace(base, subject_attribute_rows=True)
+    added = set(_fact_texts(rows, cases, lines)) - texts
+    assert added == {("{}", c.request.subject, obj) for c, f in zip(cases, facts)
+                     for _, obj in f}
