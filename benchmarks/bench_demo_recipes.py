@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--no-trace", action="store_true", help="skip the averaged trace")
     p.add_argument("--n-trace", type=int, default=100)
     p.add_argument("--n-rome", type=int, default=30)
-    p.add_argument("--layers", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--layers", type=int, nargs="*", default=[0, 1])
     p.add_argument("--window", type=int, default=1)
     p.add_argument("--out", default="benchmarks/demo_recipes.jsonl")
     a = p.parse_args()
