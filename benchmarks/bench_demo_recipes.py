@@ -24,12 +24,20 @@ import torch
 #: name -> CounterFactModelConfig overrides
 RECIPES: dict[str, dict[str, Any]] = {
     "baseline": {},
-    "extra3": {"extra_relations": 3},
-    "extra3-multi": {"extra_relations": 3, "multi_fact_rows": 2},
-    "extra3-multi-nowarm": {"extra_relations": 3, "multi_fact_rows": 2,
-                            "subject_warmup_steps": 0},
-    "extra3-multi-256": {"extra_relations": 3, "multi_fact_rows": 2, "n_embd": 256},
-    "extra3-multi-200": {"extra_relations": 3, "multi_fact_rows": 2, "n_cases": 200},
+    "e2m2": {"extra_relations": 2, "multi_fact_rows": 2},
+    "e2m2-200-reph": {"extra_relations": 2, "multi_fact_rows": 2, "n_cases": 200,
+                      "train_rephrase": True},
+    "e2m2-sar-w3": {"extra_relations": 2, "multi_fact_rows": 2, "subject_attribute_rows": True,
+                    "extra_wordings": 3},
+    "e2m2-sar-200": {"extra_relations": 2, "multi_fact_rows": 2, "subject_attribute_rows": True,
+                     "n_cases": 200},
+    "e2m2-sar-200-p1": {"extra_relations": 2, "multi_fact_rows": 2,
+                        "subject_attribute_rows": True, "n_cases": 200, "prefix_copies": 1},
+    "e2m2-sar-200-p1-lr5-w300": {"extra_relations": 2, "multi_fact_rows": 2,
+                                 "subject_attribute_rows": True, "n_cases": 200,
+                                 "prefix_copies": 1, "lr": 0.005, "wikitext_rows": 300},
+    "e2m2-sar-260-p1": {"extra_relations": 2, "multi_fact_rows": 2,
+                        "subject_attribute_rows": True, "n_cases": 260, "prefix_copies": 1},
 }
 
 
@@ -88,7 +96,7 @@ def main() -> None:
     p.add_argument("--n-rome", type=int, default=30)
     p.add_argument("--layers", type=int, nargs="*", default=[0, 1])
     p.add_argument("--window", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/demo_recipes.jsonl")
+    p.add_argument("--out", default="demo_recipes.jsonl")
     a = p.parse_args()
     torch.set_num_threads(1)
     rome_hp = json.loads(a.rome_hp)
