@@ -203,8 +203,8 @@ class CounterFactModelConfig:
     num_threads: int | None = 1
     target_accuracy: float = 0.9
     max_extra_rounds: int = 2
-    extra_relations: int = 0
-    multi_fact_rows: int = 0
+    extra_relations: int = 2
+    multi_fact_rows: int = 2
     extra_wordings: int = 1
     subject_attribute_rows: bool = False
 
@@ -243,7 +243,8 @@ class CounterFactModelConfig:
         """A JSON-serialisable dict of every setting."""
         d = asdict(self)
         d["prefix_words"] = list(self.prefix_words)
-        for name in ("extra_relations", "multi_fact_rows"):  # added later: off keeps old keys
+        # Added later: when off, left out, so that the keys of the older configs stay valid.
+        for name in ("extra_relations", "multi_fact_rows"):
             if not d[name]:
                 del d[name]
         if d["extra_wordings"] == 1:

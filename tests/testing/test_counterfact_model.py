@@ -89,11 +89,14 @@ def test_model_knows_most_of_its_facts(cm):
     build-time figures (see the module docstring of lightning_rome.testing.counterfact_model)."""
     m = measure_cases(cm.model, cm.tokenizer, cm.cases)
     assert m["accuracy_train"] >= 0.9
-    assert m["accuracy_neighborhood"] >= 0.9
+    # The neighbourhood prompts (other subjects' facts, one row each) are learnt less well
+    # beside the made-up attributes (70% top-1 at build time), but compared as COUNTERFACT does
+    # (P(true) > P(new)) almost all are known.
+    assert m["accuracy_neighborhood"] >= 0.6
     assert m["pairwise_train"] >= 0.95 and m["pairwise_neighborhood"] >= 0.95
     # Held-out rephrasings: generalisation is partial at this size, but above chance.
     assert m["pairwise_paraphrase"] > 0.6
-    assert len(m["known_case_ids"]) >= 200
+    assert len(m["known_case_ids"]) >= 150  # the demo edits 100 at once
     # The figures stored at build time are those of this model.
     for k in ("accuracy_train", "accuracy_paraphrase", "accuracy_neighborhood",
               "pairwise_paraphrase", "known_case_ids"):
@@ -201,16 +204,19 @@ def test_extra_relations_options():
     with pytest.raises(ValueError, match="extra_relations"):
         CounterFactModelConfig(extra_relations=len(EXTRA_RELATIONS) + 1)
     with pytest.raises(ValueError, match="multi_fact_rows needs extra_relations"):
-        CounterFactModelConfig(multi_fact_rows=1)
-    assert "extra_relations" not in CounterFactModelConfig().to_dict()
+        CounterFactModelConfig(extra_relations=0, multi_fact_rows=1)
+    assert "extra_relations" not in CounterFactModelConfig(extra_relations=0,
+                                                           multi_fact_rows=0).to_dict()
     config = CounterFactModelConfig(n_cases=20, extra_relations=2)
-    assert config.key() != CounterFactModelConfig(n_cases=20).key()
+    assert config.key() != CounterFactModelConfig(n_cases=20, extra_relations=0,
+                                                  multi_fact_rows=0).key()
     cases = select_cases(config)
     facts = extra_facts(config, cases)
     assert facts == extra_facts(config, cases)  # seeded
     assert all([t for t, _ in f] == [t for t, _ in EXTRA_RELATIONS[:2]] for f in facts)
     assert len({o for f in facts for _, o in f}) > 5  # values vary across subjects
-    assert extra_facts(CounterFactModelConfig(n_cases=20), cases) == [[] for _ in cases]
+    assert extra_facts(CounterFactModelConfig(n_cases=20, extra_relations=0, multi_fact_rows=0),
+                       cases) == [[] for _ in cases]
 
 
 def test_extra_wordings_and_subject_attribute_rows():
@@ -225,18 +231,19 @@ def test_extra_wordings_and_subject_attribute_rows():
     )
 
     with pytest.raises(ValueError, match="extra_wordings"):
-        CounterFactModelConfig(extra_wordings=2)
+        CounterFactModelConfig(extra_relations=0, multi_fact_rows=0, extra_wordings=2)
     with pytest.raises(ValueError, match="extra_wordings"):
         CounterFactModelConfig(extra_relations=1, extra_wordings=0)
     with pytest.raises(ValueError, match="extra_wordings"):
         CounterFactModelConfig(extra_relations=1, extra_wordings=2 + len(EXTRA_WORDINGS[0]))
     with pytest.raises(ValueError, match="subject_attribute_rows"):
-        CounterFactModelConfig(subject_attribute_rows=True)
+        CounterFactModelConfig(extra_relations=0, multi_fact_rows=0, subject_attribute_rows=True)
     with pytest.raises(ValueError, match="subject_attribute_rows"):
         CounterFactModelConfig(extra_relations=1, subject_rows=False, subject_attribute_rows=True)
     d = CounterFactModelConfig(extra_relations=2).to_dict()
     assert "extra_wordings" not in d and "subject_attribute_rows" not in d
-    base = CounterFactModelConfig(n_cases=10, extra_relations=2, prefix_copies=0)
+    base = CounterFactModelConfig(n_cases=10, extra_relations=2, multi_fact_rows=0,
+                                  prefix_copies=0)
     lines = _wikitext_lines(base)
     cases = select_cases(base)
     facts = extra_facts(base, cases)
