@@ -25,10 +25,12 @@ from lightning_rome.testing import (
 from lightning_rome.testing.counterfact_model import MANIFEST
 from lightning_rome.tokens import continuation_ids, encode_prompt
 
-# Trains in a few seconds: for the cache plumbing only.
+# Trains in a few seconds: for the cache plumbing only (no made-up attributes: the joined rows
+# would not fit n_positions with so small a BPE).
 TINY = CounterFactModelConfig(n_cases=8, prefix_copies=1, wikitext_rows=16, vocab_size=400,
                               bpe_wikitext_lines=200, n_layer=1, n_embd=32, n_head=2, steps=4,
-                              batch_size=8, warmup_steps=2, target_accuracy=0.0)
+                              batch_size=8, warmup_steps=2, target_accuracy=0.0,
+                              extra_relations=0, multi_fact_rows=0)
 
 
 @pytest.fixture(scope="module")
