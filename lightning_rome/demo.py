@@ -4,13 +4,17 @@ It uses a small GPT-2 that knows the true facts of a few hundred real COUNTERFAC
 (:mod:`lightning_rome.testing.counterfact_model`: trained once on the local COUNTERFACT and
 WikiText-2 files, then cached), and then:
 
-1. traces one fact (hidden, MLP and attention) and saves the heatmaps;
-2. edits that fact with :class:`~lightning_rome.callbacks.ROMECallback` inside a Trainer and shows
-   the completions before and after;
-3. applies MEMIT edits of ``n_memit`` other cases in one batch;
-4. evaluates ROME (ten cases, one edit at a time) and MEMIT (the batch) on those COUNTERFACT
-   cases (ES, PS, NS, S, EM, PM, NM) against the unedited model, logs them to TensorBoard, and
-   prints the summary table and the paths it wrote.
+1. averages the causal traces (hidden, MLP, attention; window 1) of ``n_trace`` known facts:
+   the indirect effect per token class and layer with 95% intervals (the paper's Figure 2
+   heatmaps and line plots), saved and logged to TensorBoard;
+2. edits ``n_rome`` cases with ROME as published (at the subject's last token), one at a time,
+   each reverted after scoring;
+3. picks a typical one of them (its ES / PS / NS outcome is the majority's), traces it, and edits
+   it with :class:`~lightning_rome.callbacks.ROMECallback` inside a Trainer, printing the
+   completions of its prompt, paraphrase and neighbourhood prompt before and after;
+4. applies MEMIT to ``n_memit`` cases in one batch;
+5. prints the COUNTERFACT table (S, ES, PS, NS, EM, PM, NM with 95% intervals) of the unedited
+   model, ROME and MEMIT, logs it to TensorBoard, and lists the paths it wrote.
 
 The hyperparameters are the ``demo-model`` presets of ``presets/rome.yaml`` and
 ``presets/memit.yaml``.
@@ -19,6 +23,7 @@ The hyperparameters are the ``demo-model`` presets of ``presets/rome.yaml`` and
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -27,10 +32,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_demo"]
+__all__ = ["known_trace_cases", "outcome", "rome_row", "run_demo", "trace_average",
+           "typical_index"]
 
 #: Cases evaluated for ROME, one edit at a time.
-N_ROME = 10
+N_ROME = 50
+#: Known facts whose causal traces the demo averages.
+N_TRACE = 100
+#: The trace kinds, in the paper's order.
+KINDS = ("hidden", "mlp", "attn")
 #: Texts read from WikiText-2 for the second moments C: at most this many (the local
 #: validation file has 1,841, and the demo uses them all).
 MOM2_SAMPLES = 2000
@@ -38,10 +48,13 @@ MOM2_SAMPLES = 2000
 SCORE_CHUNK = 10
 
 
-def _score(model: Any, tok: Any, cases: list[Any], metrics: Any, bar: Any = None) -> None:
+def _score(model: Any, tok: Any, cases: list[Any], metrics: Any, bar: Any = None,
+           ) -> list[dict[str, Any]]:
+    """Score ``cases`` into ``metrics``; returns the per-case scores of
+    :func:`~lightning_rome.modules.evaluator.score_cases`."""
     from lightning_rome.modules.evaluator import score_cases
 
-    scores = []
+    scores: list[dict[str, Any]] = []
     for s in range(0, len(cases), SCORE_CHUNK):
         scores += score_cases(model, tok, cases[s:s + SCORE_CHUNK])
         if bar is not None:
@@ -51,38 +64,136 @@ def _score(model: Any, tok: Any, cases: list[Any], metrics: Any, bar: Any = None
         inputs[f"{kind}_new"] = [s[kind]["nll_new"] for s in scores]
         inputs[f"{kind}_true"] = [s[kind]["nll_true"] for s in scores]
     metrics.update(**inputs)
+    return scores
+
+
+def outcome(score: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """One edited case's ``(efficacy, paraphrase, neighbourhood)`` success, COUNTERFACT's strict
+    comparisons of ``P = exp(-mean NLL)`` on its first prompt of each kind: ``P[o*] > P[o^c]`` on
+    the edit prompt and on the paraphrase, ``P[o^c] > P[o*]`` on the neighbourhood prompt."""
+    def p(kind: str, which: str) -> float:
+        return math.exp(-float(score[kind][f"nll_{which}"][0]))
+
+    return (p("rewrite", "new") > p("rewrite", "true"),
+            p("paraphrase", "new") > p("paraphrase", "true"),
+            p("neighborhood", "true") > p("neighborhood", "new"))
+
+
+def typical_index(outcomes: list[tuple[bool, bool, bool]]) -> int:
+    """The first case whose outcome is the majority one on each of ES, PS and NS (so that a
+    headline example shows what the averages show), or 0 when no case has that pattern."""
+    if not outcomes:
+        raise ValueError("typical_index needs at least one outcome")
+    n = len(outcomes)
+    majority = tuple(2 * sum(o[k] for o in outcomes) >= n for k in range(3))
+    return next((i for i, o in enumerate(outcomes) if o == majority), 0)
+
+
+def _trace_summary(aggs: dict[str, Any]) -> dict[str, Any]:
+    """Per kind and token class (last subject token, last token): the peak indirect effect over
+    layers, its layer and its share of the total effect."""
+    out: dict[str, Any] = {"ate": float(aggs["hidden"].ate)}
+    for kind, agg in aggs.items():
+        out[kind] = {}
+        for cls in ("last subject token", "last token"):
+            aie = torch.nan_to_num(agg.effect(cls)[0], nan=float("-inf"))  # (L,)
+            layer = int(aie.argmax())
+            peak = float(aie[layer])
+            out[kind][cls] = {"peak": peak, "layer": layer,
+                              "share": peak / agg.ate if agg.ate > 0 else float("nan")}
+    return out
+
+
+def known_trace_cases(cm: Any, n: int) -> list[Any]:
+    """The first ``n`` cases the model knows (its edit prompts traced for the average)."""
+    return list(cm.known_cases[:n])
+
+
+def trace_average(model: Any, tok: Any, cases: list[Any], kind: str, *, window: int = 1,
+                  samples: int = 10, seed: int = 0) -> Any:
+    """The causal trace of ``kind`` averaged over the edit prompts of ``cases`` (each traced for
+    its true object), as a :class:`~lightning_rome.tracing.TraceAggregate`: the indirect effect
+    per token class and layer with 95% intervals, and the total effect. The subjects are
+    corrupted with Gaussian noise of ``ν = 3σ``, σ measured over the embeddings of all the cases'
+    subjects (as the paper measures it over its dataset's)."""
+    from lightning_rome.tracing import GaussianNoise, average_traces, trace
+
+    noise = GaussianNoise.from_subjects(model, tok, [c.request.subject for c in cases])
+    traces = [trace(model, tok, c.request.prompt, c.request.subject, kind=kind, window=window,
+                    samples=samples, noise=noise, answer=c.request.target_true, seed=seed + i)
+              for i, c in enumerate(cases)]
+    return average_traces(traces)
+
+
+def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] | None = None,
+             second_moment: Any = None, bar: Any = None, on_case: Any = None) -> Any:
+    """ROME, one edit at a time (each reverted after scoring), on ``cases`` with the
+    ``demo-model`` preset (``overrides`` replaced): :func:`compute_with_ci` of the COUNTERFACT
+    metrics without generation. ``on_case(case, patch, score)`` runs while each edit is applied,
+    ``score`` the case's :func:`~lightning_rome.modules.evaluator.score_cases` entry."""
+    from dataclasses import replace
+
+    from lightning_rome.editing import ROME
+    from lightning_rome.editing.rome import ROMEHyperParams
+    from lightning_rome.metrics import compute_with_ci, counterfact_metrics
+
+    hp = replace(ROMEHyperParams.from_preset("demo-model"), **(overrides or {}))
+    rome = ROME(hp, second_moment=second_moment)
+    metrics = counterfact_metrics(generation=False)
+    for case in cases:
+        patch = rome.edit(model, tok, [case.request])
+        patch.apply(model)
+        try:
+            (score,) = _score(model, tok, [case], metrics, bar)
+            if on_case is not None:
+                on_case(case, patch, score)
+        finally:
+            patch.revert(model)
+    return compute_with_ci(metrics)
 
 
 def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None = None,
-             retrain: bool = False, n_memit: int = 100) -> dict[str, Any]:
+             retrain: bool = False, n_memit: int = 100, n_rome: int = N_ROME,
+             n_trace: int = N_TRACE) -> dict[str, Any]:
     """Run the demo and return its results (also written to ``out/summary.json``).
 
     Args:
         out: the output folder.
         n_cases: how many COUNTERFACT cases the model learns (default: the
-            :class:`~lightning_rome.testing.CounterFactModelConfig` default, 300; another
-            number trains and caches another model).
+            :class:`~lightning_rome.testing.CounterFactModelConfig` default; another number
+            trains and caches another model).
         retrain: train the model again even when it is cached.
         n_memit: MEMIT edits in the batch (and cases evaluated).
+        n_rome: cases edited by ROME, one at a time (and evaluated).
+        n_trace: known facts whose causal traces are averaged.
     """
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader
 
     from lightning_rome.callbacks import ROMECallback
+    from lightning_rome.callbacks._common import log_text
     from lightning_rome.corpora import as_corpus
-    from lightning_rome.editing import MEMIT, ROME
+    from lightning_rome.editing import MEMIT
     from lightning_rome.metrics import compute_with_ci, counterfact_metrics, summary_table
     from lightning_rome.scoring import generate
     from lightning_rome.stats import get_second_moment
     from lightning_rome.testing import CounterFactModelConfig, get_counterfact_model
     from lightning_rome.tracing import trace
+    from lightning_rome.tracing.plot import (
+        log_figure,
+        plot_average,
+        plot_average_lines,
+        save_figure,
+    )
     from lightning_rome.utils.paths import DATA_ENV
     from lightning_rome.utils.progress import progress_bar
 
-    if n_memit < 1:
-        raise ValueError(f"n_memit must be at least 1, got {n_memit}")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    for name, n in (("n_memit", n_memit), ("n_rome", n_rome), ("n_trace", n_trace)):
+        if n < 1:
+            raise ValueError(f"{name} must be at least 1, got {n}")
+    # One thread: on this tiny model two threads on busy cores were measured 25x slower (tracing).
+    torch.set_num_threads(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if DATA_ENV not in os.environ:
@@ -109,13 +220,24 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     if len(known) < 2:
         raise RuntimeError(f"the demo model knows only {len(known)} of its cases; retrain it "
                            "with --retrain")
-    first, cases = known[0], known[1:1 + n_memit]
-    if len(cases) < n_memit:
-        warnings.warn(f"the model knows {len(known)} cases: MEMIT edits {len(cases)}, not "
-                      f"{n_memit}", stacklevel=2)
-    request = first.request
-    print(f"   {len(known)} cases known on all their prompts; the demo edits "
-          f"{1 + len(cases)} of them")
+    for name, n in (("MEMIT edits", n_memit), ("ROME edits", n_rome), ("traces", n_trace)):
+        if len(known) < n:
+            warnings.warn(f"the model knows {len(known)} cases: {len(known)} {name}, not {n}",
+                          stacklevel=2)
+    memit_cases, rome_cases = known[:n_memit], known[:n_rome]
+    print(f"   {len(known)} cases known on all their prompts")
+    logger = TensorBoardLogger(out, name="tensorboard")
+
+    def save(fig: Any, name: str) -> None:
+        path = save_figure(fig, out / name)
+        log_figure(logger, f"demo/{path.stem}", fig)
+        written.append(path)
+        try:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        except ImportError:  # pragma: no cover - the plots need matplotlib anyway
+            pass
 
     corpus = as_corpus("wikitext-2")
     stats_corpus = corpus.take(MOM2_SAMPLES)  # no "fewer than n_samples" notice for 1,841
@@ -126,26 +248,51 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
             C[name] = get_second_moment(m, t, name, corpus=stats_corpus, n_samples=None).mom2
         return C[name]
 
-    print("2. causal trace of one fact")
+    trace_cases = known_trace_cases(cm, n_trace)
+    print(f"2. causal traces averaged over {len(trace_cases)} known facts (window 1)")
+    t1 = time.time()
+    aggs = {kind: trace_average(model, tok, trace_cases, kind) for kind in KINDS}
+    for kind, agg in aggs.items():
+        save(plot_average(agg), f"trace-average-{kind}.png")
+    save(plot_average_lines({"hidden": aggs["hidden"], "MLP": aggs["mlp"],
+                             "Attn": aggs["attn"]}), "trace-average-lines.png")
+    save(plot_average_lines(aggs["mlp"], token_class=None), "trace-average-mlp-classes.png")
+    trace_summary = _trace_summary(aggs)
+    print(f"   total effect {trace_summary['ate']:.3f}; peak indirect effect over layers "
+          f"(share of the total effect):")
+    for kind in KINDS:
+        peaks = trace_summary[kind]
+        print(f"   {kind:6s} " + ", ".join(
+            f"{c} {peaks[c]['peak']:.3f} ({peaks[c]['share']:.0%}, layer {peaks[c]['layer']})"
+            for c in ("last subject token", "last token")))
+    logger.log_metrics({f"trace/{kind}/share_{c.replace(' ', '_')}": v["share"]
+                        for kind in KINDS for c, v in trace_summary[kind].items()}, step=0)
+    trace_seconds = time.time() - t1
+
+    print(f"3. ROME as published (at the subject's last token): {len(rome_cases)} single edits")
+    outcomes: list[tuple[bool, bool, bool]] = []
+    bar = progress_bar(len(rome_cases), "ROME", unit="edit")
+    t1 = time.time()
+    rome_row_ = rome_row(model, tok, rome_cases, second_moment=second_moment, bar=bar,
+                         on_case=lambda case, patch, score: outcomes.append(outcome(score)))
+    bar.close()
+    rome_seconds = time.time() - t1
+    n = len(outcomes)
+    es, ps, ns = (sum(o[k] for o in outcomes) for k in range(3))
+    print(f"   {rome_seconds:.1f} s; new object preferred on {es}/{n} edit prompts and {ps}/{n} "
+          f"paraphrases, true object kept on {ns}/{n} neighbourhood prompts")
+
+    first = rome_cases[typical_index(outcomes)]
+    request = first.request
+    print(f"4. a typical one of them (its outcome is the majority's), edited inside a Trainer "
+          f"(ROMECallback, applied at validation start): {request.target_true} -> "
+          f"{request.target_new}")
     for kind in ("hidden", "mlp", "attn"):
-        t = trace(model, tok, request.prompt, request.subject, kind=kind, samples=10,
-                  window=min(10, model.config.n_layer))
-        path = out / f"trace-{kind}.png"
-        fig = t.plot()
-        fig.savefig(path, bbox_inches="tight")
-        written.append(path)
-        try:
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-        except ImportError:  # pragma: no cover - plot() needs matplotlib anyway
-            pass
-    print(f"   {request.text!r}: P({request.target_true}) clean {t.high_score:.3f}, "
+        t = trace(model, tok, request.prompt, request.subject, kind=kind, samples=10, window=1,
+                  answer=request.target_true)
+        save(t.plot(), f"trace-{kind}.png")
+    print(f"   its trace: {request.text!r}: P({request.target_true}) clean {t.high_score:.3f}, "
           f"subject corrupted {t.low_score:.3f}")
-
-    print(f"3. ROME inside a Trainer (ROMECallback, applied at validation start): "
-          f"{request.target_true} -> {request.target_new}")
-    logger = TensorBoardLogger(out, name="tensorboard")
     texts = [x for x in corpus.take(64)]
 
     class _Host(pl.LightningModule):
@@ -160,6 +307,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
             self.log("val_loss", self.model(**enc, labels=labels).loss, batch_size=len(batch))
 
     shown = [request.text, *first.paraphrase_prompts, *first.neighborhood_prompts]
+
     def complete(prompts: list[str]) -> list[str]:
         """Greedy completions, cut at the end-of-text token."""
         return [g.split(tok.eos_token)[0] for g in generate(model, tok, prompts,
@@ -180,47 +328,45 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
                          callbacks=[_Show(), edit])
     trainer.validate(_Host(), dataloaders=DataLoader(texts, batch_size=16), verbose=False)
     written.append(out / "rome-patch.safetensors")
-    for label, b, a in zip(("edit", "rephrase", "neighbour"), before, captured["after"]):
+    labels = ("edit", "rephrase", "neighbour")
+    lines = []
+    for label, b, a in zip(labels, before, captured["after"]):
         print(f"   {label:9s} before: {b!r}\n   {'':9s} after:  {a!r}")
+        lines.append(f"| {label} | `{b}` | `{a}` |")
     print(f"   (reverted at validation end: {not edit.applied})")
+    log_text([logger], "demo/rome_example",
+             f"{request.target_true} -> {request.target_new}\n\n| prompt | before | after |\n"
+             "|---|---|---|\n" + "\n".join(lines), step=0)
 
-    print(f"4. MEMIT: {len(cases)} edits in one batch")
+    print(f"5. MEMIT: {len(memit_cases)} edits in one batch")
     memit = MEMIT("demo-model", second_moment=second_moment)
     t1 = time.time()
-    memit_patch = memit.edit(model, tok, [c.request for c in cases])
+    memit_patch = memit.edit(model, tok, [c.request for c in memit_cases])
     memit_seconds = time.time() - t1
     memit_patch.save(out / "memit-patch.safetensors")
     written.append(out / "memit-patch.safetensors")
-    print(f"   {memit_seconds:.1f} s ({len(cases) / memit_seconds:.1f} edits/s)")
+    print(f"   {memit_seconds:.1f} s ({len(memit_cases) / memit_seconds:.1f} edits/s)")
 
-    print("5. COUNTERFACT metrics on those cases")
+    print("6. COUNTERFACT metrics")
+    scored = known[:max(n_memit, n_rome)]
     rows: dict[str, Any] = {}
-    rome_cases = cases[:N_ROME]
-    bar = progress_bar(2 * len(cases) + len(rome_cases), "evaluating", unit="case")
+    bar = progress_bar(len(scored) + len(memit_cases), "evaluating", unit="case")
     unedited = counterfact_metrics(generation=False)
-    _score(model, tok, cases, unedited, bar)
-    rows[f"unedited ({len(cases)} cases)"] = compute_with_ci(unedited)
-    rome_metrics = counterfact_metrics(generation=False)
-    rome = ROME("demo-model", second_moment=second_moment)
-    t1 = time.time()
-    for case in rome_cases:  # one ROME edit per case, reverted after scoring
-        patch = rome.edit(model, tok, [case.request])
-        patch.apply(model)
-        _score(model, tok, [case], rome_metrics, bar)
-        patch.revert(model)
-    rome_seconds = time.time() - t1
-    rows[f"ROME ({len(rome_cases)} cases, one at a time)"] = compute_with_ci(rome_metrics)
+    _score(model, tok, scored, unedited, bar)
+    rows[f"unedited ({len(scored)} cases)"] = compute_with_ci(unedited)
+    rows[f"ROME ({len(rome_cases)} cases, one at a time)"] = rome_row_
     memit_metrics = counterfact_metrics(generation=False)
     memit_patch.apply(model)
-    _score(model, tok, cases, memit_metrics, bar)
+    _score(model, tok, memit_cases, memit_metrics, bar)
     memit_patch.revert(model)
     bar.close()
-    rows[f"MEMIT ({len(cases)} edits at once)"] = compute_with_ci(memit_metrics)
+    rows[f"MEMIT ({len(memit_cases)} edits at once)"] = compute_with_ci(memit_metrics)
     for i, (label, res) in enumerate(rows.items()):
         logger.log_metrics({f"demo/{label.split()[0]}/{k}": float(v["mean"]) * 100
                             for k, v in res.items()}, step=i)
-    logger.finalize("success")
     table = summary_table(rows)
+    log_text([logger], "demo/summary", table, step=0)
+    logger.finalize("success")
     print(table)
     (out / "summary.md").write_text(table + "\n")
     summary = {
@@ -229,11 +375,15 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
                   "seconds": model_seconds,
                   **{k: v for k, v in st.items() if k != "known_case_ids"}},
         "n_known_cases": len(known),
+        "trace": {"n": len(trace_cases), **trace_summary},
         "edited_case": first.case_id,
+        "rome_case_ids": [c.case_id for c in rome_cases],
+        "rome_outcomes": [list(o) for o in outcomes],
         "completions": {"prompts": shown, "before": before, "after": captured["after"]},
-        "memit_case_ids": [c.case_id for c in cases],
+        "memit_case_ids": [c.case_id for c in memit_cases],
         "memit_seconds": memit_seconds,
         "rome_seconds": rome_seconds,
+        "trace_seconds": trace_seconds,
         "seconds": time.time() - t0,
         "from_cache": cm.from_cache,
     }

@@ -25,14 +25,16 @@ other jobs) and loads it from the cache afterwards (about a second):
   texts and WikiText-2), and a ``GPT2LMHeadModel`` trained with the synthetic fact model's loop
   (:mod:`lightning_rome.testing.fact_model`: AdamW, seeded, one thread, no dropout).
 
-Measured on the default model (300 cases, 4 layers x 128, BPE 4,096, 1.3M parameters, 800
-steps, 120-240 s of training on the shared 2 cores): edit prompts 100% top-1, neighbourhood
-prompts 100%, held-out rephrasings 46% top-1 and 90% ``P(o^c) > P(o*)``; 270 cases known on all
-three prompts. **Where it stores facts**: causal tracing finds them at the prompt's *last* token
-(layer-0 attention there reads the subject's tokens and the last token's MLPs decode them), not
-at the subject's last token as in GPT-2 XL: with one fact per subject a 4-layer model needs no
-subject representation. Training the subject-object rows, a subject-only warm-up and a smaller
-BPE did not change this; the demo's ROME and MEMIT presets therefore edit at the last token.
+Measured on the default model (300 cases, two made-up attributes per subject and two joined
+rows per subject, 4 layers x 128, BPE 4,096, 1.3M parameters, 1,200 steps with the extra rounds,
+236-275 s of training on one thread of the shared 2 cores): edit prompts 97.3% top-1,
+neighbourhood prompts 70.3% (97% ``P(o^c) > P(o*)``), held-out rephrasings 36.3% top-1 and 87.3%
+``P(o^c) > P(o*)``; 185 cases known on all three prompts. **Where it stores facts**: the MLP
+causal trace averaged over 100 known facts puts 17% of the total effect at the subject's last
+token (layer 0) and 36% at the prompt's last token (layer 0); without the made-up attributes
+(``extra_relations=0``, the earlier default) nothing is at the subject: with one fact per
+subject a 4-layer model needs no subject representation. Recipes that put more at the subject
+(up to 54%) learnt far fewer facts in the time (``benchmarks/RESULTS.md``, issue 20).
 
 A prompt is **known** when the true object is the model's teacher-forced argmax at each of its
 tokens (top-1 over the whole vocabulary); the weaker COUNTERFACT comparison ``P(o^c) > P(o*)``
@@ -91,8 +93,11 @@ if TYPE_CHECKING:  # lightning_rome.data imports Lightning: imported where used
     from lightning_rome.data import EditCase
 
 __all__ = [
+    "EXTRA_RELATIONS",
+    "EXTRA_WORDINGS",
     "CounterFactModel",
     "CounterFactModelConfig",
+    "extra_facts",
     "get_counterfact_model",
     "measure_cases",
     "select_cases",
@@ -104,6 +109,22 @@ log = logging.getLogger(__name__)
 MANIFEST = "counterfact_model.json"
 # Bump when a code change alters what a given config builds, so that old caches are not reused.
 _BUILD_VERSION = 1
+#: The made-up relations of ``CounterFactModelConfig.extra_relations``: ``(template, pool)``, the
+#: pool naming which of the data file's true objects the values are drawn from (``place``: the
+#: objects of location prompts, ``language``: of language prompts, ``any``: all of them). The
+#: templates appear nowhere in COUNTERFACT, so they never clash with a case's prompts.
+EXTRA_RELATIONS: tuple[tuple[str, str], ...] = (
+    ("{} has a strong link to", "place"),
+    ("The favourite language of {} is", "language"),
+    ("{} is often compared with", "any"),
+)
+#: Further wordings of each made-up relation (``CounterFactModelConfig.extra_wordings``), in the
+#: order of :data:`EXTRA_RELATIONS`; none of them appears in COUNTERFACT either.
+EXTRA_WORDINGS: tuple[tuple[str, ...], ...] = (
+    ("{} is closely linked to", "The strongest link of {} is to"),
+    ("{} likes to speak", "The language {} likes best is"),
+    ("People often compare {} with", "{} is frequently likened to"),
+)
 # A training row's span that marks nothing (the trainer's weight slices become empty).
 _NO_SPAN = (1, 1)
 
@@ -139,6 +160,22 @@ class CounterFactModelConfig:
             ``lr / 4`` each) until this fraction of the edit and of the neighbourhood prompts is
             known (top-1).
         max_extra_rounds: see ``target_accuracy``.
+        extra_relations: made-up attributes per subject, beyond its COUNTERFACT fact (at most
+            ``len(EXTRA_RELATIONS)``): relation ``k`` of :data:`EXTRA_RELATIONS` with a value
+            drawn (seeded) from a pool of the data file's true objects. They are trained like
+            the edit prompts (with prefixed copies); several attributes per subject reward the
+            model for enriching the subject's representation (where ROME reads its key)
+            instead of recalling each fact at the prompt's last token. Not measured or edited.
+        multi_fact_rows: rows per subject that join two or three of its fact sentences (the
+            COUNTERFACT prompt and the extra attributes, in a random order), the object of the
+            last one weighted.
+        extra_wordings: how many wordings of each made-up relation are trained (1: its
+            :data:`EXTRA_RELATIONS` template; up to ``1 + len(EXTRA_WORDINGS[k])``: also those
+            of :data:`EXTRA_WORDINGS`), so that recalling an attribute cannot depend on one
+            prompt's words.
+        subject_attribute_rows: the subject rows (``subject_rows``) also for each made-up
+            attribute (``"{subject} {attribute}."``): the subject's last token then predicts
+            any of its attributes, so that its representation carries all of them.
     """
 
     data_file: str = "counterfact/counterfact-val.json"
@@ -168,6 +205,10 @@ class CounterFactModelConfig:
     num_threads: int | None = 1
     target_accuracy: float = 0.9
     max_extra_rounds: int = 2
+    extra_relations: int = 2
+    multi_fact_rows: int = 2
+    extra_wordings: int = 1
+    subject_attribute_rows: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_cases", "vocab_size", "n_layer", "n_embd", "n_head", "n_positions",
@@ -177,6 +218,24 @@ class CounterFactModelConfig:
                                  f"{getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.extra_relations <= len(EXTRA_RELATIONS):
+            raise ValueError(f"CounterFactModelConfig.extra_relations must be in 0..."
+                             f"{len(EXTRA_RELATIONS)}, got {self.extra_relations}")
+        if self.multi_fact_rows < 0:
+            raise ValueError(f"CounterFactModelConfig.multi_fact_rows must be >= 0, got "
+                             f"{self.multi_fact_rows}")
+        if self.multi_fact_rows and not self.extra_relations:
+            raise ValueError("CounterFactModelConfig.multi_fact_rows needs extra_relations > 0 "
+                             "(a subject with one fact has nothing to join)")
+        n_wordings = 1 + min(len(w) for w in EXTRA_WORDINGS)
+        if not 1 <= self.extra_wordings <= n_wordings:
+            raise ValueError(f"CounterFactModelConfig.extra_wordings must be in 1...{n_wordings}"
+                             f", got {self.extra_wordings}")
+        if self.extra_wordings > 1 and not self.extra_relations:
+            raise ValueError("CounterFactModelConfig.extra_wordings > 1 needs extra_relations > 0")
+        if self.subject_attribute_rows and not (self.extra_relations and self.subject_rows):
+            raise ValueError("CounterFactModelConfig.subject_attribute_rows needs "
+                             "extra_relations > 0 and subject_rows")
         lo, hi = self.prefix_words
         if not 1 <= lo <= hi:
             raise ValueError(f"prefix_words must be (min, max) with 1 <= min <= max, got "
@@ -186,6 +245,14 @@ class CounterFactModelConfig:
         """A JSON-serialisable dict of every setting."""
         d = asdict(self)
         d["prefix_words"] = list(self.prefix_words)
+        # Added later: when off, left out, so that the keys of the older configs stay valid.
+        for name in ("extra_relations", "multi_fact_rows"):
+            if not d[name]:
+                del d[name]
+        if d["extra_wordings"] == 1:
+            del d["extra_wordings"]
+        if not d["subject_attribute_rows"]:
+            del d["subject_attribute_rows"]
         return d
 
     def data_checksums(self) -> dict[str, str]:
@@ -280,6 +347,37 @@ def select_cases(config: CounterFactModelConfig) -> list[EditCase]:
     return cases
 
 
+def _object_pools(config: CounterFactModelConfig) -> dict[str, list[str]]:
+    """The value pools of :data:`EXTRA_RELATIONS`: the data file's distinct true objects, sorted,
+    by the kind of prompt they answer."""
+    path = data_path(config.data_file, what="COUNTERFACT file")
+    with open(path, encoding="utf-8") as fh:
+        records = json.load(fh)
+    pools: dict[str, set[str]] = {"place": set(), "language": set(), "any": set()}
+    for raw in records:
+        obj, prompt = raw.get("ground_truth"), str(raw.get("prompt", "")).lower()
+        if not isinstance(obj, str) or not obj.strip():
+            continue
+        pools["any"].add(obj.strip())
+        if "language" in prompt or "speak" in prompt or "tongue" in prompt:
+            pools["language"].add(obj.strip())
+        elif "located" in prompt or " is in" in prompt or "citizen" in prompt:
+            pools["place"].add(obj.strip())
+    return {k: sorted(v) for k, v in pools.items()}
+
+
+def extra_facts(config: CounterFactModelConfig, cases: list[EditCase],
+                ) -> list[list[tuple[str, str]]]:
+    """Each case's made-up attributes (``config.extra_relations`` of them) as ``(template,
+    object)`` pairs, seeded by ``config.seed``."""
+    if not config.extra_relations:
+        return [[] for _ in cases]
+    pools = _object_pools(config)
+    rng = random.Random(config.seed + 2)
+    return [[(tpl, rng.choice(pools[pool])) for tpl, pool in
+             EXTRA_RELATIONS[:config.extra_relations]] for _ in cases]
+
+
 def _wikitext_lines(config: CounterFactModelConfig) -> list[str]:
     path = data_path(config.wikitext_file, what="WikiText-2 text for the COUNTERFACT model")
     with open(path, encoding="utf-8") as fh:
@@ -304,13 +402,18 @@ def _fact_texts(config: CounterFactModelConfig, cases: list[EditCase], lines: li
     (with ``{}``) for the edit prompts, whose subject span is weighted; plain texts for the
     neighbourhood prompts, whose subject is not marked in COUNTERFACT."""
     facts: list[tuple[str, str | None, str]] = []
-    for c in cases:
+    for c, extra in zip(cases, extra_facts(config, cases)):
         r = c.request
         assert r.target_true is not None  # checked by select_cases
         facts.append((r.prompt, r.subject, r.target_true))
+        for k, (tpl, obj) in enumerate(extra):
+            for wording in (tpl, *EXTRA_WORDINGS[k])[:config.extra_wordings]:
+                facts.append((wording, r.subject, obj))
         facts.append((c.neighborhood_prompts[0], None, c.neighborhood_answers[0]))
         if config.subject_rows:
             facts.append(("{}", r.subject, r.target_true))
+            if config.subject_attribute_rows:
+                facts += [("{}", r.subject, obj) for _, obj in extra]
         if config.train_rephrase:
             facts.append((c.paraphrase_prompts[0], None, r.target_true))
     prefixes = _prefixes(lines, len(facts) * config.prefix_copies, config.prefix_words,
@@ -318,6 +421,16 @@ def _fact_texts(config: CounterFactModelConfig, cases: list[EditCase], lines: li
     out = list(facts)
     for j, (p, s, o) in enumerate(facts * config.prefix_copies):
         out.append((prefixes[j] + p, s, o))
+    rng = random.Random(config.seed + 3)
+    for c, extra in zip(cases, extra_facts(config, cases)):
+        r = c.request
+        own = [(r.prompt, r.target_true), *extra]
+        for _ in range(config.multi_fact_rows):
+            k = rng.randint(2, min(3, len(own)))
+            picked = rng.sample(own, k)
+            head = " ".join(f"{p.replace('{}', r.subject)} {o}." for p, o in picked[:-1])
+            p, o = picked[-1]
+            out.append((head + " " + p, r.subject, str(o)))
     return out
 
 
@@ -365,8 +478,9 @@ def build_tokenizer(config: CounterFactModelConfig, cases: list[EditCase], lines
     subjects out, so that they split into small pieces, was measured to change neither where
     the model stores its facts nor its accuracy, and to lower the paraphrase accuracy.)"""
     texts: list[str] = []
-    for c in cases:
+    for c, extra in zip(cases, extra_facts(config, cases)):
         r = c.request
+        texts += [f"{tpl.replace('{}', r.subject)} {obj}." for tpl, obj in extra]
         texts += [f"{r.text} {r.target_true}.", f"{r.text} {r.target_new}.",
                   f"{c.paraphrase_prompts[0]} {r.target_true}.",
                   f"{c.neighborhood_prompts[0]} {c.neighborhood_answers[0]}."]

@@ -25,10 +25,12 @@ from lightning_rome.testing import (
 from lightning_rome.testing.counterfact_model import MANIFEST
 from lightning_rome.tokens import continuation_ids, encode_prompt
 
-# Trains in a few seconds: for the cache plumbing only.
+# Trains in a few seconds: for the cache plumbing only (no made-up attributes: the joined rows
+# would not fit n_positions with so small a BPE).
 TINY = CounterFactModelConfig(n_cases=8, prefix_copies=1, wikitext_rows=16, vocab_size=400,
                               bpe_wikitext_lines=200, n_layer=1, n_embd=32, n_head=2, steps=4,
-                              batch_size=8, warmup_steps=2, target_accuracy=0.0)
+                              batch_size=8, warmup_steps=2, target_accuracy=0.0,
+                              extra_relations=0, multi_fact_rows=0)
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +91,14 @@ def test_model_knows_most_of_its_facts(cm):
     build-time figures (see the module docstring of lightning_rome.testing.counterfact_model)."""
     m = measure_cases(cm.model, cm.tokenizer, cm.cases)
     assert m["accuracy_train"] >= 0.9
-    assert m["accuracy_neighborhood"] >= 0.9
+    # The neighbourhood prompts (other subjects' facts, one row each) are learnt less well
+    # beside the made-up attributes (70% top-1 at build time), but compared as COUNTERFACT does
+    # (P(true) > P(new)) almost all are known.
+    assert m["accuracy_neighborhood"] >= 0.6
     assert m["pairwise_train"] >= 0.95 and m["pairwise_neighborhood"] >= 0.95
     # Held-out rephrasings: generalisation is partial at this size, but above chance.
     assert m["pairwise_paraphrase"] > 0.6
-    assert len(m["known_case_ids"]) >= 200
+    assert len(m["known_case_ids"]) >= 150  # the demo edits 100 at once
     # The figures stored at build time are those of this model.
     for k in ("accuracy_train", "accuracy_paraphrase", "accuracy_neighborhood",
               "pairwise_paraphrase", "known_case_ids"):
@@ -191,3 +196,67 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_ROME_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"counterfact-val\.json"):
         get_counterfact_model(TINY, cache_dir=tmp_path / "cache")
+
+
+def test_extra_relations_options():
+    """The made-up attributes: refused out of range, seeded, drawn from their pools, and off by
+    default without changing the default model's cache key."""
+    from lightning_rome.testing.counterfact_model import EXTRA_RELATIONS, extra_facts
+
+    with pytest.raises(ValueError, match="extra_relations"):
+        CounterFactModelConfig(extra_relations=len(EXTRA_RELATIONS) + 1)
+    with pytest.raises(ValueError, match="multi_fact_rows needs extra_relations"):
+        CounterFactModelConfig(extra_relations=0, multi_fact_rows=1)
+    assert "extra_relations" not in CounterFactModelConfig(extra_relations=0,
+                                                           multi_fact_rows=0).to_dict()
+    config = CounterFactModelConfig(n_cases=20, extra_relations=2)
+    assert config.key() != CounterFactModelConfig(n_cases=20, extra_relations=0,
+                                                  multi_fact_rows=0).key()
+    cases = select_cases(config)
+    facts = extra_facts(config, cases)
+    assert facts == extra_facts(config, cases)  # seeded
+    assert all([t for t, _ in f] == [t for t, _ in EXTRA_RELATIONS[:2]] for f in facts)
+    assert len({o for f in facts for _, o in f}) > 5  # values vary across subjects
+    assert extra_facts(CounterFactModelConfig(n_cases=20, extra_relations=0, multi_fact_rows=0),
+                       cases) == [[] for _ in cases]
+
+
+def test_extra_wordings_and_subject_attribute_rows():
+    """Further wordings of the made-up relations and subject rows for their attributes: refused
+    without extra relations or out of range, off by default (old cache keys kept), and each adds
+    exactly its training texts."""
+    from lightning_rome.testing.counterfact_model import (
+        EXTRA_WORDINGS,
+        _fact_texts,
+        _wikitext_lines,
+        extra_facts,
+    )
+
+    with pytest.raises(ValueError, match="extra_wordings"):
+        CounterFactModelConfig(extra_relations=0, multi_fact_rows=0, extra_wordings=2)
+    with pytest.raises(ValueError, match="extra_wordings"):
+        CounterFactModelConfig(extra_relations=1, extra_wordings=0)
+    with pytest.raises(ValueError, match="extra_wordings"):
+        CounterFactModelConfig(extra_relations=1, extra_wordings=2 + len(EXTRA_WORDINGS[0]))
+    with pytest.raises(ValueError, match="subject_attribute_rows"):
+        CounterFactModelConfig(extra_relations=0, multi_fact_rows=0, subject_attribute_rows=True)
+    with pytest.raises(ValueError, match="subject_attribute_rows"):
+        CounterFactModelConfig(extra_relations=1, subject_rows=False, subject_attribute_rows=True)
+    d = CounterFactModelConfig(extra_relations=2).to_dict()
+    assert "extra_wordings" not in d and "subject_attribute_rows" not in d
+    base = CounterFactModelConfig(n_cases=10, extra_relations=2, multi_fact_rows=0,
+                                  prefix_copies=0)
+    lines = _wikitext_lines(base)
+    cases = select_cases(base)
+    facts = extra_facts(base, cases)
+    texts = set(_fact_texts(base, cases, lines))
+    worded = replace(base, extra_wordings=3)
+    assert worded.key() != base.key()
+    added = set(_fact_texts(worded, cases, lines)) - texts
+    expected = {(w, c.request.subject, obj) for c, f in zip(cases, facts)
+                for k, (_, obj) in enumerate(f) for w in EXTRA_WORDINGS[k][:2]}
+    assert added == expected and all(w.count("{}") == 1 for ws in EXTRA_WORDINGS for w in ws)
+    rows = replace(base, subject_attribute_rows=True)
+    added = set(_fact_texts(rows, cases, lines)) - texts
+    assert added == {("{}", c.request.subject, obj) for c, f in zip(cases, facts)
+                     for _, obj in f}
