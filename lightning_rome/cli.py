@@ -571,12 +571,15 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", type=int, default=None, help="COUNTERFACT cases the model learns")
     p.add_argument("--retrain", action="store_true", help="retrain the demo model")
     p.add_argument("--memit", type=int, default=100, help="MEMIT edits in the one batch")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the traces' noise and of the editors' context templates")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_rome.demo import run_demo
 
-    run_demo(out=args.out, n_cases=args.cases, retrain=args.retrain, n_memit=args.memit)
+    run_demo(out=args.out, n_cases=args.cases, retrain=args.retrain, n_memit=args.memit,
+             seed=args.seed)
     return 0
 
 

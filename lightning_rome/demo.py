@@ -154,7 +154,7 @@ def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] |
 
 def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None = None,
              retrain: bool = False, n_memit: int = 100, n_rome: int = N_ROME,
-             n_trace: int = N_TRACE) -> dict[str, Any]:
+             n_trace: int = N_TRACE, seed: int = 0) -> dict[str, Any]:
     """Run the demo and return its results (also written to ``out/summary.json``).
 
     Args:
@@ -166,6 +166,9 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
         n_memit: MEMIT edits in the batch (and cases evaluated).
         n_rome: cases edited by ROME, one at a time (and evaluated).
         n_trace: known facts whose causal traces are averaged.
+        seed: the seed of the traces' noise and of the context templates ROME and MEMIT sample
+            from the model (the model itself is trained with its config's seed: its cache is
+            keyed by the config).
     """
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -174,7 +177,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     from lightning_rome.callbacks import ROMECallback
     from lightning_rome.callbacks._common import log_text
     from lightning_rome.corpora import as_corpus
-    from lightning_rome.editing import MEMIT
+    from lightning_rome.editing import MEMIT, MEMITHyperParams, ROMEHyperParams
     from lightning_rome.metrics import compute_with_ci, counterfact_metrics, summary_table
     from lightning_rome.scoring import generate
     from lightning_rome.stats import get_second_moment
@@ -251,7 +254,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     trace_cases = known_trace_cases(cm, n_trace)
     print(f"2. causal traces averaged over {len(trace_cases)} known facts (window 1)")
     t1 = time.time()
-    aggs = {kind: trace_average(model, tok, trace_cases, kind) for kind in KINDS}
+    aggs = {kind: trace_average(model, tok, trace_cases, kind, seed=seed) for kind in KINDS}
     for kind, agg in aggs.items():
         save(plot_average(agg), f"trace-average-{kind}.png")
     save(plot_average_lines({"hidden": aggs["hidden"], "MLP": aggs["mlp"],
@@ -273,7 +276,8 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     outcomes: list[tuple[bool, bool, bool]] = []
     bar = progress_bar(len(rome_cases), "ROME", unit="edit")
     t1 = time.time()
-    rome_row_ = rome_row(model, tok, rome_cases, second_moment=second_moment, bar=bar,
+    rome_row_ = rome_row(model, tok, rome_cases, {"seed": seed}, second_moment=second_moment,
+                         bar=bar,
                          on_case=lambda case, patch, score: outcomes.append(outcome(score)))
     bar.close()
     rome_seconds = time.time() - t1
@@ -289,7 +293,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
           f"{request.target_new}")
     for kind in ("hidden", "mlp", "attn"):
         t = trace(model, tok, request.prompt, request.subject, kind=kind, samples=10, window=1,
-                  answer=request.target_true)
+                  answer=request.target_true, seed=seed)
         save(t.plot(), f"trace-{kind}.png")
     print(f"   its trace: {request.text!r}: P({request.target_true}) clean {t.high_score:.3f}, "
           f"subject corrupted {t.low_score:.3f}")
@@ -314,7 +318,8 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
                                                              max_new_tokens=4)]
 
     before = complete(shown)
-    edit = ROMECallback([request], "demo-model", second_moment=second_moment,
+    rome_hp = {**ROMEHyperParams.from_preset("demo-model").to_dict(), "seed": seed}
+    edit = ROMECallback([request], rome_hp, second_moment=second_moment,
                         apply_on="validation_start", revert=True,
                         save_patch=str(out / "rome-patch.safetensors"))
     captured: dict[str, list[str]] = {}
@@ -339,7 +344,8 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
              "|---|---|---|\n" + "\n".join(lines), step=0)
 
     print(f"5. MEMIT: {len(memit_cases)} edits in one batch")
-    memit = MEMIT("demo-model", second_moment=second_moment)
+    memit = MEMIT({**MEMITHyperParams.from_preset("demo-model").to_dict(), "seed": seed},
+                  second_moment=second_moment)
     t1 = time.time()
     memit_patch = memit.edit(model, tok, [c.request for c in memit_cases])
     memit_seconds = time.time() - t1
