@@ -40,7 +40,7 @@ from benchmarks.published_loop import published_compute_v
 from lightning_rome.editing.context import context_templates, optimise_values, wrap
 from lightning_rome.models import get_layout
 from lightning_rome.requests import EditRequest
-from lightning_rome.tokens import encode_prompt, fact_token_index, fill
+from lightning_rome.tokens import continuation_ids, encode_prompt, fact_token_index, fill
 
 REQUEST = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English",
                       target_true="French")
@@ -51,7 +51,7 @@ LENGTHS = [[5, 10], [10, 10]]
 def _work(tok: Any, request: EditRequest, contexts: list[str], n_layers: int
           ) -> tuple[int, int]:
     """Token-layer evaluations of one step: whole rows, and suffixes from the fact token on."""
-    n_target = len(tok(" " + request.target_new)["input_ids"])
+    n_target = len(continuation_ids(tok, request.target_new))
     full = suffix = 0
     for c in [*contexts, None]:
         tpl = wrap(c, request.prompt) if c is not None else "{} is a"

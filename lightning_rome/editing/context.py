@@ -387,6 +387,9 @@ def _optimise_values(
     g_pos_s = (g_pos - look[g_rows]).clamp(min=0)
     g_real = torch.cat([msk.reshape(-1) > 0, torch.ones_like(kl_rows, dtype=torch.bool)])
     splittable = not bool((g_pos < look[g_rows])[g_real].any())  # no target before its token
+    if engine == "suffix" and not splittable:
+        raise ValueError("engine='suffix' needs every scored position at or after its row's "
+                         "fact token (a target token comes before it here); use 'auto' or 'full'")
     suffix: SuffixRows | None = None
     verdict = known_verdict(model)
     if splittable and (engine == "suffix" or (engine == "auto" and verdict is not False)):
