@@ -9,6 +9,11 @@ engines, interleaved in one run on the same request, contexts and model.
   row's fact token are computed once, each step runs only the rest
   (:mod:`lightning_rome.editing.suffix`).
 
+Then a whole edit: the published ``compute_u`` + ``compute_v`` + update
+(:func:`benchmarks.published_loop.published_rome_edit`) against ``ROME.edit`` (reference key
+mode), both with their inverse or factor of C kept from the warm-up, interleaved, with the ΔW
+check.
+
 All run the same number of steps (no early stop) and must give the same v* (the check is
 printed). The work column counts token-layer evaluations of one step (rows × tokens × layers
 run), the measure of the forward work each engine does.
@@ -32,13 +37,16 @@ from benchmarks.common import (
     fmt_s,
     machine_line,
     print_table,
+    random_second_moment,
     settings_from_args,
     time_interleaved,
     write_json,
 )
-from benchmarks.published_loop import published_compute_v
+from benchmarks.published_loop import published_compute_v, published_rome_edit
+from lightning_rome.editing import ROME, ROMEHyperParams
 from lightning_rome.editing.context import context_templates, optimise_values, wrap
 from lightning_rome.models import get_layout
+from lightning_rome.models.weights import weight_param_name
 from lightning_rome.requests import EditRequest
 from lightning_rome.tokens import continuation_ids, encode_prompt, fact_token_index, fill
 
@@ -63,7 +71,35 @@ def _work(tok: Any, request: EditRequest, contexts: list[str], n_layers: int
     return full * n_layers, suffix * n_layers
 
 
-def run(s: Any, steps: int = 20, layer: int | None = None) -> dict[str, Any]:
+def _whole_edit(bm: Any, name: str, layer: int, contexts: list[str], steps: int, s: Any,
+                ) -> dict[str, Any]:
+    """A whole ROME edit: the published code's (:func:`published_rome_edit`, C⁻¹ kept between
+    edits as the published cache does) against :class:`~lightning_rome.editing.ROME` in its
+    default ``reference`` key mode (its Cholesky factor of C kept likewise), interleaved."""
+    model, tok = bm.model, bm.tokenizer
+    C = random_second_moment(bm.d_ff, s.seed, s.device)
+    C_inv = torch.inverse(C)
+    hp = ROMEHyperParams(layer=layer, v_num_grad_steps=steps, context_templates=contexts,
+                         clamp_norm_factor=4.0, early_stop_loss=0.0)
+    rome = ROME(hp, second_moment=lambda m, t, n: C)
+    wname = weight_param_name(name)
+    (t_pub, ref), (t_pkg, patch) = time_interleaved(
+        [lambda: published_rome_edit(model, tok, REQUEST, name, contexts, C_inv, steps=steps,
+                                     early_stop_loss=0.0),
+         lambda: rome.edit(model, tok, REQUEST)], s)
+    dW = patch.dense(wname, torch.float64).cpu()
+    rel = float((dW - ref.cpu()).norm() / ref.norm())
+    print_table(["ROME edit", "time (median)", "vs published", "|ΔW − ΔW_published| / |ΔW|"],
+                [["published (compute_u, compute_v, update)", fmt_s(t_pub.median), "1.00x",
+                  "—"],
+                 ["package ROME.edit (reference key mode)", fmt_s(t_pkg.median),
+                  f"{t_pub.median / t_pkg.median:.2f}x", f"{rel:.1e}"]],
+                title=f"ROME edit, {s.model}, {steps} steps")
+    return {"published": t_pub.times, "package": t_pkg.times, "rel_dW": rel}
+
+
+def run(s: Any, steps: int = 20, layer: int | None = None, edit: bool = True
+        ) -> dict[str, Any]:
     print(machine_line(s.device), flush=True)
     bm = build_model(s.model, s.device, s.dtype, s.seed)
     model, tok = bm.model, bm.tokenizer
@@ -104,6 +140,8 @@ def run(s: Any, steps: int = 20, layer: int | None = None) -> dict[str, Any]:
     out = {"published": t_pub.times, "full": t_full.times, "suffix": t_suf.times,
            "rel_full": rel(full.v_star[0]), "rel_suffix": rel(suf.v_star[0]),
            "work_full": w_full, "work_suffix": w_suf}
+    if edit:
+        out["edit"] = _whole_edit(bm, name, layer, contexts, steps, s)
     write_json(s.json_out, "vstar", out)
     return out
 

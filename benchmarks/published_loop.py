@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["PUBLISHED_GROUP", "published_batches", "published_compute_v", "published_memit",
+           "published_rome_edit",
            "published_second_moment"]
 
 PUBLISHED_GROUP = 100
@@ -242,9 +243,10 @@ def published_compute_v(model: nn.Module, tokenizer: Any, request: Any, module_n
 
 
 def _published_read(model: nn.Module, tokenizer: Any, module_name: str, texts: list[str],
-                    subjects: list[str], which: str) -> Tensor:
-    """``get_module_input_output_at_words``: the module's input (``which="in"``) or output at
-    each text's fact token, from one padded pass of the **whole** model (logits included)."""
+                    subjects: list[str]) -> tuple[Tensor, Tensor]:
+    """``get_module_input_output_at_words``: the module's input and output at each text's fact
+    token, ``(n, d_in)`` and ``(n, d_out)``, from one padded pass of the **whole** model (logits
+    included)."""
     from lightning_rome.scoring import make_batch
     from lightning_rome.tokens import encode_prompt, fact_token_index, fill
 
@@ -256,7 +258,8 @@ def _published_read(model: nn.Module, tokenizer: Any, module_name: str, texts: l
     kept: dict[str, Tensor] = {}
 
     def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
-        kept["x"] = inputs[0] if which == "in" else (out[0] if isinstance(out, tuple) else out)
+        kept["in"] = inputs[0]
+        kept["out"] = out[0] if isinstance(out, tuple) else out
 
     handle = model.get_submodule(module_name).register_forward_hook(hook)
     try:
@@ -265,7 +268,8 @@ def _published_read(model: nn.Module, tokenizer: Any, module_name: str, texts: l
                   position_ids=batch.position_ids)
     finally:
         handle.remove()
-    return kept["x"][torch.arange(len(texts), device=device), look].float()  # (n, d)
+    rows = torch.arange(len(texts), device=device)
+    return kept["in"][rows, look].float(), kept["out"][rows, look].float()
 
 
 def published_memit(model: nn.Module, tokenizer: Any, requests: list[Any], layers: list[int],
@@ -297,10 +301,10 @@ def published_memit(model: nn.Module, tokenizer: Any, requests: list[Any], layer
             name = layout.name("mlp_out", layer)
             texts = [wrap(c, r.prompt) for r in requests for c in contexts]
             subs = [r.subject for r in requests for _ in contexts]
-            ks = _published_read(model, tokenizer, name, texts, subs, "in")  # (u·n_ctx, d_in)
+            ks = _published_read(model, tokenizer, name, texts, subs)[0]  # (u·n_ctx, d_in)
             K = ks.view(len(requests), len(contexts), -1).mean(1).T.double()  # (d_in, u)
             h = _published_read(model, tokenizer, block, [r.prompt for r in requests],
-                                [r.subject for r in requests], "out").T  # (d, u)
+                                [r.subject for r in requests])[1].T  # (d, u)
             R = (zs.to(h) - h).double() / (len(layers) - i)  # (d, u)
             C = Cs[name].double()
             adj = torch.linalg.solve(lam * C + K @ K.T, K)  # (d_in, u)
@@ -317,3 +321,31 @@ def published_memit(model: nn.Module, tokenizer: Any, requests: list[Any], layer
             for name, w0 in saved.items():
                 model.get_submodule(name).weight.copy_(w0)
     return deltas
+
+
+def published_rome_edit(model: nn.Module, tokenizer: Any, request: Any, module_name: str,
+                        contexts: list[str], C_inv: Tensor, **v_kwargs: Any) -> Tensor:
+    """A whole ROME edit as the published code makes it (``rome/rome_main.py``,
+    ``compute_u.py``, ``compute_v.py``), re-implemented for the benchmarks: the key ``k̄`` is
+    the mean over the contexts of the module's input at the fact token, from one padded pass
+    of the whole model; ``u = C⁻¹ k̄ / ‖C⁻¹ k̄‖`` with the inverse of C computed once and kept
+    (``C_inv``, as the published cache of ``inv_mom2``); ``v*`` by
+    :func:`published_compute_v`; then one more pass reads the bare prompt's key and value, and
+    ``ΔW = (v* − W k_bare − b) uᵀ / (uᵀ k_bare)``.
+
+    Returns:
+        ``ΔW`` ``(d_out, d_in)``, float64.
+    """
+    from lightning_rome.editing.context import wrap
+
+    texts = [wrap(c, request.prompt) for c in contexts]
+    keys = _published_read(model, tokenizer, module_name, texts,
+                           [request.subject] * len(texts))[0]  # (n_ctx, d_in)
+    u = C_inv.to(keys.device, torch.float64) @ keys.mean(0).double()  # (d_in,)
+    u = u / u.norm()
+    v = published_compute_v(model, tokenizer, request, module_name, contexts, **v_kwargs)
+    k_in, v_out = _published_read(model, tokenizer, module_name, [request.prompt],
+                                  [request.subject])
+    k_bare, v_bare = k_in[0].double(), v_out[0].double()  # (d_in,), (d_out,)
+    right = (v["v_star"].double() - v_bare) / torch.dot(k_bare, u)  # (d_out,)
+    return torch.outer(right, u)  # (d_out, d_in)
