@@ -61,7 +61,8 @@ def test_samples_study_quick_tiny(capsys):
 
 
 def test_vstar_benchmark_engines_agree_with_the_published_loop(capsys):
-    """bench_vstar on a tiny GPT-2: both package engines give the published loop's v*."""
+    """bench_vstar on a tiny GPT-2: both package engines give the published loop's v*, and
+    ROME.edit the published edit's ΔW."""
     from benchmarks.bench_vstar import run
     from benchmarks.common import Settings
 
@@ -70,3 +71,5 @@ def test_vstar_benchmark_engines_agree_with_the_published_loop(capsys):
     assert "| published compute_v loop" in out and "engine='suffix'" in out
     assert res["rel_full"] < 1e-5 and res["rel_suffix"] < 1e-5, res
     assert res["work_suffix"] < res["work_full"] / 2
+    # The whole edit: ROME.edit (reference key mode) writes the published code's ΔW.
+    assert "| package ROME.edit" in out and res["edit"]["rel_dW"] < 1e-4, res["edit"]
