@@ -116,7 +116,6 @@ def test_demo_full(tmp_path):
     out = tmp_path / "demo"
     summary = run_demo(out)
     _check_outputs(out, summary, 100)
-    assert summary["seconds"] < 180 or not summary["from_cache"]
     assert len(summary["rome_case_ids"]) == 50 and summary["trace"]["n"] == 100
     # Measured on the default model (README): ROME ES about 0.5, MEMIT about 0.3, both far above
     # the unedited 0 on 100 known facts.
