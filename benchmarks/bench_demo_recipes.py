@@ -58,7 +58,8 @@ def measure(overrides: dict[str, Any], n_trace: int, n_rome: int, layers: list[i
     model, tok = cm.model, cm.tokenizer
     if n_trace:
         t1 = time.time()
-        agg = trace_average(model, tok, known_trace_cases(cm, n_trace), "mlp", window=window)
+        agg = trace_average(model, tok, known_trace_cases(cm, n_trace), ("mlp",),
+                            window=window)["mlp"]
         ls = agg.effect("last subject token")[0]
         lt = agg.effect("last token")[0]
         out.update({"trace_n": agg.n_prompts, "ate": round(agg.ate, 4),

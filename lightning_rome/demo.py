@@ -27,6 +27,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,20 +110,23 @@ def known_trace_cases(cm: Any, n: int) -> list[Any]:
     return list(cm.known_cases[:n])
 
 
-def trace_average(model: Any, tok: Any, cases: list[Any], kind: str, *, window: int = 1,
-                  samples: int = 10, seed: int = 0) -> Any:
-    """The causal trace of ``kind`` averaged over the edit prompts of ``cases`` (each traced for
-    its true object), as a :class:`~lightning_rome.tracing.TraceAggregate`: the indirect effect
-    per token class and layer with 95% intervals, and the total effect. The subjects are
-    corrupted with Gaussian noise of ``ν = 3σ``, σ measured over the embeddings of all the cases'
-    subjects (as the paper measures it over its dataset's)."""
-    from lightning_rome.tracing import GaussianNoise, average_traces, trace
+def trace_average(model: Any, tok: Any, cases: list[Any], kinds: Sequence[str] = KINDS, *,
+                  window: int = 1, samples: int = 10, seed: int = 0) -> dict[str, Any]:
+    """The causal traces of ``kinds`` averaged over the edit prompts of ``cases`` (each traced
+    for its true object): per kind a :class:`~lightning_rome.tracing.TraceAggregate`, the
+    indirect effect per token class and layer with 95% intervals, and the total effect. Each
+    prompt's kinds share its clean and corrupted runs (:func:`~lightning_rome.tracing.trace_all`).
+    The subjects are corrupted with Gaussian noise of ``ν = 3σ``, σ measured over the embeddings
+    of all the cases' subjects (as the paper measures it over its dataset's)."""
+    from lightning_rome.tracing import GaussianNoise, average_traces, trace_all
 
     noise = GaussianNoise.from_subjects(model, tok, [c.request.subject for c in cases])
-    traces = [trace(model, tok, c.request.prompt, c.request.subject, kind=kind, window=window,
-                    samples=samples, noise=noise, answer=c.request.target_true, seed=seed + i)
-              for i, c in enumerate(cases)]
-    return average_traces(traces)
+    per_case = [list(trace_all(model, tok, c.request.prompt, c.request.subject, list(kinds),
+                               window=window, samples=samples, noise=noise,
+                               answer=c.request.target_true, seed=seed + i).values())
+                for i, c in enumerate(cases)]  # [case][kind]
+    return {kind: average_traces([traces[k] for traces in per_case])
+            for k, kind in enumerate(kinds)}
 
 
 def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] | None = None,
@@ -254,7 +258,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     trace_cases = known_trace_cases(cm, n_trace)
     print(f"2. causal traces averaged over {len(trace_cases)} known facts (window 1)")
     t1 = time.time()
-    aggs = {kind: trace_average(model, tok, trace_cases, kind, seed=seed) for kind in KINDS}
+    aggs = trace_average(model, tok, trace_cases, KINDS, seed=seed)
     for kind, agg in aggs.items():
         save(plot_average(agg), f"trace-average-{kind}.png")
     save(plot_average_lines({"hidden": aggs["hidden"], "MLP": aggs["mlp"],
