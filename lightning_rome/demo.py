@@ -387,6 +387,8 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
         "n_known_cases": len(known),
         "trace": {"n": len(trace_cases), **trace_summary},
         "edited_case": first.case_id,
+        "example": {"prompt": request.text, "true": request.target_true,
+                    "new": request.target_new},
         "rome_case_ids": [c.case_id for c in rome_cases],
         "rome_outcomes": [list(o) for o in outcomes],
         "completions": {"prompts": shown, "before": before, "after": captured["after"]},

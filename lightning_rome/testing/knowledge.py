@@ -25,7 +25,7 @@ import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -528,3 +528,34 @@ def predicted_objects(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
         idx = [j for j, o in enumerate(owner) if o == i]
         out.append(cands[idx[int(nll[idx].argmin())]])
     return out
+
+
+def edit_quality(model: nn.Module, tokenizer: PreTrainedTokenizerBase, kb: KnowledgeBase,
+                 requests: Sequence[EditRequest], patches: Sequence[Any],
+                 n_neighbours: int = 5) -> tuple[float, float, float]:
+    """Efficacy, paraphrase and specificity of single edits, each patch applied on its own
+    (and reverted) on ``model``.
+
+    Efficacy and paraphrase are the fractions of edit prompts and held-out paraphrase prompts
+    where the new object beats the true one (:func:`prefers`); specificity is the fraction of
+    ``n_neighbours`` neighbouring facts per request (:meth:`KnowledgeBase.neighbor_facts`) whose
+    predicted object (:func:`predicted_objects`) the edit leaves unchanged."""
+    if len(requests) != len(patches) or not requests:
+        raise ValueError(f"one patch per request, at least one: {len(requests)} requests, "
+                         f"{len(patches)} patches")
+    eff: list[bool] = []
+    para: list[bool] = []
+    spec: list[float] = []
+    for r, p in zip(requests, patches):
+        neigh = kb.neighbor_facts(r, n_neighbours)
+        paraphrases = [fill(t, r.subject)[0] for t in kb.fact_of(r).prompts("paraphrase")]
+        before = predicted_objects(model, tokenizer, neigh)
+        p.apply(model)
+        try:
+            eff += prefers(model, tokenizer, [r.text], r.target_new, r.target_true)
+            para += prefers(model, tokenizer, paraphrases, r.target_new, r.target_true)
+            after = predicted_objects(model, tokenizer, neigh)
+        finally:
+            p.revert(model)
+        spec += [float(a == b) for a, b in zip(before, after)]
+    return sum(eff) / len(eff), sum(para) / len(para), sum(spec) / len(spec)

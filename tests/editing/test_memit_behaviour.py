@@ -55,30 +55,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_rome.editing import MEMIT, ROME
-from lightning_rome.stats import get_second_moment
-from lightning_rome.testing import DEEP_FACT_MODEL, get_fact_model, prefers
+from benchmarks.bench_memit_scale import (
+    concurrent_rewrites,
+    deep_memit,
+    second_moment_fn,
+)
+from lightning_rome.testing import DEEP_FACT_MODEL, get_fact_model
 
 pytestmark = [pytest.mark.timeout(1800)]
-
-COMMON = {"v_num_grad_steps": 25, "clamp_norm_factor": 12.0, "v_weight_decay": 0.01,
-          "context_template_lengths": [[6, 2]], "context_template_starts": None,
-          "mom2_n_samples": 2000, "fact_token": "last"}
-MEMIT_HP = {**COMMON, "layers": [0, 1], "mom2_update_weight": 100.0, "z_batch_size": 100}
-ROME_HP = {**COMMON, "layer": 0, "key_mode": "paper"}  # the mode these figures were measured in
-
-
-def _second_moment_fn(fm):
-    """C for each module from 2,000 of the fact model's training sentences, computed once."""
-    corpus, cache = list(fm.kb.text_corpus()), {}
-
-    def fn(model, tok, name):
-        if name not in cache:
-            cache[name] = get_second_moment(model, tok, name, corpus=corpus, n_samples=2000,
-                                            progress=False).mom2
-        return cache[name]
-
-    return fn
 
 
 @pytest.fixture(scope="module")
@@ -86,51 +70,9 @@ def fm():
     return get_fact_model()
 
 
-@pytest.fixture(scope="module")
-def second_moment(fm):
-    return _second_moment_fn(fm)
-
-
-def _fraction(wins: list[bool]) -> float:
-    return sum(wins) / len(wins)
-
-
-def measure(fm, reqs) -> tuple[float, float]:
-    """(efficacy, specificity) over ``reqs`` on the model as it is now."""
-    model, tok, kb = fm.model, fm.tokenizer, fm.kb
-    eff = _fraction(prefers(model, tok, [r.text for r in reqs], [r.target_new for r in reqs],
-                            [r.target_true for r in reqs]))
-    prompts, true, new = [], [], []
-    for r in reqs:
-        for f in kb.neighbor_facts(r, 3):
-            prompts.append(f.prompts("train")[0].replace("{}", f.subject))
-            true.append(f.object)
-            new.append(r.target_new)
-    return eff, _fraction(prefers(model, tok, prompts, true, new))
-
-
 @pytest.mark.slow
-def test_memit_batch_beats_sequential_rome_on_retained_efficacy(fm, second_moment):
-    reqs = fm.edit_requests(100, seed=1)
-    before = {n: p.detach().clone() for n, p in fm.model.named_parameters()}
-    results = {"unedited": measure(fm, reqs)}
-
-    rome = ROME(ROME_HP, second_moment=second_moment)
-    patches = []
-    for i, r in enumerate(reqs, start=1):
-        patches.append(rome.edit(fm.model, fm.tokenizer, [r], apply=True))
-        if i in (1, 10, 100):
-            results[f"ROME x{i} sequential"] = measure(fm, reqs[:i])
-    for p in reversed(patches):
-        p.revert(fm.model)
-
-    memit = MEMIT(MEMIT_HP, second_moment=second_moment)
-    patch = memit.edit(fm.model, fm.tokenizer, reqs, apply=True)
-    results["MEMIT x100 batch"] = measure(fm, reqs)
-    patch.revert(fm.model)
-    for n, p in fm.model.named_parameters():
-        assert torch.equal(p, before[n])
-
+def test_memit_batch_beats_sequential_rome_on_retained_efficacy(fm):
+    results = concurrent_rewrites(fm, second_moment_fn(fm))  # restores the model bit for bit
     print("\nRESULTS (efficacy, specificity):")
     for k, (e, s) in results.items():
         print(f"  {k:<22} {e:.2f} {s:.2f}")
@@ -149,26 +91,14 @@ def test_memit_100_edits_keep_specificity_on_the_deeper_fact_model():
     model on first use (about 4 minutes on one core)."""
     deep = get_fact_model(DEEP_FACT_MODEL)
     assert min(deep.stats["accuracy_train"], deep.stats["accuracy_paraphrase"]) >= 0.9
-    C = _second_moment_fn(deep)
-    reqs = deep.edit_requests(100, seed=1)
     before = {n: p.detach().clone() for n, p in deep.model.named_parameters()}
-    eff0, spec0 = measure(deep, reqs)
-
-    patch = MEMIT({**MEMIT_HP, "layers": [6, 7], "mom2_update_weight": 800.0},
-                  second_moment=C).edit(deep.model, deep.tokenizer, reqs, apply=True)
-    assert set(patch.deltas) == {"transformer.h.6.mlp.c_proj.weight",
-                                 "transformer.h.7.mlp.c_proj.weight"}
-    eff, spec = measure(deep, reqs)
-    patch.revert(deep.model)
-
-    rome = ROME({**ROME_HP, "layer": 6}, second_moment=C)
-    patches = [rome.edit(deep.model, deep.tokenizer, [r], apply=True) for r in reqs]
-    rome_eff, rome_spec = measure(deep, reqs)
-    for p in reversed(patches):
-        p.revert(deep.model)
+    out = deep_memit(deep, second_moment_fn(deep))
+    (eff0, spec0), (eff, spec) = out["unedited"], out["memit"]
+    rome_eff, rome_spec = out["rome_sequential"]
+    assert out["memit_params"] == ["transformer.h.6.mlp.c_proj.weight",
+                                   "transformer.h.7.mlp.c_proj.weight"]
     for n, p in deep.model.named_parameters():
         assert torch.equal(p, before[n])
-
     print(f"\nunedited {eff0:.3f} {spec0:.3f}; MEMIT x100 {eff:.3f} {spec:.3f}; "
           f"ROME x100 sequential {rome_eff:.3f} {rome_spec:.3f}")
     assert eff0 == 0.0 and spec0 >= 0.95

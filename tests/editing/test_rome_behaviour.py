@@ -21,7 +21,7 @@ import torch
 
 from lightning_rome.editing import FT, ROME
 from lightning_rome.stats import get_second_moment
-from lightning_rome.testing import get_fact_model, predicted_objects, prefers
+from lightning_rome.testing import edit_quality, get_fact_model, prefers
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -42,20 +42,7 @@ def _paraphrases(kb, r):
 
 def _measure(fm, reqs, patches):
     """Efficacy, paraphrase and specificity, each edit applied on its own."""
-    m, tok, kb = fm.model, fm.tokenizer, fm.kb
-    eff, para, spec = [], [], []
-    for r, p in zip(reqs, patches):
-        neigh = kb.neighbor_facts(r, 5)
-        before = predicted_objects(m, tok, neigh)
-        p.apply(m)
-        try:
-            eff += prefers(m, tok, [r.text], r.target_new, r.target_true)
-            para += prefers(m, tok, _paraphrases(kb, r), r.target_new, r.target_true)
-            after = predicted_objects(m, tok, neigh)
-        finally:
-            p.revert(m)
-        spec += [float(a == b) for a, b in zip(before, after)]
-    return sum(eff) / len(eff), sum(para) / len(para), sum(spec) / len(spec)
+    return edit_quality(fm.model, fm.tokenizer, fm.kb, reqs, patches)
 
 
 @pytest.fixture(scope="module")
