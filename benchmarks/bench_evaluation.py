@@ -70,11 +70,13 @@ from lightning_rome.utils.paths import data_path
 
 def make_cases(n: int, n_neighbors: int = 10) -> list[EditCase]:
     """``n`` cases in COUNTERFACT's original shape from the reduced validation file: the edit
-    prompt, its rephrase and a second paraphrase, and the locality prompts of the next
-    ``n_neighbors`` records (with their own true answers) as neighbourhood prompts."""
+    prompt, its rephrase and a second paraphrase, and as neighbourhood prompts the locality
+    prompts (with their own true answers) of ``n_neighbors`` records after the first ``n``, a
+    different set for each case (overlapping sets would let the unedited model's batched
+    scoring share rows across cases, which COUNTERFACT's own neighbourhoods rarely allow)."""
     raw = json.loads(data_path("counterfact/counterfact-val.json",
                                what="COUNTERFACT file").read_text())
-    if n + n_neighbors > len(raw):
+    if n * (1 + n_neighbors) > len(raw):
         raise SystemExit(f"--cases {n} is too many for {len(raw)} records")
     cases = []
     for i in range(n):
@@ -82,7 +84,7 @@ def make_cases(n: int, n_neighbors: int = 10) -> list[EditCase]:
         template = r["prompt"].replace(r["subject"], "{}", 1)
         req = EditRequest(template, r["subject"], r["target_new"], r["ground_truth"],
                           case_id=r["case_id"])
-        nbs = raw[i + 1:i + 1 + n_neighbors]
+        nbs = raw[n + i * n_neighbors:n + (i + 1) * n_neighbors]
         cases.append(EditCase(
             req,
             paraphrase_prompts=(r["rephrase_prompt"], f"In other news, {r['prompt']}"),
@@ -182,6 +184,79 @@ def run_pipeline(model: torch.nn.Module, tok: Any, cases: list[EditCase], editor
     return out
 
 
+class WorkCounter:
+    """Counts the model work of the passes run inside it: token positions through the decoder
+    blocks (padding included: the work the matmuls do) and positions through the LM head, and
+    converts them to FLOPs (2 per weight per position for the blocks' and the head's matrices,
+    plus the attention scores and mixing, 4·T·d per position per layer; layer norms,
+    activations and softmax left out)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        c = model.config
+        self.d, self.n_layer, self.vocab = int(c.n_embd), int(c.n_layer), int(c.vocab_size)
+        self.d_ff = int(c.n_inner or 4 * c.n_embd)
+        self.block_positions = 0
+        self.head_positions = 0
+        self.attention_pairs = 0  # sum over passes of B·T² (query-key pairs per layer)
+
+    def __enter__(self) -> WorkCounter:
+        def on_blocks(_m: Any, args: Any, kwargs: Any) -> None:
+            x = kwargs.get("input_ids", args[0] if args else None)
+            if x is None:
+                x = kwargs["inputs_embeds"]
+            b, t = int(x.shape[0]), int(x.shape[1])  # (B, T[, d])
+            past = kwargs.get("past_key_values")
+            t_past = int(past.get_seq_length()) if past is not None and \
+                hasattr(past, "get_seq_length") else 0
+            self.block_positions += b * t
+            self.attention_pairs += b * t * (t + t_past)
+
+        def on_head(_m: Any, args: Any) -> None:
+            x = args[0]  # (..., d)
+            self.head_positions += x.numel() // x.shape[-1]
+
+        base = self.model.base_model
+        self._handles = [base.register_forward_pre_hook(on_blocks, with_kwargs=True),
+                         self.model.get_output_embeddings().register_forward_pre_hook(on_head)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+    @property
+    def flops(self) -> float:
+        per_position = 2 * (4 * self.d * self.d + 2 * self.d * self.d_ff)  # qkv, out, MLP
+        return float(self.n_layer * (self.block_positions * per_position
+                                     + 4 * self.attention_pairs * self.d)
+                     + self.head_positions * 2 * self.d * self.vocab)
+
+
+def minimal_flops(tok: Any, groups: list[list[EditCase]], counter: WorkCounter) -> float:
+    """The least work the scores need: per group of cases scored on one model (all cases for
+    the unedited model, each case alone after its edit), every distinct token prefix of the
+    sequences ``prompt + candidate[:-1]`` runs through the blocks once (a trie of the
+    sequences, each node attending to its prefix), and the LM head runs once at each distinct
+    position that predicts a candidate token (two candidates after the same prompt share it)."""
+    c = WorkCounter.__new__(WorkCounter)
+    c.__dict__.update({k: getattr(counter, k) for k in ("d", "n_layer", "vocab", "d_ff")})
+    c.block_positions = c.head_positions = c.attention_pairs = 0
+    for group in groups:
+        nodes: set[tuple[int, ...]] = set()
+        heads: set[tuple[int, ...]] = set()
+        for case in group:
+            for p, target in _pairs(case):
+                prompt, cont = encode_prompt(tok, p), continuation_ids(tok, target)
+                seq = tuple(prompt + cont[:-1])
+                nodes.update(seq[:k] for k in range(1, len(seq) + 1))
+                heads.update(seq[:len(prompt) + j] for j in range(len(cont)))
+        c.block_positions += len(nodes)
+        c.attention_pairs += sum(len(x) for x in nodes)
+        c.head_positions += len(heads)
+    return c.flops
+
+
 def _max_rel_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-30) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
@@ -224,24 +299,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ("evaluator (evaluate_cases)",
                  lambda e=editor: run_pipeline(model, tok, cases, e, args.batch_cases)),
             ):
+                with WorkCounter(model) as work:
+                    fn()  # one untimed pass to count the work
                 with PeakMemory(s.device) as mem:
                     timing, out = time_runs(fn, s)
-                results[path] = (timing, out, mem.peak)
+                results[path] = (timing, out, mem.peak, work.flops / n)
                 print(f"  {path}: median {fmt_s(timing.median)} ({timing.spread} s)", flush=True)
             ref = results["naive (1 pass / prompt / target)"]
-            for path, (timing, out, peak) in results.items():
+            groups = [cases] + ([] if editor is None else [[c] for c in cases])
+            least = minimal_flops(tok, groups, WorkCounter(model)) / n
+            for path, (timing, out, peak, flops) in results.items():
                 diff = _max_rel_diff(out, ref[1])
                 if diff > 1e-3:
                     raise SystemExit(f"{path} disagrees with the naive loop (max relative "
                                      f"difference of P {diff:.2e})")
                 speedup = ref[0].median / timing.median
                 rows.append([name, path, f"{n / timing.median:.2f}", fmt_s(timing.median / n),
-                             f"{speedup:.2f}x", fmt_bytes(peak), f"{diff:.1e}"])
+                             f"{speedup:.2f}x", f"{flops / 1e9:.1f}", f"{flops / least:.2f}x",
+                             fmt_bytes(peak), f"{diff:.1e}"])
                 payload[f"{name}/{path}"] = {
                     "cases_per_s": n / timing.median, "times": timing.times,
-                    "speedup_vs_naive": speedup, "peak_bytes": peak, "max_rel_diff": diff}
-    print_table(["editor", "path", "cases/s", "per case", "vs naive", "peak mem",
-                 "max rel. diff P"], rows,
+                    "speedup_vs_naive": speedup, "peak_bytes": peak, "max_rel_diff": diff,
+                    "gflop_per_case": flops / 1e9, "minimal_gflop_per_case": least / 1e9}
+    print_table(["editor", "path", "cases/s", "per case", "vs naive", "GFLOP / case",
+                 "work vs minimal", "peak mem", "max rel. diff P"], rows,
                 title=f"COUNTERFACT evaluation throughput, {bm.name} on {s.device} "
                       f"({s.dtype_name}), {n} cases")
     write_json(s.json_out, "bench_evaluation", {"model": bm.description, "cases": n,

@@ -90,6 +90,19 @@ def test_demo_small(tmp_path, capsys):
     assert ok == (after > 0)  # the headline's efficacy outcome is this comparison
     for k, v in cm.model.state_dict().items():
         assert torch.equal(v, original[k]), k
+    # The README's demo blocks render from the summary.json the demo writes, as
+    # `python -m benchmarks.readme_numbers --run demo` reads it.
+    from benchmarks import readme_numbers as rn
+
+    written = json.loads((out / "summary.json").read_text())
+    assert written["example"] == {"prompt": r.text, "true": r.target_true, "new": r.target_new}
+    rec = {"provenance": rn.provenance("test"), "data": {"wall_seconds": 1.0,
+                                                          "summary": written}}
+    texts = {name: rn.BLOCKS[name].render(rec) for name in rn.BLOCKS
+             if rn.BLOCKS[name].job == "demo"}
+    assert f"total effect is {summary['trace']['ate']:.2f}" in texts["demo-trace"]
+    assert "MEMIT (5 edits at once)" in texts["demo-table"] and r.text in texts["demo-table"]
+    assert f"{summary['n_known_cases']} cases are known" in texts["demo-model"]
 
 
 def test_outcome_and_typical_index():
