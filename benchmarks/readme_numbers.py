@@ -72,8 +72,8 @@ BLOCK_RE = re.compile(
 # --------------------------------------------------------------------------------------------
 
 def provenance(command: str) -> dict[str, Any]:
-    """Where and when a job ran: commit (``+dirty`` when the tree had uncommitted changes),
-    UTC date, 1-minute load before the job, the machine and the command."""
+    """Where and when a job ran: commit (``+dirty`` when the tree had uncommitted changes, which
+    ``uncommitted`` lists), UTC date, 1-minute load before the job, the machine and the command."""
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -82,7 +82,9 @@ def provenance(command: str) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"commit": git_commit(),
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                             capture_output=True, text=True, check=False).stdout.splitlines()
+    return {"commit": git_commit(), "uncommitted": [line[3:] for line in changed],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "day": time.strftime("%-d %B %Y", time.gmtime()),
             "load": round(os.getloadavg()[0], 2), "cpu": cpu, "cores": os.cpu_count(),
@@ -243,14 +245,14 @@ def render_sequential(rec: dict[str, Any]) -> str:
                      f"{f['update_norm']:.0f} |")
     alpha = next(r for r in rows if r["method"] == "alphaedit")
     base = alpha["unedited"]["retain_accuracy"]
-    held = [p for p in alpha["points"] if p["n_edits"] > 0 and p["efficacy"] >= 0.8 and
+    held = [p for p in alpha["points"] if p["edits"] > 0 and p["efficacy"] >= 0.8 and
             p["retain_accuracy"] >= base - 0.1]
-    upto = (f"holds up to {held[-1]['n_edits']} edits ({held[-1]['efficacy']:.2f} efficacy, "
+    upto = (f"holds up to {held[-1]['edits']} edits ({held[-1]['efficacy']:.2f} efficacy, "
             f"{held[-1]['retain_accuracy']:.3f} kept)" if held else "holds at no point")
     curve = "; ".join(
         f"{names.get(r['method'], r['method']).split(' (')[0]} " + ", ".join(
             f"{p['efficacy']:.2f} / {p['retain_accuracy']:.2f}" for p in r["points"]
-            if p["n_edits"] in (10, 20, 50, 100)) for r in rows)
+            if p["edits"] in (10, 20, 50, 100)) for r in rows)
     return (f"On the default fact model, after {first['n']} single edits (unedited accuracy on "
             f"the untouched facts {base:.2f}; `python -m benchmarks.readme_numbers --run "
             f"sequential`, {when(prov)}):\n\n" + "\n".join(lines) + "\n\n"
