@@ -451,7 +451,7 @@ def _run_key_modes(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     torch.manual_seed(0)
     results = []
     for name in args.models:
-        bench = bm.load_bench(name, 100 + 100 + 100)
+        bench = bm.load_bench(name, 200)  # as bench_rome_modes: max(single, sequential) + pool
         res = bm.run_modes(bench, 100, 100, 100)
         results.append(res)
         print(bm.table([res]), flush=True)
