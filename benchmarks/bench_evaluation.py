@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 title=f"COUNTERFACT evaluation throughput, {bm.name} on {s.device} "
                       f"({s.dtype_name}), {n} cases")
     write_json(s.json_out, "bench_evaluation", {"model": bm.description, "cases": n,
-                                                "rows": payload})
+                                                "pairs": n_pairs, "rows": payload})
     return payload
 
 

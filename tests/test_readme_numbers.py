@@ -86,3 +86,16 @@ def test_parse_pytest_summary(line, expected):
 def test_parse_pytest_summary_needs_a_summary():
     with pytest.raises(ValueError, match="no pytest summary"):
         rn.parse_pytest_summary("nothing here\n")
+
+
+def test_options_that_do_not_apply_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        rn.main(["--models", "fact"])
+    assert e.value.code == 2 and "--run key-modes only" in capsys.readouterr().err
+
+
+def test_list_names_every_job_and_its_record(capsys):
+    assert rn.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for job in rn.JOBS:
+        assert job in out
