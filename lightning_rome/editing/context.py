@@ -367,11 +367,15 @@ def _optimise_values(
         [i * (len(contexts) + 1) + list(contexts).index("{}") if "{}" in contexts
          else i * (len(contexts) + 1) for i in range(n)], device=device)  # (n,)
 
-    # Only the target positions and the essence prompts' lookup positions are scored: the LM
-    # head and the log-softmax run on those G rows, not on every position of the batch.
-    G_nll = pos.numel()
-    g_rows = torch.cat([nll_rows_t[:, None].expand_as(pos).reshape(-1), kl_rows])  # (G,)
-    g_pos = torch.cat([pos.reshape(-1), look[kl_rows]])  # (G,)
+    # Only the real target positions (not the padding of the shorter targets, which the loss
+    # masks out) and the essence prompts' lookup positions are scored: the LM head and the
+    # log-softmax run on those G rows, not on every position of the batch.
+    real_flat = (msk.reshape(-1) > 0).nonzero()[:, 0]  # (G_nll,) in the (R_nll · L) layout
+    G_nll = int(real_flat.numel())
+    g_rows = torch.cat([nll_rows_t[:, None].expand_as(pos).reshape(-1)[real_flat],
+                        kl_rows])  # (G,)
+    g_pos = torch.cat([pos.reshape(-1)[real_flat], look[kl_rows]])  # (G,)
+    g_ids = ids.reshape(-1)[real_flat]  # (G_nll,) the target token scored at each
     body, head = model.base_model, model.get_output_embeddings()
     if body is model or head is None:
         raise TypeError(f"{type(model).__name__} has no separate base model and LM head")
@@ -382,11 +386,8 @@ def _optimise_values(
     # tokens run once; a step runs the rest. "auto" checks it against the full pass once per
     # model (at δ = 0, below) and keeps the full pass if they disagree or it fails.
     zero = torch.zeros_like(look)  # (R,) the lookup token is each suffix's first
-    # (G,) scored positions within the suffixes; the padding of short targets (position 0,
-    # masked out of the loss) is clamped to the suffix's first token.
-    g_pos_s = (g_pos - look[g_rows]).clamp(min=0)
-    g_real = torch.cat([msk.reshape(-1) > 0, torch.ones_like(kl_rows, dtype=torch.bool)])
-    splittable = not bool((g_pos < look[g_rows])[g_real].any())  # no target before its token
+    g_pos_s = g_pos - look[g_rows]  # (G,) scored positions within the suffixes
+    splittable = not bool((g_pos_s < 0).any())  # no target before its row's fact token
     if engine == "suffix" and not splittable:
         raise ValueError("engine='suffix' needs every scored position at or after its row's "
                          "fact token (a target token comes before it here); use 'auto' or 'full'")
@@ -437,11 +438,9 @@ def _optimise_values(
                                                                      on_suffix=True)
         except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
             other = None
-        # Compared at the real scored positions (a short target's padding is scored at
-        # another position by each pass, and masked out of the loss).
         use_suffix = suffix_pass_agrees(
-            model, (full[0].detach()[g_real], full[1]),  # type: ignore[arg-type]
-            None if other is None else (other[0].detach()[g_real], other[1]))  # type: ignore[arg-type]
+            model, (full[0].detach(), full[1]),  # type: ignore[arg-type]
+            None if other is None else (other[0].detach(), other[1]))  # type: ignore[arg-type]
         return other if use_suffix and other is not None else full
 
     d_model = int(model.config.hidden_size)
@@ -496,7 +495,9 @@ def _optimise_values(
                 start(logp, vals)  # type: ignore[arg-type]
             else:
                 logp, _ = scored_logp(edit, on_suffix=use_suffix)  # (G, V)
-            tok_logp = logp[:G_nll].view(*pos.shape, -1).gather(-1, ids[..., None])[..., 0]
+            tok_real = logp[:G_nll].gather(-1, g_ids[:, None])[:, 0]  # (G_nll,)
+            tok_logp = tok_real.new_zeros(pos.numel()).index_put(
+                (real_flat,), tok_real).view(pos.shape)  # (R_nll, L), 0 past each target
             nll_each = -(tok_logp * msk).sum(1) / msk.sum(1)  # (R_nll,)
             nll = torch.zeros(n, device=device).index_add(0, nll_owner, nll_each)
             nll = nll / torch.bincount(nll_owner, minlength=n).float()  # (n,)
