@@ -272,6 +272,7 @@ class ValueResult:
     losses: list[float]  # total loss per step (summed over requests)
     steps: int  # steps run (the most of any request)
     steps_each: list[int] = field(default_factory=list)  # steps each request ran until it stopped
+    loss_each: list[float] = field(default_factory=list)  # each request's loss at its last step
 
 
 def optimise_values(model: nn.Module, *args: object, **kwargs: object) -> ValueResult:
@@ -483,6 +484,7 @@ def _optimise_values(
     # not depend on the other requests of its batch.
     active = torch.ones(n, dtype=torch.bool, device=device)  # (n,)
     steps_each = [num_steps] * n
+    last_loss = torch.zeros(n, device=device)  # (n,) each request's loss at its last step
     try:
         for step in range(num_steps):
             steps = step + 1
@@ -512,6 +514,7 @@ def _optimise_values(
                     f"step {step} (NLL {nll.tolist()}, KL {kl.tolist()}); the model was not "
                     "modified")
             losses.append(float(loss.detach()))
+            last_loss = torch.where(active, loss_each.detach(), last_loss)  # (n,)
             stop = active & (loss_each.detach() < early_stop_loss)  # (n,) stop at this step
             for i in stop.nonzero()[:, 0].tolist():
                 steps_each[i] = steps
@@ -535,4 +538,4 @@ def _optimise_values(
     if not bool(torch.isfinite(v_star).all()):
         raise ValueOptimisationError(f"value optimisation at {module_name!r} produced NaN/inf")
     return ValueResult(v_star=v_star, v_init=v_init.detach(), losses=losses, steps=steps,
-                       steps_each=steps_each)
+                       steps_each=steps_each, loss_each=last_loss.tolist())
