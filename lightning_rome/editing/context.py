@@ -38,6 +38,7 @@ __all__ = [
     "optimise_values",
     "read_at",
     "read_keys",
+    "row_length",
     "second_moment",
     "template_weights",
     "wrap",
@@ -205,6 +206,16 @@ def wrap(context: str, prompt: str) -> str:
     if context.count("{}") != 1:
         raise ValueError(f"context template must contain '{{}}' exactly once: {context!r}")
     return context.replace("{}", prompt)
+
+
+def row_length(tokenizer: PreTrainedTokenizerBase, request: EditRequest,
+               fact_token: FactToken = "subject_last") -> int:
+    """The tokens a request's rows of the value optimisation run each step: from its fact
+    token to the end of its target (the suffix that follows every context template). Batches
+    of requests sorted by it pad little."""
+    n = len(encode_prompt(tokenizer, fill(request.prompt, request.subject)[0]))
+    return (n - fact_token_index(tokenizer, request.prompt, request.subject, fact_token)
+            + len(continuation_ids(tokenizer, request.target_new)))
 
 
 def read_at(

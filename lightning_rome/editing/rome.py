@@ -52,6 +52,7 @@ from lightning_rome.editing.context import (
     context_template_groups,
     optimise_values,
     read_keys,
+    row_length,
     second_moment,
     template_weights,
     wrap,
@@ -64,14 +65,7 @@ from lightning_rome.models.precision import check_update_representable
 from lightning_rome.models.weights import canonical_weight, weight_param_name
 from lightning_rome.patches import EditTransaction, LowRankDelta, WeightPatch
 from lightning_rome.requests import EditRequest, as_requests
-from lightning_rome.tokens import (
-    FactToken,
-    continuation_ids,
-    encode_prompt,
-    fact_token_index,
-    fill,
-    subject_span,
-)
+from lightning_rome.tokens import FactToken, subject_span
 from lightning_rome.utils.modules import unwrap_model
 
 __all__ = [
@@ -450,14 +444,8 @@ class ROME:
         check_requests(model, tokenizer, reqs)  # before generating templates with the model
         contexts = _contexts(model, tokenizer, hp)
         check_requests(model, tokenizer, reqs, contexts)
-
-        def row_length(r: EditRequest) -> int:
-            """Tokens from the fact token to the end of the target (a context row's suffix)."""
-            n = len(encode_prompt(tokenizer, fill(r.prompt, r.subject)[0]))
-            return (n - fact_token_index(tokenizer, r.prompt, r.subject, hp.fact_token)
-                    + len(continuation_ids(tokenizer, r.target_new)))
-
-        order = sorted(range(len(reqs)), key=lambda i: row_length(reqs[i]))
+        order = sorted(range(len(reqs)),
+                       key=lambda i: row_length(tokenizer, reqs[i], hp.fact_token))
         keys = [self._key(model, tokenizer, r, layout, name, contexts) for r in reqs]
         values: list[tuple[ValueResult, int] | None] = [None] * len(reqs)
         for s in range(0, len(order), batch_size):
