@@ -191,12 +191,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     from lightning_rome.stats import get_second_moment
     from lightning_rome.testing import CounterFactModelConfig, get_counterfact_model
     from lightning_rome.tracing import trace
-    from lightning_rome.tracing.plot import (
-        log_figure,
-        plot_average,
-        plot_average_lines,
-        save_figure,
-    )
+    from lightning_rome.tracing.plot import plot_average, plot_average_lines, save_and_log_figure
     from lightning_rome.utils.paths import DATA_ENV
     from lightning_rome.utils.progress import progress_bar
 
@@ -240,8 +235,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     logger = TensorBoardLogger(out, name="tensorboard")
 
     def save(fig: Any, name: str) -> None:
-        path = save_figure(fig, out / name)
-        log_figure(logger, f"demo/{path.stem}", fig)
+        path = save_and_log_figure(fig, out / name, logger, f"demo/{Path(name).stem}")
         written.append(path)
         try:
             import matplotlib.pyplot as plt
