@@ -545,7 +545,13 @@ def _run_staircase(runner: _SuffixRunner, runs: TraceRuns, plans: Sequence[_Plan
     for c, p in enumerate(plans):
         if p.join == L:  # restored in the last layer: only the last token's state counts
             ending[(p.init, p.init_layer)].append(c)
-    if ending:
+    if ending and Q > 1:
+        # Restored at token i < T − 1 in the last layer: the last token's state is the
+        # corrupted one whatever the kind (its keys and values come from the layer below), so
+        # these cells share one branch.
+        branches.append([c for cs in ending.values() for c in cs])
+        h = torch.cat([h[:, -1:], runs.resid[L][:, -1:]])  # (R, 1, d)
+    elif ending:
         branches += list(ending.values())
         h = torch.cat([h[:, -1:], *(start_state(plans[cs[0]])[:, -1:]
                                     for cs in ending.values())])  # (R, 1, d)
