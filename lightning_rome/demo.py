@@ -8,7 +8,8 @@ WikiText-2 files, then cached), and then:
    the indirect effect per token class and layer with 95% intervals (the paper's Figure 2
    heatmaps and line plots), saved and logged to TensorBoard;
 2. edits ``n_rome`` cases with ROME as published (at the subject's last token), one at a time,
-   each reverted after scoring;
+   each computed on the unedited model and reverted after scoring (their value optimisations
+   run in batches: :meth:`~lightning_rome.editing.ROME.edit_each`);
 3. picks a typical one of them (its ES / PS / NS outcome is the majority's), traces it, and edits
    it with :class:`~lightning_rome.callbacks.ROMECallback` inside a Trainer, printing the
    completions of its prompt, paraphrase and neighbourhood prompt before and after;
@@ -134,7 +135,8 @@ def trace_average(model: Any, tok: Any, cases: list[Any], kinds: Sequence[str] =
 
 def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] | None = None,
              second_moment: Any = None, bar: Any = None, on_case: Any = None) -> Any:
-    """ROME, one edit at a time (each reverted after scoring), on ``cases`` with the
+    """ROME, one edit at a time (each computed on the unedited model, the value optimisations
+    of ``ROME_BATCH`` at once, and each reverted after scoring), on ``cases`` with the
     ``demo-model`` preset (``overrides`` replaced): :func:`compute_with_ci` of the COUNTERFACT
     metrics without generation. ``on_case(case, patch, score)`` runs while each edit is applied,
     ``score`` the case's :func:`~lightning_rome.modules.evaluator.score_cases` entry."""
