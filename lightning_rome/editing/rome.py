@@ -228,12 +228,15 @@ def compute_value(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request:
     layout = layout or get_layout(model)
     name = _module_name(model, hparams, layout)
     contexts = list(contexts) if contexts is not None else _contexts(model, tokenizer, hparams)
-    return optimise_values(
-        model, tokenizer, [request], name, contexts,
-        fact_token=hparams.fact_token, num_steps=hparams.v_num_grad_steps, lr=hparams.v_lr,
-        weight_decay=hparams.v_weight_decay, kl_factor=hparams.kl_factor,
-        clamp_norm_factor=hparams.clamp_norm_factor, early_stop_loss=hparams.early_stop_loss,
-        mode=hparams.v_mode)
+    return optimise_values(model, tokenizer, [request], name, contexts, **_value_kwargs(hparams))
+
+
+def _value_kwargs(hp: ROMEHyperParams) -> dict[str, Any]:
+    """The hyperparameters of :func:`~lightning_rome.editing.context.optimise_values`."""
+    return {"fact_token": hp.fact_token, "num_steps": hp.v_num_grad_steps, "lr": hp.v_lr,
+            "weight_decay": hp.v_weight_decay, "kl_factor": hp.kl_factor,
+            "clamp_norm_factor": hp.clamp_norm_factor, "early_stop_loss": hp.early_stop_loss,
+            "mode": hp.v_mode}
 
 
 def _module_value(module: nn.Module, k: Tensor) -> Tensor:
@@ -450,12 +453,8 @@ class ROME:
         values: list[tuple[ValueResult, int] | None] = [None] * len(reqs)
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            res = optimise_values(
-                model, tokenizer, [reqs[i] for i in idx], name, contexts,
-                fact_token=hp.fact_token, num_steps=hp.v_num_grad_steps, lr=hp.v_lr,
-                weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
-                clamp_norm_factor=hp.clamp_norm_factor, early_stop_loss=hp.early_stop_loss,
-                mode=hp.v_mode)
+            res = optimise_values(model, tokenizer, [reqs[i] for i in idx], name, contexts,
+                                  **_value_kwargs(hp))
             for j, i in enumerate(idx):
                 values[i] = (res, j)
         self.last_results = []
