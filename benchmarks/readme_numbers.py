@@ -150,10 +150,6 @@ def duration(seconds: float) -> str:
     return f"{m} min {s} s" if m else f"{s} s"
 
 
-def _mean(row: Mapping[str, Any], key: str) -> float:
-    return 100 * float(row[key]["mean"])
-
-
 # --------------------------------------------------------------------------------------------
 # Renders: one per README block
 # --------------------------------------------------------------------------------------------
@@ -169,10 +165,15 @@ def render_demo_model(rec: dict[str, Any]) -> str:
         f"cases are known on all their prompts.")
 
 
+def cell(text: str) -> str:
+    """``text`` as inline code in a table cell (pipes escaped, backticks and newlines out)."""
+    return "`" + text.replace("`", "'").replace("\n", " ").replace("|", "\\|") + "`"
+
+
 def _headline(s: dict[str, Any]) -> str:
     comp = s["completions"]
     labels = ("edit", "paraphrase", "neighbour")
-    rows = [f"| {label} | `{p}` | `{b}` | `{a}` |" for label, p, b, a in
+    rows = [f"| {label} | {cell(p)} | {cell(b)} | {cell(a)} |" for label, p, b, a in
             zip(labels, comp["prompts"], comp["before"], comp["after"])]
     ex = s["rome_outcomes"][s["rome_case_ids"].index(s["edited_case"])]
     said = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in zip(("ES", "PS", "NS"), ex))

@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import os
 import re
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -412,13 +413,12 @@ def as_corpus(spec: CorpusSpec, *, data_dir: str | os.PathLike[str] | None = Non
     """
     if isinstance(spec, TextCorpus):
         return spec
-    try:
-        import datasets
-
-        hf_types: tuple[type, ...] = (datasets.Dataset, datasets.IterableDataset,
-                                      datasets.DatasetDict, datasets.IterableDatasetDict)
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        hf_types = ()
+    # A Hugging Face dataset object exists only once its module is imported: a string or path
+    # spec does not import ``datasets`` (half a second) just to be told it is not one.
+    datasets = sys.modules.get("datasets")
+    hf_types: tuple[type, ...] = () if datasets is None else (
+        datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict,
+        datasets.IterableDatasetDict)
     if hf_types and isinstance(spec, hf_types):
         return HFTextCorpus(spec, split=split, text_column=text_column)
     if isinstance(spec, str) and spec in NAMED_CORPORA:

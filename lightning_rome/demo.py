@@ -8,7 +8,8 @@ WikiText-2 files, then cached), and then:
    the indirect effect per token class and layer with 95% intervals (the paper's Figure 2
    heatmaps and line plots), saved and logged to TensorBoard;
 2. edits ``n_rome`` cases with ROME as published (at the subject's last token), one at a time,
-   each reverted after scoring;
+   each computed on the unedited model and reverted after scoring (their value optimisations
+   run in batches: :meth:`~lightning_rome.editing.ROME.edit_each`);
 3. picks a typical one of them (its ES / PS / NS outcome is the majority's), traces it, and edits
    it with :class:`~lightning_rome.callbacks.ROMECallback` inside a Trainer, printing the
    completions of its prompt, paraphrase and neighbourhood prompt before and after;
@@ -47,6 +48,9 @@ KINDS = ("hidden", "mlp", "attn")
 MOM2_SAMPLES = 2000
 #: Cases scored per step of the evaluation's progress bar.
 SCORE_CHUNK = 10
+#: ROME's single edits: the value optimisations of this many run in one batch
+#: (:meth:`~lightning_rome.editing.ROME.edit_each`; each edit is still computed alone).
+ROME_BATCH = 8
 
 
 def _score(model: Any, tok: Any, cases: list[Any], metrics: Any, bar: Any = None,
@@ -131,7 +135,8 @@ def trace_average(model: Any, tok: Any, cases: list[Any], kinds: Sequence[str] =
 
 def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] | None = None,
              second_moment: Any = None, bar: Any = None, on_case: Any = None) -> Any:
-    """ROME, one edit at a time (each reverted after scoring), on ``cases`` with the
+    """ROME, one edit at a time (each computed on the unedited model, the value optimisations
+    of ``ROME_BATCH`` at once, and each reverted after scoring), on ``cases`` with the
     ``demo-model`` preset (``overrides`` replaced): :func:`compute_with_ci` of the COUNTERFACT
     metrics without generation. ``on_case(case, patch, score)`` runs while each edit is applied,
     ``score`` the case's :func:`~lightning_rome.modules.evaluator.score_cases` entry."""
@@ -144,8 +149,9 @@ def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] |
     hp = replace(ROMEHyperParams.from_preset("demo-model"), **(overrides or {}))
     rome = ROME(hp, second_moment=second_moment)
     metrics = counterfact_metrics(generation=False)
-    for case in cases:
-        patch = rome.edit(model, tok, [case.request])
+    # Each patch is computed on the unedited model, alone (its value optimisation batched).
+    patches = rome.edit_each(model, tok, [c.request for c in cases], batch_size=ROME_BATCH)
+    for case, patch in zip(cases, patches):
         patch.apply(model)
         try:
             (score,) = _score(model, tok, [case], metrics, bar)
@@ -187,12 +193,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     from lightning_rome.stats import get_second_moment
     from lightning_rome.testing import CounterFactModelConfig, get_counterfact_model
     from lightning_rome.tracing import trace
-    from lightning_rome.tracing.plot import (
-        log_figure,
-        plot_average,
-        plot_average_lines,
-        save_figure,
-    )
+    from lightning_rome.tracing.plot import plot_average, plot_average_lines, save_and_log_figure
     from lightning_rome.utils.paths import DATA_ENV
     from lightning_rome.utils.progress import progress_bar
 
@@ -236,8 +237,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     logger = TensorBoardLogger(out, name="tensorboard")
 
     def save(fig: Any, name: str) -> None:
-        path = save_figure(fig, out / name)
-        log_figure(logger, f"demo/{path.stem}", fig)
+        path = save_and_log_figure(fig, out / name, logger, f"demo/{Path(name).stem}")
         written.append(path)
         try:
             import matplotlib.pyplot as plt

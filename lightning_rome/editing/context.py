@@ -38,6 +38,7 @@ __all__ = [
     "optimise_values",
     "read_at",
     "read_keys",
+    "row_length",
     "second_moment",
     "template_weights",
     "wrap",
@@ -207,6 +208,16 @@ def wrap(context: str, prompt: str) -> str:
     return context.replace("{}", prompt)
 
 
+def row_length(tokenizer: PreTrainedTokenizerBase, request: EditRequest,
+               fact_token: FactToken = "subject_last") -> int:
+    """The tokens a request's rows of the value optimisation run each step: from its fact
+    token to the end of its target (the suffix that follows every context template). Batches
+    of requests sorted by it pad little."""
+    n = len(encode_prompt(tokenizer, fill(request.prompt, request.subject)[0]))
+    return (n - fact_token_index(tokenizer, request.prompt, request.subject, fact_token)
+            + len(continuation_ids(tokenizer, request.target_new)))
+
+
 def read_at(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -272,6 +283,7 @@ class ValueResult:
     losses: list[float]  # total loss per step (summed over requests)
     steps: int  # steps run (the most of any request)
     steps_each: list[int] = field(default_factory=list)  # steps each request ran until it stopped
+    loss_each: list[float] = field(default_factory=list)  # each request's loss at its last step
 
 
 def optimise_values(model: nn.Module, *args: object, **kwargs: object) -> ValueResult:
@@ -367,11 +379,15 @@ def _optimise_values(
         [i * (len(contexts) + 1) + list(contexts).index("{}") if "{}" in contexts
          else i * (len(contexts) + 1) for i in range(n)], device=device)  # (n,)
 
-    # Only the target positions and the essence prompts' lookup positions are scored: the LM
-    # head and the log-softmax run on those G rows, not on every position of the batch.
-    G_nll = pos.numel()
-    g_rows = torch.cat([nll_rows_t[:, None].expand_as(pos).reshape(-1), kl_rows])  # (G,)
-    g_pos = torch.cat([pos.reshape(-1), look[kl_rows]])  # (G,)
+    # Only the real target positions (not the padding of the shorter targets, which the loss
+    # masks out) and the essence prompts' lookup positions are scored: the LM head and the
+    # log-softmax run on those G rows, not on every position of the batch.
+    real_flat = (msk.reshape(-1) > 0).nonzero()[:, 0]  # (G_nll,) in the (R_nll · L) layout
+    G_nll = int(real_flat.numel())
+    g_rows = torch.cat([nll_rows_t[:, None].expand_as(pos).reshape(-1)[real_flat],
+                        kl_rows])  # (G,)
+    g_pos = torch.cat([pos.reshape(-1)[real_flat], look[kl_rows]])  # (G,)
+    g_ids = ids.reshape(-1)[real_flat]  # (G_nll,) the target token scored at each
     body, head = model.base_model, model.get_output_embeddings()
     if body is model or head is None:
         raise TypeError(f"{type(model).__name__} has no separate base model and LM head")
@@ -382,11 +398,8 @@ def _optimise_values(
     # tokens run once; a step runs the rest. "auto" checks it against the full pass once per
     # model (at δ = 0, below) and keeps the full pass if they disagree or it fails.
     zero = torch.zeros_like(look)  # (R,) the lookup token is each suffix's first
-    # (G,) scored positions within the suffixes; the padding of short targets (position 0,
-    # masked out of the loss) is clamped to the suffix's first token.
-    g_pos_s = (g_pos - look[g_rows]).clamp(min=0)
-    g_real = torch.cat([msk.reshape(-1) > 0, torch.ones_like(kl_rows, dtype=torch.bool)])
-    splittable = not bool((g_pos < look[g_rows])[g_real].any())  # no target before its token
+    g_pos_s = g_pos - look[g_rows]  # (G,) scored positions within the suffixes
+    splittable = not bool((g_pos_s < 0).any())  # no target before its row's fact token
     if engine == "suffix" and not splittable:
         raise ValueError("engine='suffix' needs every scored position at or after its row's "
                          "fact token (a target token comes before it here); use 'auto' or 'full'")
@@ -437,11 +450,9 @@ def _optimise_values(
                                                                      on_suffix=True)
         except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
             other = None
-        # Compared at the real scored positions (a short target's padding is scored at
-        # another position by each pass, and masked out of the loss).
         use_suffix = suffix_pass_agrees(
-            model, (full[0].detach()[g_real], full[1]),  # type: ignore[arg-type]
-            None if other is None else (other[0].detach()[g_real], other[1]))  # type: ignore[arg-type]
+            model, (full[0].detach(), full[1]),  # type: ignore[arg-type]
+            None if other is None else (other[0].detach(), other[1]))  # type: ignore[arg-type]
         return other if use_suffix and other is not None else full
 
     d_model = int(model.config.hidden_size)
@@ -484,6 +495,7 @@ def _optimise_values(
     # not depend on the other requests of its batch.
     active = torch.ones(n, dtype=torch.bool, device=device)  # (n,)
     steps_each = [num_steps] * n
+    last_loss = torch.zeros(n, device=device)  # (n,) each request's loss at its last step
     try:
         for step in range(num_steps):
             steps = step + 1
@@ -496,7 +508,9 @@ def _optimise_values(
                 start(logp, vals)  # type: ignore[arg-type]
             else:
                 logp, _ = scored_logp(edit, on_suffix=use_suffix)  # (G, V)
-            tok_logp = logp[:G_nll].view(*pos.shape, -1).gather(-1, ids[..., None])[..., 0]
+            tok_real = logp[:G_nll].gather(-1, g_ids[:, None])[:, 0]  # (G_nll,)
+            tok_logp = tok_real.new_zeros(pos.numel()).index_put(
+                (real_flat,), tok_real).view(pos.shape)  # (R_nll, L), 0 past each target
             nll_each = -(tok_logp * msk).sum(1) / msk.sum(1)  # (R_nll,)
             nll = torch.zeros(n, device=device).index_add(0, nll_owner, nll_each)
             nll = nll / torch.bincount(nll_owner, minlength=n).float()  # (n,)
@@ -511,6 +525,7 @@ def _optimise_values(
                     f"step {step} (NLL {nll.tolist()}, KL {kl.tolist()}); the model was not "
                     "modified")
             losses.append(float(loss.detach()))
+            last_loss = torch.where(active, loss_each.detach(), last_loss)  # (n,)
             stop = active & (loss_each.detach() < early_stop_loss)  # (n,) stop at this step
             for i in stop.nonzero()[:, 0].tolist():
                 steps_each[i] = steps
@@ -534,4 +549,4 @@ def _optimise_values(
     if not bool(torch.isfinite(v_star).all()):
         raise ValueOptimisationError(f"value optimisation at {module_name!r} produced NaN/inf")
     return ValueResult(v_star=v_star, v_init=v_init.detach(), losses=losses, steps=steps,
-                       steps_each=steps_each)
+                       steps_each=steps_each, loss_each=last_loss.tolist())

@@ -44,6 +44,7 @@ from lightning_rome.editing.context import (
     optimise_values,
     read_at,
     read_keys,
+    row_length,
     second_moment,
     template_weights,
     wrap,
@@ -414,7 +415,10 @@ class MEMIT:
         contexts = self._contexts(model, tok)
         paths = [self._z_cache_path(model, r, block) for r in reqs]
         zs: list[Tensor | None] = [self._load_z(p, d) if d else None for p in paths]
-        todo = [i for i, z in enumerate(zs) if z is None]
+        # Batched in the order of their rows' lengths (each request's z does not depend on
+        # what shares its batch), so that a batch pads little.
+        todo = sorted((i for i, z in enumerate(zs) if z is None),
+                      key=lambda i: row_length(tok, reqs[i], hp.fact_token))
         step = hp.z_batch_size or max(1, len(todo))
         steps_taken: list[int] = []
         steps_each: dict[int, int] = {}  # request index -> steps its z took

@@ -52,6 +52,7 @@ from lightning_rome.editing.context import (
     context_template_groups,
     optimise_values,
     read_keys,
+    row_length,
     second_moment,
     template_weights,
     wrap,
@@ -227,12 +228,15 @@ def compute_value(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request:
     layout = layout or get_layout(model)
     name = _module_name(model, hparams, layout)
     contexts = list(contexts) if contexts is not None else _contexts(model, tokenizer, hparams)
-    return optimise_values(
-        model, tokenizer, [request], name, contexts,
-        fact_token=hparams.fact_token, num_steps=hparams.v_num_grad_steps, lr=hparams.v_lr,
-        weight_decay=hparams.v_weight_decay, kl_factor=hparams.kl_factor,
-        clamp_norm_factor=hparams.clamp_norm_factor, early_stop_loss=hparams.early_stop_loss,
-        mode=hparams.v_mode)
+    return optimise_values(model, tokenizer, [request], name, contexts, **_value_kwargs(hparams))
+
+
+def _value_kwargs(hp: ROMEHyperParams) -> dict[str, Any]:
+    """The hyperparameters of :func:`~lightning_rome.editing.context.optimise_values`."""
+    return {"fact_token": hp.fact_token, "num_steps": hp.v_num_grad_steps, "lr": hp.v_lr,
+            "weight_decay": hp.v_weight_decay, "kl_factor": hp.kl_factor,
+            "clamp_norm_factor": hp.clamp_norm_factor, "early_stop_loss": hp.early_stop_loss,
+            "mode": hp.v_mode}
 
 
 def _module_value(module: nn.Module, k: Tensor) -> Tensor:
@@ -356,13 +360,28 @@ class ROME:
         layout = get_layout(model, self.layout_override)
         name = _module_name(model, hp, layout)
         _validate(tokenizer, request)
-        module = model.get_submodule(name)
         contexts = _contexts(model, tokenizer, hp)
+        k_star, u = self._key(model, tokenizer, request, layout, name, contexts)
+        res = compute_value(model, tokenizer, request, hp, layout=layout, contexts=contexts)
+        return self._patches(model, tokenizer, request, modes, name, k_star, u, res, 0)
+
+    def _key(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest,
+             layout: ModelLayout, name: str, contexts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """k* ``(d_in,)`` and ``u = C⁻¹ k*`` ``(d_in,)`` (k* itself without ``mom2_adjustment``)."""
+        hp = self.hparams
         k_star = compute_key(model, tokenizer, request, hp, layout=layout, contexts=contexts)
         u = self.C_inv_times(model, tokenizer, name, k_star) if hp.mom2_adjustment else k_star
-        u = u.to(k_star.device)  # (d_in,)
-        res = compute_value(model, tokenizer, request, hp, layout=layout, contexts=contexts)
-        z = res.v_star[0].detach().to(k_star.device)  # (d_out,) v_init + δ, bare prompt
+        return k_star, u.to(k_star.device)
+
+    def _patches(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 request: EditRequest, modes: Sequence[str], name: str, k_star: Tensor,
+                 u: Tensor, res: ValueResult, j: int) -> dict[str, WeightPatch]:
+        """The patches of ``request`` under ``modes``, from its key ``k_star`` ``(d_in,)``,
+        ``u`` ``(d_in,)`` and row ``j`` of the value optimisation ``res``; appends its entry
+        to ``last_results``."""
+        hp = self.hparams
+        module = model.get_submodule(name)
+        z = res.v_star[j].detach().to(k_star.device)  # (d_out,) v_init + δ, bare prompt
         patches: dict[str, WeightPatch] = {}
         written: dict[str, Tensor] = {}
         for mode in modes:
@@ -375,7 +394,7 @@ class ROME:
                     # δ was added to every context's own value, so the value to write at the
                     # averaged key is that key's own value plus δ: v* = W k* + b + δ (Λ = δ).
                     v_star = (_module_value(module, k_star).float()
-                              + (res.v_star[0] - res.v_init[0]).detach().to(k_star.device))
+                              + (res.v_star[j] - res.v_init[j]).detach().to(k_star.device))
                 delta = insert(module, k_star, v_star, u)
             else:  # reference: Λ from the bare prompt's key
                 k_bare, _ = read_keys(model, tokenizer, name, [request.prompt],
@@ -387,12 +406,63 @@ class ROME:
             patches[mode] = WeightPatch.from_model(
                 model, {weight_param_name(name): delta.to(dev)}, method="rome",
                 hparams={**hp.to_dict(), "key_mode": mode}, requests=[request])
-        self.last_results.append({"case_id": request.case_id, "steps": res.steps,
-                                  "loss": res.losses[-1] if res.losses else None,
-                                  "v_init_norm": float(res.v_init.norm()),
-                                  "delta_v_norm": float((res.v_star - res.v_init).norm()),
+        steps = res.steps_each[j] if res.steps_each else res.steps
+        loss = res.loss_each[j] if res.loss_each else (res.losses[-1] if res.losses else None)
+        self.last_results.append({"case_id": request.case_id, "steps": steps, "loss": loss,
+                                  "v_init_norm": float(res.v_init[j].norm()),
+                                  "delta_v_norm": float((res.v_star[j] - res.v_init[j]).norm()),
                                   "k_star": k_star.detach().cpu(),
                                   "v_star": written[modes[0]].cpu(), "z": z.cpu()})
+        return patches
+
+    @in_eval_mode
+    def edit_each(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                  requests: EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]],
+                  *, batch_size: int = 8) -> list[WeightPatch]:
+        """Each request's own patch on the current model, in the order of ``requests``: what
+        ``edit(model, tokenizer, [r])`` returns for each ``r`` alone (the model is not modified,
+        and no request sees another's edit), with the value optimisations of up to
+        ``batch_size`` requests run in one batch. Every request stops on its own and its δ is
+        frozen from then on (:func:`~lightning_rome.editing.context.optimise_values`), so its
+        v* is the one optimising it alone gives, to float rounding (the batch is padded to its
+        longest row). Requests are batched in the order of their rows' lengths, so that
+        little padding is computed. ``last_results`` gets one entry per request, in order.
+
+        This is the fast way to evaluate many single edits (a batch of small rows runs the
+        model's layers once per step, not once per request).
+
+        Raises:
+            ValueError / SubjectNotFoundError: a bad request or ``batch_size`` (checked before
+                any work); the other errors of :meth:`edit`.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        model = unwrap_model(model)  # a torch.compile wrapper: its module
+        hp = self.hparams
+        reqs = as_requests(requests)
+        layout = get_layout(model, self.layout_override)
+        name = _module_name(model, hp, layout)
+        for r in reqs:
+            _validate(tokenizer, r)
+        check_requests(model, tokenizer, reqs)  # before generating templates with the model
+        contexts = _contexts(model, tokenizer, hp)
+        check_requests(model, tokenizer, reqs, contexts)
+        order = sorted(range(len(reqs)),
+                       key=lambda i: row_length(tokenizer, reqs[i], hp.fact_token))
+        keys = [self._key(model, tokenizer, r, layout, name, contexts) for r in reqs]
+        values: list[tuple[ValueResult, int] | None] = [None] * len(reqs)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            res = optimise_values(model, tokenizer, [reqs[i] for i in idx], name, contexts,
+                                  **_value_kwargs(hp))
+            for j, i in enumerate(idx):
+                values[i] = (res, j)
+        self.last_results = []
+        patches = []
+        for r, (k_star, u), value in zip(reqs, keys, values):
+            assert value is not None
+            patches.append(self._patches(model, tokenizer, r, [hp.key_mode], name, k_star, u,
+                                         *value)[hp.key_mode])
         return patches
 
     @in_eval_mode

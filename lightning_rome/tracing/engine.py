@@ -413,18 +413,38 @@ def _score_prefix(model: nn.Module, layout: ModelLayout, runs: TraceRuns,
     by_token: dict[int, list[int]] = defaultdict(list)
     for c, cell in enumerate(cells):
         by_token[cell.token].append(c)
+    attn_starts: dict[int, Tensor] = {}  # filled by _run_staircase, shared by its calls
     for i, group in sorted(by_token.items()):
         Q = T - i
         plans = {c: _plan(cells[c]) for c in group}
         group = sorted(group, key=lambda c: plans[c].join)
         for chunk in _chunks(group, max(1, batch_tokens // (Q * S))):
-            out[chunk] = _run_staircase(runner, runs, [plans[c] for c in chunk], i, L).cpu()
+            out[chunk] = _run_staircase(runner, runs, [plans[c] for c in chunk], i, L,
+                                        attn_starts).cpu()
     return out
 
 
+def _attn_restored(runner: _SuffixRunner, runs: TraceRuns, j: int) -> Tensor:
+    """``(S, T, d)``: block ``j``'s output at every token of the corrupted run, with the
+    attention output of every token restored to its clean value. Once the attention output is
+    replaced, nothing in the block mixes tokens, so token ``i`` of this is the block run on
+    token ``i`` alone with only its attention output restored (the start state of an
+    attention cell at layer ``j``), for every ``i`` in one call."""
+    assert runs.resid is not None
+    clean = runs.clean["attn"][j]  # (T, d)
+
+    def fix(x: Tensor, _name: str) -> Tensor:  # x: (S, T, d)
+        return clean.to(dtype=x.dtype, device=x.device).expand_as(x).clone()
+
+    name = runner.layout.name("attn", j)
+    with module_hooks(runner.model, [name], edit_output={name: fix}):
+        return runner.block(j, runs.resid[j], 0, None)  # (S, T, d)
+
+
 def _run_staircase(runner: _SuffixRunner, runs: TraceRuns, plans: Sequence[_Plan], i: int,
-                   L: int) -> Tensor:
-    """Score cells at token ``i``: ``(n_cells,)``.
+                   L: int, attn_starts: dict[int, Tensor] | None = None) -> Tensor:
+    """Score cells at token ``i``: ``(n_cells,)``. ``attn_starts`` caches
+    :func:`_attn_restored` per layer across the calls for one prompt.
 
     The batch holds *branches* of ``S`` rows (one per noise sample). A branch is a set of cells
     whose computation has been identical so far: same starting block and state, same edits.
@@ -477,14 +497,13 @@ def _run_staircase(runner: _SuffixRunner, runs: TraceRuns, plans: Sequence[_Plan
         elif p.init == "mlp":  # m_i^l ← clean, inside h_i^l = h*_i^l − m*_i^l + m_i^l
             h[:, 0] = (runs.resid[j0 + 1][:, i] - runs.corrupt["mlp"][j0][:, i]
                        + runs.clean["mlp"][j0][i])  # (S, d)
-        else:  # a_i^l ← clean: block l on token i alone
-            name = layout.name("attn", j0)
-            fix = {name: replace_positions(0, runs.clean["attn"][j0][i])}
-            with module_hooks(runner.model, [name], edit_output=fix):
-                h_i = runner.block(j0, runs.resid[j0][:, i:i + 1], i, prefix_kv(j0, 1))
-            h[:, 0] = h_i[:, 0]  # (S, d)
+        else:  # a_i^l ← clean: block l at token i with its attention output restored
+            if j0 not in starts:
+                starts[j0] = _attn_restored(runner, runs, j0)  # (S, T, d)
+            h[:, 0] = starts[j0][:, i]  # (S, d)
         return h
 
+    starts = attn_starts if attn_starts is not None else {}
     device = runs.resid.device
     branches: list[list[int]] = []  # cells per branch; branch b holds rows [b·S, (b+1)·S)
     h = runs.resid.new_empty((0, Q, runs.resid.shape[-1]))  # (0, Q, d)
@@ -526,7 +545,13 @@ def _run_staircase(runner: _SuffixRunner, runs: TraceRuns, plans: Sequence[_Plan
     for c, p in enumerate(plans):
         if p.join == L:  # restored in the last layer: only the last token's state counts
             ending[(p.init, p.init_layer)].append(c)
-    if ending:
+    if ending and Q > 1:
+        # Restored at token i < T − 1 in the last layer: the last token's state is the
+        # corrupted one whatever the kind (its keys and values come from the layer below), so
+        # these cells share one branch.
+        branches.append([c for cs in ending.values() for c in cs])
+        h = torch.cat([h[:, -1:], runs.resid[L][:, -1:]])  # (R, 1, d)
+    elif ending:
         branches += list(ending.values())
         h = torch.cat([h[:, -1:], *(start_state(plans[cs[0]])[:, -1:]
                                     for cs in ending.values())])  # (R, 1, d)

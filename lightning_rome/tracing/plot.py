@@ -7,7 +7,8 @@
 * :func:`plot_average` — the averaged indirect effect per token class and layer.
 * :func:`plot_average_lines` — AIE against layer with 95% confidence bands.
 * :func:`save_figure` (PNG, PDF or SVG, written atomically) and :func:`log_figure`
-  (TensorBoard, from a Lightning ``TensorBoardLogger`` or a ``SummaryWriter``).
+  (TensorBoard, from a Lightning ``TensorBoardLogger`` or a ``SummaryWriter``);
+  :func:`save_and_log_figure` does both, drawing a PNG's figure once.
 
 Figures are built with the object-oriented API (``matplotlib.figure.Figure``), never through
 ``pyplot``'s global state, so plotting is safe in headless and multi-process runs.
@@ -37,6 +38,7 @@ __all__ = [
     "plot_average_lines",
     "plot_trace",
     "plot_traces",
+    "save_and_log_figure",
     "save_figure",
 ]
 
@@ -210,6 +212,17 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def _image_writer(target: Any) -> Any:
+    """The ``SummaryWriter`` of a Lightning ``TensorBoardLogger``, or ``target`` itself."""
+    writer = target
+    if not hasattr(writer, "add_image"):
+        writer = getattr(target, "experiment", None)
+    if writer is None or not hasattr(writer, "add_image"):
+        raise TypeError(f"log_figure needs a TensorBoardLogger or a SummaryWriter, got "
+                        f"{type(target).__name__}")
+    return writer
+
+
 def log_figure(target: Any, tag: str, fig: Figure, step: int | None = None) -> None:
     """Log a figure as an image to TensorBoard.
 
@@ -223,10 +236,36 @@ def log_figure(target: Any, tag: str, fig: Figure, step: int | None = None) -> N
     Raises:
         TypeError: ``target`` is neither.
     """
-    writer = target
-    if not hasattr(writer, "add_image"):
-        writer = getattr(target, "experiment", None)
-    if writer is None or not hasattr(writer, "add_image"):
-        raise TypeError(f"log_figure needs a TensorBoardLogger or a SummaryWriter, got "
-                        f"{type(target).__name__}")
-    writer.add_image(tag, figure_to_array(fig), global_step=step, dataformats="HWC")
+    _image_writer(target).add_image(tag, figure_to_array(fig), global_step=step,
+                                    dataformats="HWC")
+
+
+def save_and_log_figure(fig: Figure, path: str | os.PathLike[str], target: Any, tag: str,
+                        step: int | None = None) -> Path:
+    """:func:`save_figure` then :func:`log_figure`, drawing the figure once for both where
+    ``savefig`` would only draw it and write the pixels (a PNG at the figure's own resolution,
+    with matplotlib's default ``savefig.*`` settings): the same file and the same image.
+
+    Raises:
+        TypeError: ``target`` is neither a ``TensorBoardLogger`` nor a ``SummaryWriter``.
+        ValueError: ``path`` is not ``.png``, ``.pdf`` or ``.svg``.
+    """
+    import matplotlib as mpl
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    writer = _image_writer(target)
+    rc = mpl.rcParams
+    if (path.suffix.lower() != ".png" or rc["savefig.dpi"] != "figure"
+            or rc["savefig.bbox"] is not None or rc["savefig.transparent"]
+            or rc["savefig.facecolor"] != "auto" or rc["savefig.edgecolor"] != "auto"):
+        save_figure(fig, path)
+        log_figure(writer, tag, fig, step)
+        return path
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())  # (H, W, 4) uint8
+    with atomic_path(path) as tmp:  # what savefig writes: FigureCanvasAgg.print_png
+        mpl.image.imsave(tmp, rgba, format="png", origin="upper", dpi=fig.dpi)
+    writer.add_image(tag, rgba[..., :3].copy(), global_step=step, dataformats="HWC")
+    return path

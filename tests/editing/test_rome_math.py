@@ -349,3 +349,39 @@ def test_key_mode_and_templates_are_validated():
     for bad in ("The", [], [""]):
         with pytest.raises(ValueError, match="context_template_starts"):
             ROMEHyperParams(context_template_starts=bad)
+
+
+def test_edit_each_is_each_edit_alone(gpt2_tokenizer):
+    """``edit_each`` batches the value optimisations of independent single edits: each patch is
+    the one ``edit`` gives for its request alone (each request stops on its own, so whatever
+    shares its batch changes only the rounding), in the order of the requests, and the model is
+    left unchanged."""
+    from lightning_rome.testing import get_fact_model
+
+    fm = get_fact_model()
+    model = fm.model.double()  # float64: batching changes nothing but the rounding
+    tok = fm.tokenizer
+    reqs = fm.edit_requests(9, seed=0)
+    C = random_C(4 * model.config.n_embd)
+    hp = {"layer": 0, "v_num_grad_steps": 10, "clamp_norm_factor": 12.0, "v_weight_decay": 0.01,
+          "context_templates": CONTEXTS, "early_stop_loss": 3.0}
+    name = "transformer.h.0.mlp.c_proj.weight"
+    alone_rome = ROME(hp, second_moment=lambda m, t, n: C)
+    alone, alone_results = [], []
+    for r in reqs:
+        alone.append(alone_rome.edit(model, tok, [r]).dense(name, torch.float64))
+        alone_results += alone_rome.last_results
+    steps = [x["steps"] for x in alone_results]
+    assert len(set(steps)) > 2 and min(steps) < 10  # requests stopped at different steps
+    before = weights(model)
+    rome = ROME(hp, second_moment=lambda m, t, n: C)
+    patches = rome.edit_each(model, tok, reqs, batch_size=4)
+    assert_unchanged(model, before)
+    assert [x["case_id"] for x in rome.last_results] == [r.case_id for r in reqs]
+    assert [x["steps"] for x in rome.last_results] == steps
+    for p, a, x, y in zip(patches, alone, rome.last_results, alone_results):
+        torch.testing.assert_close(p.dense(name, torch.float64), a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(x["z"], y["z"], rtol=0, atol=1e-6)
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        rome.edit_each(model, tok, reqs, batch_size=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from lightning_rome.tracing.plot import (
     plot_average_lines,
     plot_trace,
     plot_traces,
+    save_and_log_figure,
     save_figure,
 )
 
@@ -86,6 +89,43 @@ def test_log_figure_to_tensorboard(tmp_path):
         assert (event.step, event.width, event.height) == (step, 300, 200)
     with pytest.raises(TypeError, match="TensorBoardLogger or a SummaryWriter"):
         log_figure(object(), "x", fig)
+
+
+def test_save_and_log_figure_draws_once_what_the_two_give(tmp_path, monkeypatch):
+    """The PNG is the one ``save_figure`` writes and the logged image the one ``log_figure``
+    logs, from one drawing; PDF (and non-default ``savefig`` settings) take the two calls."""
+    import matplotlib as mpl
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    # (Each drawing re-runs the constrained layout, which moves things slightly: the reference
+    # is a fresh figure's first drawing, as save_figure's.)
+    reference = imread(save_figure(plot_trace(make_trace(), figsize=(3, 2)), tmp_path / "r.png"))
+    fig = plot_trace(make_trace(), figsize=(3, 2))
+    draws = []
+    draw = FigureCanvasAgg.draw
+    monkeypatch.setattr(FigureCanvasAgg, "draw", lambda self: draws.append(1) or draw(self))
+    writer = SummaryWriter(tmp_path / "w")
+    path = save_and_log_figure(fig, tmp_path / "one.png", writer, "trace/mlp", step=2)
+    writer.close()
+    assert len(draws) == 1
+    assert np.array_equal(imread(path), reference)
+    acc = EventAccumulator(str(tmp_path / "w"))
+    acc.Reload()
+    (event,) = acc.Images("trace/mlp")
+    assert (event.step, event.width, event.height) == (2, 300, 200)
+    logged = imread(io.BytesIO(event.encoded_image_string))
+    assert np.array_equal(logged[..., :3], reference[..., :3])
+    draws.clear()
+    writer = SummaryWriter(tmp_path / "w2")
+    assert save_and_log_figure(fig, tmp_path / "a.pdf", writer, "pdf").stat().st_size > 0
+    with mpl.rc_context({"savefig.dpi": 50}):
+        small = save_and_log_figure(fig, tmp_path / "small.png", writer, "small")
+    writer.close()
+    assert len(draws) >= 2 and imread(small).shape[:2] == (100, 150)
+    with pytest.raises(TypeError, match="TensorBoardLogger or a SummaryWriter"):
+        save_and_log_figure(fig, tmp_path / "x.png", object(), "x")
 
 
 def _boxes(fig):
