@@ -188,16 +188,18 @@ def render_demo_table(rec: dict[str, Any]) -> str:
 
     d, prov = rec["data"], rec["provenance"]
     s = d["summary"]
-    rows = s["rows"]
+    order = ("unedited", "ROME", "MEMIT")  # the demo's order (the record's keys are sorted)
+    rows = dict(sorted(s["rows"].items(), key=lambda kv: next(
+        (i for i, w in enumerate(order) if kv[0].startswith(w)), len(order))))
     table = summary_table(rows)
     return (f"Measured by `python -m benchmarks.readme_numbers --run demo` ({when(prov)}, "
             f"{prov['cores']} cores, model cached; 95% intervals, Wilson for the rates):\n\n"
             f"{table}\n\n{_headline(s)}")
 
 
-def _share_text(t: dict[str, Any], kind: str, cls: str) -> str:
+def _share_text(t: dict[str, Any], kind: str, cls: str, note: str = "") -> str:
     p = t[kind][cls]
-    return f"{p['peak']:.2f} ({p['share']:.0%} of it, layer {p['layer']})"
+    return f"{p['peak']:.2f} ({p['share']:.0%} of it, layer {p['layer']}{note})"
 
 
 def render_demo_trace(rec: dict[str, Any]) -> str:
@@ -213,10 +215,10 @@ def render_demo_trace(rec: dict[str, Any]) -> str:
     return (
         f"**What the trace shows** (averaged over {t['n']} known facts): the total effect is "
         f"{t['ate']:.2f}; restoring the last subject token's MLP output recovers at most "
-        f"{_share_text(t, 'mlp', 'last subject token')}; GPT-2 XL in the paper: 35%), against "
-        f"{_share_text(t, 'mlp', 'last token')}) for the prompt's last token's MLP; the hidden "
+        f"{_share_text(t, 'mlp', 'last subject token', '; GPT-2 XL in the paper: 35%')}, against "
+        f"{_share_text(t, 'mlp', 'last token')} for the prompt's last token's MLP; the hidden "
         f"state at the last subject token recovers at most "
-        f"{_share_text(t, 'hidden', 'last subject token')}). So this small model recalls its "
+        f"{_share_text(t, 'hidden', 'last subject token')}. So this small model recalls its "
         f"facts {where}; ROME at the subject's last token makes the new object win on "
         f"{es:.0%} of the {n} edit prompts while {ns:.0%} of the neighbours keep their answer.")
 

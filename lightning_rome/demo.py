@@ -51,11 +51,49 @@ SCORE_CHUNK = 10
 #: ROME's single edits: the value optimisations of this many run in one batch
 #: (:meth:`~lightning_rome.editing.ROME.edit_each`; each edit is still computed alone).
 ROME_BATCH = 8
+#: GE (the papers' fluency: the weighted bi- and trigram entropy of generated text): per case,
+#: this many new tokens sampled top-5 (as the evaluation's defaults sample) after each of its
+#: generation prompts (:func:`generation_prompts`).
+GE_TOKENS = 50
+
+
+def demo_metrics(ge: bool) -> Any:
+    """COUNTERFACT's metrics without generation, plus GE when ``ge`` (RS is left out: it needs
+    ROME's IDF tables, which the offline data does not have)."""
+    from lightning_rome.metrics import GenerationEntropy, counterfact_metrics
+
+    metrics = counterfact_metrics(generation=False)
+    if ge:
+        metrics.add_metrics({"GE": GenerationEntropy()})
+    return metrics
+
+
+def generation_prompts(case: Any) -> list[str]:
+    """A case's prompts for GE: its edit prompt and first paraphrase (the offline COUNTERFACT
+    file has no generation prompts of its own)."""
+    return [case.request.text, *case.paraphrase_prompts[:1]]
+
+
+def generate_for_ge(model: Any, tok: Any, cases: list[Any], seed: int) -> list[list[str]]:
+    """Per case, the texts (prompt + ``GE_TOKENS`` sampled tokens) of its
+    :func:`generation_prompts`, all in one batched call with a generator seeded by ``seed``."""
+    from lightning_rome.scoring import generate, model_device
+
+    prompts = [p for c in cases for p in generation_prompts(c)]
+    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    texts = generate(model, tok, prompts, max_new_tokens=GE_TOKENS, top_k=5, generator=gen)
+    out, i = [], 0
+    for c in cases:
+        k = len(generation_prompts(c))
+        out.append(texts[i:i + k])
+        i += k
+    return out
 
 
 def _score(model: Any, tok: Any, cases: list[Any], metrics: Any, bar: Any = None,
-           ) -> list[dict[str, Any]]:
-    """Score ``cases`` into ``metrics``; returns the per-case scores of
+           ge_seed: int | None = None) -> list[dict[str, Any]]:
+    """Score ``cases`` into ``metrics`` (and their GE texts, sampled with ``ge_seed``, when it is
+    given); returns the per-case scores of
     :func:`~lightning_rome.modules.evaluator.score_cases`."""
     from lightning_rome.modules.evaluator import score_cases
 
@@ -68,7 +106,10 @@ def _score(model: Any, tok: Any, cases: list[Any], metrics: Any, bar: Any = None
     for kind in ("rewrite", "paraphrase", "neighborhood"):
         inputs[f"{kind}_new"] = [s[kind]["nll_new"] for s in scores]
         inputs[f"{kind}_true"] = [s[kind]["nll_true"] for s in scores]
-    metrics.update(**inputs)
+    if ge_seed is not None:
+        metrics.update(**inputs, generated_texts=generate_for_ge(model, tok, cases, ge_seed))
+    else:
+        metrics.update(**inputs)
     return scores
 
 
@@ -134,27 +175,29 @@ def trace_average(model: Any, tok: Any, cases: list[Any], kinds: Sequence[str] =
 
 
 def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] | None = None,
-             second_moment: Any = None, bar: Any = None, on_case: Any = None) -> Any:
+             second_moment: Any = None, bar: Any = None, on_case: Any = None,
+             ge_seed: int | None = None) -> Any:
     """ROME, one edit at a time (each computed on the unedited model, the value optimisations
     of ``ROME_BATCH`` at once, and each reverted after scoring), on ``cases`` with the
     ``demo-model`` preset (``overrides`` replaced): :func:`compute_with_ci` of the COUNTERFACT
-    metrics without generation. ``on_case(case, patch, score)`` runs while each edit is applied,
-    ``score`` the case's :func:`~lightning_rome.modules.evaluator.score_cases` entry."""
+    metrics (with GE when ``ge_seed`` is given: each edited case's texts sampled with that seed).
+    ``on_case(case, patch, score)`` runs while each edit is applied, ``score`` the case's
+    :func:`~lightning_rome.modules.evaluator.score_cases` entry."""
     from dataclasses import replace
 
     from lightning_rome.editing import ROME
     from lightning_rome.editing.rome import ROMEHyperParams
-    from lightning_rome.metrics import compute_with_ci, counterfact_metrics
+    from lightning_rome.metrics import compute_with_ci
 
     hp = replace(ROMEHyperParams.from_preset("demo-model"), **(overrides or {}))
     rome = ROME(hp, second_moment=second_moment)
-    metrics = counterfact_metrics(generation=False)
+    metrics = demo_metrics(ge=ge_seed is not None)
     # Each patch is computed on the unedited model, alone (its value optimisation batched).
     patches = rome.edit_each(model, tok, [c.request for c in cases], batch_size=ROME_BATCH)
     for case, patch in zip(cases, patches):
         patch.apply(model)
         try:
-            (score,) = _score(model, tok, [case], metrics, bar)
+            (score,) = _score(model, tok, [case], metrics, bar, ge_seed=ge_seed)
             if on_case is not None:
                 on_case(case, patch, score)
         finally:
@@ -188,7 +231,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     from lightning_rome.callbacks._common import log_text
     from lightning_rome.corpora import as_corpus
     from lightning_rome.editing import MEMIT, MEMITHyperParams, ROMEHyperParams
-    from lightning_rome.metrics import compute_with_ci, counterfact_metrics, summary_table
+    from lightning_rome.metrics import compute_with_ci, summary_table
     from lightning_rome.scoring import generate
     from lightning_rome.stats import get_second_moment
     from lightning_rome.testing import CounterFactModelConfig, get_counterfact_model
@@ -281,7 +324,7 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     bar = progress_bar(len(rome_cases), "ROME", unit="edit")
     t1 = time.time()
     rome_row_ = rome_row(model, tok, rome_cases, {"seed": seed}, second_moment=second_moment,
-                         bar=bar,
+                         bar=bar, ge_seed=seed,
                          on_case=lambda case, patch, score: outcomes.append(outcome(score)))
     bar.close()
     rome_seconds = time.time() - t1
@@ -357,17 +400,18 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
     written.append(out / "memit-patch.safetensors")
     print(f"   {memit_seconds:.1f} s ({len(memit_cases) / memit_seconds:.1f} edits/s)")
 
-    print("6. COUNTERFACT metrics")
+    print(f"6. COUNTERFACT metrics (GE from {GE_TOKENS}-token samples after each case's edit prompt "
+          "and paraphrase)")
     scored = known[:max(n_memit, n_rome)]
     rows: dict[str, Any] = {}
     bar = progress_bar(len(scored) + len(memit_cases), "evaluating", unit="case")
-    unedited = counterfact_metrics(generation=False)
-    _score(model, tok, scored, unedited, bar)
+    unedited = demo_metrics(ge=True)
+    _score(model, tok, scored, unedited, bar, ge_seed=seed)
     rows[f"unedited ({len(scored)} cases)"] = compute_with_ci(unedited)
     rows[f"ROME ({len(rome_cases)} cases, one at a time)"] = rome_row_
-    memit_metrics = counterfact_metrics(generation=False)
+    memit_metrics = demo_metrics(ge=True)
     memit_patch.apply(model)
-    _score(model, tok, memit_cases, memit_metrics, bar)
+    _score(model, tok, memit_cases, memit_metrics, bar, ge_seed=seed)
     memit_patch.revert(model)
     bar.close()
     rows[f"MEMIT ({len(memit_cases)} edits at once)"] = compute_with_ci(memit_metrics)

@@ -71,6 +71,10 @@ def test_demo_small(tmp_path, capsys):
     # editors move some edit prompts to the new targets.
     unedited, rome, memit = (_row(summary, m) for m in ("unedited", "ROME", "MEMIT"))
     assert unedited["ES"] == 0.0 and unedited["NS"] == 1.0
+    # GE, from the texts sampled after each case's edit prompt and paraphrase, in every row:
+    # the unedited model's text is fluent text (bi-/trigram entropy well above a repeated token's).
+    for row in (unedited, rome, memit):
+        assert 1.0 < row["GE"] < 20.0, row
     assert rome["ES"] > 0 and memit["ES"] > 0
     # The saved ROME patch, applied to a fresh copy of the model, raises the new target against
     # the true one on the edit prompt (an independent forward pass), and reverts bit-exactly.
