@@ -7,7 +7,7 @@ Every measured number in ``README.md`` sits in a generated block::
     <!-- /numbers: demo-table -->
 
 A block's text is the render of one **result file** (``benchmarks/results/<job>.json``: what the
-job measured, with the commit, date, load and command it ran under). Three uses::
+job measured, with the commit, date, load and command it ran under). Four uses::
 
     python -m benchmarks.readme_numbers --run demo sequential   # run the jobs, record, re-render
     python -m benchmarks.readme_numbers                         # re-render from the records
@@ -23,9 +23,10 @@ Jobs (``--run`` names; all run on the CPU, one torch thread unless said otherwis
 * ``demo``: ``lightning-rome demo`` in a fresh process on the cached demo model (its wall time
   and ``summary.json``); ``demo-first``: the same with an empty model and statistics cache;
 * ``sequential``: :mod:`benchmarks.bench_sequential` at N = 100, b = 1 (ROME, MEMIT, AlphaEdit
-  and AlphaEdit with α = 1.5), without GE samples;
-* ``key-modes``: :mod:`benchmarks.bench_rome_modes` on the fact model and the demo model
-  (``--models`` to choose; ``deep`` trains the 8-layer fact model on first use);
+  and AlphaEdit with α = 1.5), without GE samples; ``sequential-large``: the most edits the
+  default knowledge base allows, b = 10 (AlphaEdit, MEMIT, ROME);
+* ``key-modes``: :mod:`benchmarks.bench_rome_modes` on the fact model, the demo model and the
+  deep fact model (``--models`` to choose; ``deep`` trains the 8-layer model on first use);
 * ``suite``: the default test suite (``pytest``), its test count and wall time;
 * ``fact-model``: the two synthetic fact models' recorded build figures (training the deep one
   on first use, about 4 minutes) and the ``fact-model`` ROME preset on 10 edits;

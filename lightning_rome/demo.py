@@ -68,10 +68,24 @@ def demo_metrics(ge: bool) -> Any:
     return metrics
 
 
-def generation_prompts(case: Any) -> list[str]:
+def generation_prompts(model: Any, tok: Any, case: Any) -> list[str]:
     """A case's prompts for GE: its edit prompt and first paraphrase (the offline COUNTERFACT
-    file has no generation prompts of its own)."""
-    return [case.request.text, *case.paraphrase_prompts[:1]]
+    file has no generation prompts of its own), those with room for ``GE_TOKENS`` more tokens
+    in the model's positions (the same prompts for a case in every row of the table).
+
+    Raises:
+        ValueError: not even the edit prompt leaves room.
+    """
+    from lightning_rome.scoring import learned_position_limit
+    from lightning_rome.tokens import encode_prompt
+
+    limit = learned_position_limit(model)
+    prompts = [p for p in (case.request.text, *case.paraphrase_prompts[:1])
+               if limit is None or len(encode_prompt(tok, p)) + GE_TOKENS - 1 <= limit]
+    if not prompts:
+        raise ValueError(f"case {case.case_id!r}: its edit prompt leaves no room for "
+                         f"{GE_TOKENS} generated tokens in {limit} positions")
+    return prompts
 
 
 def generate_for_ge(model: Any, tok: Any, cases: list[Any], seed: int) -> list[list[str]]:
@@ -79,14 +93,14 @@ def generate_for_ge(model: Any, tok: Any, cases: list[Any], seed: int) -> list[l
     :func:`generation_prompts`, all in one batched call with a generator seeded by ``seed``."""
     from lightning_rome.scoring import generate, model_device
 
-    prompts = [p for c in cases for p in generation_prompts(c)]
+    per_case = [generation_prompts(model, tok, c) for c in cases]
     gen = torch.Generator(device=model_device(model)).manual_seed(seed)
-    texts = generate(model, tok, prompts, max_new_tokens=GE_TOKENS, top_k=5, generator=gen)
+    texts = generate(model, tok, [p for ps in per_case for p in ps], max_new_tokens=GE_TOKENS,
+                     top_k=5, generator=gen)
     out, i = [], 0
-    for c in cases:
-        k = len(generation_prompts(c))
-        out.append(texts[i:i + k])
-        i += k
+    for ps in per_case:
+        out.append(texts[i:i + len(ps)])
+        i += len(ps)
     return out
 
 

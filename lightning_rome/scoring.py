@@ -505,6 +505,19 @@ def candidate_probs(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
 
 
 @torch.no_grad()
+def learned_position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with *learned* absolute position embeddings can take (GPT-2's
+    ``n_positions``, GPT-Neo's ``max_position_embeddings``); ``None`` for rotary and other
+    relative schemes, which have no hard limit."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind == "gpt2":
+        return int(config.n_positions)
+    if kind == "gpt_neo":
+        return int(config.max_position_embeddings)
+    return None
+
+
 def generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -528,6 +541,11 @@ def generate(
         generator: a seeded ``torch.Generator`` (on the model's device) for reproducible samples.
         stop_at_eos: stop a row at the EOS token (it is not included in the text).
         return_prompt: return prompt + continuation (the default) or the continuation alone.
+
+    Raises:
+        ValueError: an empty prompt without a BOS/EOS token, or prompts and ``max_new_tokens``
+            that need more positions than learned position embeddings have
+            (:func:`learned_position_limit`; an index error deep in the model otherwise).
     """
     device = model_device(model)
     start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id,
@@ -538,6 +556,13 @@ def generate(
     for p in prompts:
         ids = encode_prompt(tokenizer, p) if p else []
         seqs.append(ids or [int(start)])
+    limit = learned_position_limit(model)
+    longest = max((len(x) for x in seqs), default=0)
+    if limit is not None and longest + max_new_tokens - 1 > limit:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs "
+            f"{longest + max_new_tokens - 1} positions, but the model's learned position "
+            f"embeddings have {limit}: shorten the prompt or lower max_new_tokens")
     batch = pad_sequences(seqs, _pad_id(tokenizer), "left", device)
     ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     B = ids.shape[0]

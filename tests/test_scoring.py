@@ -382,3 +382,20 @@ def test_teacher_forced_rows_refuses_bad_pairs(gpt2_tokenizer):
         teacher_forced_rows(gpt2_tokenizer, [[1], [2]], [[3]])
     with pytest.raises(ValueError, match="no prompt/target pairs"):
         teacher_forced_rows(gpt2_tokenizer, [], [])
+
+
+def test_generate_refuses_to_run_past_learned_positions(gpt2_tokenizer):
+    """GPT-2's learned position embeddings end at n_positions: a generation that would feed a
+    position past them is refused with the numbers (it was an IndexError inside the model),
+    and one that uses the last position exactly runs."""
+    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), n_positions=16)
+    prompt = "Paris is the capital of"  # 5 tokens
+    n = len(encode_prompt(gpt2_tokenizer, prompt))
+    fits = 16 - n + 1  # the last generated token is never fed back
+    (text,) = generate(model, gpt2_tokenizer, [prompt], max_new_tokens=fits, return_prompt=False)
+    assert len(encode_prompt(gpt2_tokenizer, text)) >= 1
+    with pytest.raises(ValueError, match=rf"{n} tokens plus max_new_tokens={fits + 1} needs "
+                                         rf"{n + fits} positions.*have 16"):
+        generate(model, gpt2_tokenizer, [prompt], max_new_tokens=fits + 1)
+    with pytest.raises(IndexError):  # the model itself, without the check
+        model(torch.arange(17)[None] % 100)
