@@ -589,12 +589,14 @@ def _run_fact_model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             "edit_requests(10, seed=0)")
 
 
-SUMMARY_RE = re.compile(r"=+ (?P<body>.*?) in (?P<secs>[\d.]+)s")
+SUMMARY_RE = re.compile(r"^(?:=+ )?(?P<body>\d+ (?:passed|failed|error|errors|skipped|"
+                        r"deselected)\b.*?) in (?P<secs>[\d.]+)s", re.M)
 
 
 def parse_pytest_summary(output: str) -> dict[str, Any]:
     """``{"passed", "failed", "deselected", "skipped", "seconds"}`` from pytest's last line,
-    e.g. ``==== 1651 passed, 20 deselected in 809.57s (0:13:29) ====``."""
+    e.g. ``1665 passed, 20 deselected, 190 warnings in 589.06s (0:09:49)`` (``-q``) or
+    ``==== 1651 passed, 20 deselected in 809.57s (0:13:29) ====``."""
     found = list(SUMMARY_RE.finditer(output))
     if not found:
         raise ValueError("no pytest summary line in the output")

@@ -73,6 +73,8 @@ def test_missing_record_keeps_the_block_unless_strict(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line, expected", [
+    ("1665 passed, 20 deselected, 190 warnings in 589.06s (0:09:49)",
+     {"passed": 1665, "deselected": 20, "failed": 0, "seconds": 589.06}),
     ("==== 1651 passed, 20 deselected in 809.57s (0:13:29) ====",
      {"passed": 1651, "deselected": 20, "failed": 0, "seconds": 809.57}),
     ("== 2 failed, 10 passed, 1 skipped, 3 warnings, 1 error in 5.00s ==",
