@@ -195,6 +195,7 @@ def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] |
     of ``ROME_BATCH`` at once, and each reverted after scoring), on ``cases`` with the
     ``demo-model`` preset (``overrides`` replaced): :func:`compute_with_ci` of the COUNTERFACT
     metrics (with GE when ``ge_seed`` is given: each edited case's texts sampled with that seed).
+    ``bar`` (``update(n)``) advances once per edit computed and once per case scored.
     ``on_case(case, patch, score)`` runs while each edit is applied, ``score`` the case's
     :func:`~lightning_rome.modules.evaluator.score_cases` entry."""
     from dataclasses import replace
@@ -207,7 +208,8 @@ def rome_row(model: Any, tok: Any, cases: list[Any], overrides: dict[str, Any] |
     rome = ROME(hp, second_moment=second_moment)
     metrics = demo_metrics(ge=ge_seed is not None)
     # Each patch is computed on the unedited model, alone (its value optimisation batched).
-    patches = rome.edit_each(model, tok, [c.request for c in cases], batch_size=ROME_BATCH)
+    patches = rome.edit_each(model, tok, [c.request for c in cases], batch_size=ROME_BATCH,
+                             progress=None if bar is None else bar.update)
     for case, patch in zip(cases, patches):
         patch.apply(model)
         try:
@@ -335,7 +337,8 @@ def run_demo(out: str | os.PathLike[str] = "outputs/demo", n_cases: int | None =
 
     print(f"3. ROME as published (at the subject's last token): {len(rome_cases)} single edits")
     outcomes: list[tuple[bool, bool, bool]] = []
-    bar = progress_bar(len(rome_cases), "ROME", unit="edit")
+    # Two steps per case: its edit computed (in batches), then its scores and samples.
+    bar = progress_bar(2 * len(rome_cases), "ROME: edits, then scores", unit="step")
     t1 = time.time()
     rome_row_ = rome_row(model, tok, rome_cases, {"seed": seed}, second_moment=second_moment,
                          bar=bar, ge_seed=seed,

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -418,7 +418,8 @@ class ROME:
     @in_eval_mode
     def edit_each(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                   requests: EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]],
-                  *, batch_size: int = 8) -> list[WeightPatch]:
+                  *, batch_size: int = 8,
+                  progress: Callable[[int], None] | None = None) -> list[WeightPatch]:
         """Each request's own patch on the current model, in the order of ``requests``: what
         ``edit(model, tokenizer, [r])`` returns for each ``r`` alone (the model is not modified,
         and no request sees another's edit), with the value optimisations of up to
@@ -430,6 +431,9 @@ class ROME:
 
         This is the fast way to evaluate many single edits (a batch of small rows runs the
         model's layers once per step, not once per request).
+
+        ``progress(n)``, when given, is called after each batch with the number of requests
+        whose value optimisation just finished (e.g. a progress bar's ``update``).
 
         Raises:
             ValueError / SubjectNotFoundError: a bad request or ``batch_size`` (checked before
@@ -457,6 +461,8 @@ class ROME:
                                   **_value_kwargs(hp))
             for j, i in enumerate(idx):
                 values[i] = (res, j)
+            if progress is not None:
+                progress(len(idx))
         self.last_results = []
         patches = []
         for r, (k_star, u), value in zip(reqs, keys, values):

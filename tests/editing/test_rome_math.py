@@ -375,7 +375,9 @@ def test_edit_each_is_each_edit_alone(gpt2_tokenizer):
     assert len(set(steps)) > 2 and min(steps) < 10  # requests stopped at different steps
     before = weights(model)
     rome = ROME(hp, second_moment=lambda m, t, n: C)
-    patches = rome.edit_each(model, tok, reqs, batch_size=4)
+    done: list[int] = []
+    patches = rome.edit_each(model, tok, reqs, batch_size=4, progress=done.append)
+    assert done == [4, 4, 1]  # one progress call per batch of value optimisations
     assert_unchanged(model, before)
     assert [x["case_id"] for x in rome.last_results] == [r.case_id for r in reqs]
     assert [x["steps"] for x in rome.last_results] == steps
