@@ -233,15 +233,13 @@ class WorkCounter:
                      + self.head_positions * 2 * self.d * self.vocab)
 
 
-def minimal_flops(tok: Any, groups: list[list[EditCase]], counter: WorkCounter) -> float:
+def minimal_flops(tok: Any, groups: list[list[EditCase]], model: torch.nn.Module) -> float:
     """The least work the scores need: per group of cases scored on one model (all cases for
     the unedited model, each case alone after its edit), every distinct token prefix of the
     sequences ``prompt + candidate[:-1]`` runs through the blocks once (a trie of the
     sequences, each node attending to its prefix), and the LM head runs once at each distinct
     position that predicts a candidate token (two candidates after the same prompt share it)."""
-    c = WorkCounter.__new__(WorkCounter)
-    c.__dict__.update({k: getattr(counter, k) for k in ("d", "n_layer", "vocab", "d_ff")})
-    c.block_positions = c.head_positions = c.attention_pairs = 0
+    c = WorkCounter(model)  # its sizes and FLOP formula; counted by hand here, not by hooks
     for group in groups:
         nodes: set[tuple[int, ...]] = set()
         heads: set[tuple[int, ...]] = set()
@@ -307,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"  {path}: median {fmt_s(timing.median)} ({timing.spread} s)", flush=True)
             ref = results["naive (1 pass / prompt / target)"]
             groups = [cases] + ([] if editor is None else [[c] for c in cases])
-            least = minimal_flops(tok, groups, WorkCounter(model)) / n
+            least = minimal_flops(tok, groups, model) / n
             for path, (timing, out, peak, flops) in results.items():
                 diff = _max_rel_diff(out, ref[1])
                 if diff > 1e-3:
